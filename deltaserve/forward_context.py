@@ -1,0 +1,107 @@
+"""Batch metadata for one forward, set by the model runner and read by the few layers that need it.
+
+Model code takes ``(positions, hidden_states)``; cu_seqlens, state slots and block tables reach
+the KDA and MLA layers through :func:`get_forward_context` inside ``with forward_context(...)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """One flat token batch of ``B`` sequences and ``T`` tokens.
+
+    - ``cu_seqlens``: ``[B+1]`` int32, token offsets of each sequence's new tokens in the batch.
+    - ``query_lens`` / ``num_computed_tokens``: host lists ``[B]``: new tokens, and tokens already
+      in the state and KV cache before this step (``> 0`` means the sequence has an initial state).
+    - ``state_indices``: ``[B]`` int32, the pool slot of each sequence (``0`` = null slot for padding).
+    - ``has_initial_state``: ``[B]`` bool, read the slot's state (True) or start from zeros.
+    - ``block_tables``: ``[B, max_blocks]`` int32 KV block ids (``-1`` padding) for full-attention layers.
+    - ``slot_mapping``: ``[T]`` int64, flat KV cache position (``block * block_size + offset``) of each
+      new token, ``-1`` where nothing is written.
+    """
+
+    cu_seqlens: torch.Tensor
+    query_lens: list[int]
+    num_computed_tokens: list[int]
+    state_indices: torch.Tensor
+    has_initial_state: torch.Tensor
+    block_tables: torch.Tensor | None = None
+    slot_mapping: torch.Tensor | None = None
+    block_size: int = 16
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(n == 1 for n in self.query_lens) and all(c > 0 for c in self.num_computed_tokens)
+
+    @property
+    def seq_lens(self) -> list[int]:
+        """Total tokens of each sequence once this step's tokens are in."""
+        return [c + q for c, q in zip(self.num_computed_tokens, self.query_lens)]
+
+
+_current: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("forward_context", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
+    """Make ``ctx`` the current batch metadata for the duration of the block."""
+    token = _current.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _current.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    ctx = _current.get()
+    if ctx is None:
+        raise RuntimeError("no forward context is set: run the model inside `with forward_context(...)`")
+    return ctx
+
+
+def make_forward_context(
+    query_lens: list[int],
+    num_computed_tokens: list[int],
+    state_indices: list[int],
+    *,
+    block_tables: list[list[int]] | None = None,
+    block_size: int = 16,
+    device: torch.device | str = "cpu",
+) -> ForwardContext:
+    """Build a context from host lists (used by the runner and by tests)."""
+    cu = [0]
+    for n in query_lens:
+        cu.append(cu[-1] + n)
+    tables = slots = None
+    if block_tables is not None:
+        width = max((len(t) for t in block_tables), default=0) or 1
+        tables = torch.full((len(block_tables), width), -1, dtype=torch.int32)
+        mapping = []
+        for i, table in enumerate(block_tables):
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+            for pos in range(num_computed_tokens[i], num_computed_tokens[i] + query_lens[i]):
+                mapping.append(table[pos // block_size] * block_size + pos % block_size)
+        tables = tables.to(device)
+        slots = torch.tensor(mapping, dtype=torch.int64, device=device)
+    return ForwardContext(
+        cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
+        query_lens=list(query_lens),
+        num_computed_tokens=list(num_computed_tokens),
+        state_indices=torch.tensor(state_indices, dtype=torch.int32, device=device),
+        has_initial_state=torch.tensor([c > 0 for c in num_computed_tokens], dtype=torch.bool, device=device),
+        block_tables=tables,
+        slot_mapping=slots,
+        block_size=block_size,
+    )
