@@ -1,0 +1,43 @@
+"""Engine settings, with vLLM's names where they exist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    """Settings of one engine instance; see ``LLM(**kwargs)``.
+
+    ``num_state_slots`` and ``num_kv_blocks`` size the state pool and the paged KV cache; ``None``
+    derives them from ``max_num_seqs`` and ``max_model_len``.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    num_state_slots: int | None = None
+    cache_dtype: str = "auto"
+    enable_prefix_caching: bool = True
+    # Prefix caching: token spacing of recurrent-state checkpoints (independent of block_size) and
+    # the memory budget of cached checkpoints and blocks (bytes; None = what the pools leave free).
+    checkpoint_interval: int = 64
+    prefix_cache_budget_bytes: int | None = None
+    tensor_parallel_size: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "checkpoint_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")
