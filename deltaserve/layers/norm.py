@@ -1,0 +1,43 @@
+"""RMSNorm modules over :mod:`deltaserve.ops.norm` (parameter ``weight``, as in the checkpoints)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltaserve.ops.norm import gated_rms_norm, rms_norm
+
+
+class RMSNorm(nn.Module):
+    """``weight * RMSNorm(x)``; with ``residual``, adds it first and returns ``(normed, new_residual)`` as vLLM does."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        x = x + residual
+        return rms_norm(x, self.weight, self.eps), x
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class GatedRMSNorm(nn.Module):
+    """``RMSNorm(x) * weight * sigmoid(gate)`` over the last dim, float32 compute."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(x, gate, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"

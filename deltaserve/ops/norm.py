@@ -1,0 +1,37 @@
+"""RMSNorm and gated RMSNorm, computed in float32 (Kimi-Linear's ``KimiLinearRMSNorm`` / ``RMSNormGated``)."""
+
+from __future__ import annotations
+
+import torch
+
+from deltaserve.ops import dispatch
+
+
+def _normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Torch reference of :func:`rms_norm`."""
+    # NOTE: round the normalized input to x.dtype before the weight, as KimiLinearRMSNorm does.
+    return (weight * _normalize(x, eps).to(x.dtype)).to(x.dtype)
+
+
+def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Torch reference of :func:`gated_rms_norm`."""
+    y = _normalize(x, eps) * weight.float() * torch.sigmoid(gate.float())
+    return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * RMSNorm(x)`` over the last dim, float32 statistics; returns ``x.dtype``."""
+    return dispatch("norm", "rms_norm", x, rms_norm_ref)(x, weight, eps)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm(x) * weight * sigmoid(gate)`` over the last dim, all in float32; returns ``x.dtype``.
+
+    ``gate`` has ``x``'s shape (for KDA: ``[T, H, D]``, normalised per head).
+    """
+    return dispatch("norm", "gated_rms_norm", x, gated_rms_norm_ref)(x, gate, weight, eps)
