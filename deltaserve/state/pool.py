@@ -93,6 +93,8 @@ class StatePool:
 
     def free(self, slots: Iterable[int]) -> None:
         slots = list(slots)
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {slots} name a slot more than once (it would be freed twice)")
         for slot in slots:
             if slot == NULL_SLOT or not 0 < slot <= self.num_slots:
                 raise ValueError(f"slot {slot} is not a slot of this pool (1..{self.num_slots})")
