@@ -19,53 +19,24 @@ SUPPORTED_MODEL_TYPES = ("kimi_linear", "qwen3_next")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=None, help="config.json or a checkpoint dir (default: the built-in tiny model)")
+    parser.add_argument(
+        "--config", default=None, help="config.json or a checkpoint dir (default: the built-in tiny model)"
+    )
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--num-requests", type=int, default=64, help="requests whose states are held at once")
     parser.add_argument("--cache-dtype", default="auto", help="state/KV cache dtype: auto (= model dtype) or a name")
     parser.add_argument("--ssm-dtype", default="auto", help="GDN recurrent dtype: auto (= cache dtype) or a name")
-    parser.add_argument("--num-spec", type=int, default=0, help="speculative tokens (conv state_len = K - 1 + num_spec)")
+    parser.add_argument(
+        "--num-spec", type=int, default=0, help="speculative tokens (conv state_len = K - 1 + num_spec)"
+    )
     parser.add_argument("--conv-layout", default="SD", choices=CONV_LAYOUTS, help="conv state orientation")
 
 
-def _fallback_tiny_config_dict() -> dict:
-    """A small Kimi-Linear config, used when ``deltaserve.models.tiny`` is not there."""
-    return {
-        "model_type": "kimi_linear",
-        "architectures": ["KimiLinearForCausalLM"],
-        "vocab_size": 1024,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "moe_intermediate_size": 32,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 4,
-        "kv_lora_rank": 32,
-        "qk_nope_head_dim": 16,
-        "qk_rope_head_dim": 8,
-        "v_head_dim": 16,
-        "num_experts": 4,
-        "num_experts_per_token": 2,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "dtype": "float32",
-        "linear_attn_config": {
-            "head_dim": 16,
-            "num_heads": 4,
-            "short_conv_kernel_size": 4,
-            "kda_layers": [1, 2, 3],
-            "full_attn_layers": [4],
-        },
-    }
-
-
 def default_config_dict() -> dict:
-    try:
-        from deltaserve.models.tiny import tiny_config_dict
-    except ImportError:
-        return _fallback_tiny_config_dict()
-    return dict(tiny_config_dict())
+    """The built-in tiny Kimi-Linear model's config.json."""
+    from deltaserve.models.tiny import tiny_config_dict
+
+    return tiny_config_dict()
 
 
 def load_config_dict(path: str | None) -> tuple[dict, str]:
@@ -121,7 +92,13 @@ class Plan:
 
 
 def make_plan(
-    config, *, tp: int = 1, cache_dtype: str = "auto", ssm_dtype: str = "auto", num_spec: int = 0, conv_layout: str = "SD"
+    config,
+    *,
+    tp: int = 1,
+    cache_dtype: str = "auto",
+    ssm_dtype: str = "auto",
+    num_spec: int = 0,
+    conv_layout: str = "SD",
 ) -> Plan:
     """Layouts of the linear layers and KV bytes of the full-attention layers on one of ``tp`` ranks."""
     if tp < 1:
@@ -130,12 +107,15 @@ def make_plan(
     if raw_dtype is None:
         model_dtype, note = torch.bfloat16, "not in config.json, assumed"
     else:
-        model_dtype, note = resolve_dtype(raw_dtype if isinstance(raw_dtype, torch.dtype) else str(raw_dtype), torch.bfloat16, "dtype"), "from config.json"
+        name = raw_dtype if isinstance(raw_dtype, torch.dtype) else str(raw_dtype)
+        model_dtype, note = resolve_dtype(name, torch.bfloat16, "config.json dtype"), "from config.json"
     kv_dtype = resolve_dtype(cache_dtype, model_dtype, "--cache-dtype")
     layer_types = list(config.layer_types)
     num_linear = layer_types.count("linear_attention")
     num_full = layer_types.count("full_attention")
-    common = dict(tp_size=tp, num_spec=num_spec, conv_layout=conv_layout, model_dtype=model_dtype, cache_dtype=cache_dtype)
+    common = dict(
+        tp_size=tp, num_spec=num_spec, conv_layout=conv_layout, model_dtype=model_dtype, cache_dtype=cache_dtype
+    )
     if config.model_type == "kimi_linear":
         layout = kda_layout(
             config.linear_num_heads, config.linear_head_dim, conv_kernel_size=config.linear_conv_kernel_dim, **common
@@ -213,12 +193,14 @@ def format_plan(plan: Plan, *, source: str, tp: int, num_requests: int) -> str:
     rows = []
     for g in plan.linear:
         lay = g.layout
-        rows.append([
-            g.kind, str(g.num_layers), "x".join(map(str, lay.conv_shape)), _dtype(lay.conv_dtype), _n(lay.conv_bytes),
-            "x".join(map(str, lay.recurrent_shape or ())) or "-", _dtype(lay.recurrent_dtype), _n(lay.recurrent_bytes),
-            _n(lay.bytes_per_slot),
-        ])
-    lines += _table(["kind", "layers", "conv shape", "conv dtype", "conv", "recurrent shape", "rec dtype", "recurrent", "total"], rows)
+        conv_shape = "x".join(map(str, lay.conv_shape))
+        recurrent_shape = "x".join(map(str, lay.recurrent_shape or ())) or "-"
+        rows.append(
+            [g.kind, str(g.num_layers), conv_shape, _dtype(lay.conv_dtype), _n(lay.conv_bytes), recurrent_shape]
+            + [_dtype(lay.recurrent_dtype), _n(lay.recurrent_bytes), _n(lay.bytes_per_slot)]
+        )
+    header = ["kind", "layers", "conv shape", "conv dtype", "conv", "recurrent shape", "rec dtype", "recurrent", "total"]
+    lines += _table(header, rows)
     per_request = sum(g.num_layers * g.layout.bytes_per_slot for g in plan.linear)
     batch = per_request * num_requests
     lines += [
@@ -228,7 +210,10 @@ def format_plan(plan: Plan, *, source: str, tp: int, num_requests: int) -> str:
         "",
         "Full-attention KV cache per token, bytes (one TP rank):",
     ]
-    rows = [[g.kind, str(g.num_layers), _n(g.bytes_per_token), _n(g.num_layers * g.bytes_per_token), g.note] for g in plan.attention]
+    rows = [
+        [g.kind, str(g.num_layers), _n(g.bytes_per_token), _n(g.num_layers * g.bytes_per_token), g.note]
+        for g in plan.attention
+    ]
     lines += _table(["kind", "layers", "per layer", "all layers", "note"], rows)
     per_token = sum(g.num_layers * g.bytes_per_token for g in plan.attention)
     lines += ["", f"All full-attention layers, per token: {_n(per_token)} bytes"]

@@ -44,10 +44,11 @@ def _groups(pool: StatePool, group: str | None) -> list[str]:
 
 
 def _as_index(slots: SlotIndex, name: str, device: torch.device) -> torch.Tensor:
-    index = torch.as_tensor(slots, device=device)
-    if index.dtype.is_floating_point or index.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer slot ids, got dtype {index.dtype}")
-    return index.to(torch.long)
+    if not isinstance(slots, torch.Tensor):
+        return torch.as_tensor(slots, dtype=torch.long, device=device)
+    if slots.dtype.is_floating_point or slots.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer slot ids, got dtype {slots.dtype}")
+    return slots.to(device=device, dtype=torch.long)
 
 
 def _check_range(index: torch.Tensor, name: str, pool: StatePool, allow_null: bool) -> None:

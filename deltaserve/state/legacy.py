@@ -76,7 +76,8 @@ def four_to_two(states: Sequence[torch.Tensor], layout: StateLayout) -> TwoState
         )
     dtypes = {conv_q.dtype, conv_k.dtype, conv_v.dtype}
     if len(dtypes) != 1:
-        raise ValueError(f"conv_q, conv_k, conv_v must share one dtype, got {conv_q.dtype}, {conv_k.dtype}, {conv_v.dtype}")
+        found = f"{conv_q.dtype}, {conv_k.dtype}, {conv_v.dtype}"
+        raise ValueError(f"conv_q, conv_k, conv_v must share one dtype, got {found}")
     channel_axis = -1 if layout.conv_layout == "SD" else -2
     return TwoState(torch.cat((conv_q, conv_k, conv_v), dim=channel_axis), recurrent)
 
