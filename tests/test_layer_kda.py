@@ -1,0 +1,245 @@
+"""KimiDeltaAttention on a flat mixed batch and a state pool vs transformers' KimiLinearDeltaAttention per sequence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import rel_err
+from transformers import KimiLinearConfig
+from transformers.cache_utils import DynamicCache
+from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
+
+from deltaserve.forward_context import forward_context, make_forward_context
+from deltaserve.layers.kda import KimiDeltaAttention
+from deltaserve.state.layout import kda_layout
+from deltaserve.state.pool import StateGroup, StatePool
+
+HIDDEN, H, D, K = 64, 2, 16, 4
+BOUND = 1e-5
+
+
+def tiny_config() -> KimiLinearConfig:
+    return KimiLinearConfig(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
+        linear_attn_config={"num_heads": H, "head_dim": D, "short_conv_kernel_size": K, "kda_layers": [1], "full_attn_layers": [2]},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def layers() -> tuple[KimiLinearDeltaAttention, KimiDeltaAttention, KimiLinearConfig]:
+    """transformers' layer with non-trivial random weights, and ours holding the same weights."""
+    torch.manual_seed(1)
+    config = tiny_config()
+    ref = KimiLinearDeltaAttention(config, layer_idx=0).eval()
+    with torch.no_grad():
+        ref.conv1d.weight.normal_(0, 0.5)
+        # A in [1, 16], dt in [1e-3, 1e-1] through an inverse softplus, as transformers' _init_weights
+        ref.forget_gate.A_log.copy_(torch.empty(1, 1, H, 1).uniform_(1, 16).log())
+        dt = torch.empty(H * D).uniform_(math.log(1e-3), math.log(1e-1)).exp()
+        ref.forget_gate.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        ref.o_norm.weight.copy_(1 + 0.2 * torch.randn(D))
+    ours = KimiDeltaAttention.from_config(config, layer_idx=0).eval()
+    ours.load_state_dict(checkpoint_weights(ref))
+    return ref, ours, config
+
+
+def checkpoint_weights(ref: KimiLinearDeltaAttention) -> dict[str, torch.Tensor]:
+    """transformers' parameters under the Kimi-Linear checkpoint names (undoing conversion_mapping)."""
+    state = {}
+    for name, tensor in ref.state_dict().items():
+        if name == "conv1d.weight":
+            for part, w in zip("qkv", tensor.chunk(3, dim=0)):
+                state[f"{part}_conv1d.weight"] = w.clone()
+        else:
+            state[name.removeprefix("forget_gate.")] = tensor.clone()
+    return state
+
+
+def make_pool(num_spec: int = 0, conv_layout: str = "SD") -> StatePool:
+    layout = kda_layout(H, D, conv_kernel_size=K, num_spec=num_spec, conv_layout=conv_layout, model_dtype=torch.float32)
+    pool = StatePool({"kda": StateGroup(layout, num_layers=1)}, num_slots=6)
+    # NOTE: sentinel in every slot; allocate() zeroes the slots handed out
+    pool.conv["kda"].fill_(float("nan"))
+    pool.recurrent["kda"].fill_(float("nan"))
+    return pool
+
+
+def bind(ours: KimiDeltaAttention, pool: StatePool) -> None:
+    ours.bind_state(pool.layer_state("kda", 0), pool.groups["kda"].layout)
+
+
+def run_ours(ours, hidden, query_lens, num_computed, slots) -> torch.Tensor:
+    ctx = make_forward_context(query_lens, num_computed, slots)
+    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)])
+    with torch.no_grad(), forward_context(ctx):
+        return ours(positions, torch.cat(hidden))
+
+
+class Reference:
+    """transformers' layer on one sequence with its own cache."""
+
+    def __init__(self, ref: KimiLinearDeltaAttention, config: KimiLinearConfig):
+        self.ref, self.cache = ref, DynamicCache(config=config)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.ref(hidden.unsqueeze(0), cache_params=self.cache)[0]
+
+    def conv_state(self) -> torch.Tensor:
+        """Last K-1 inputs, SD ``[K-1, 3*H*D]`` (transformers keeps K, DS-ordered q|k|v)."""
+        return self.cache.layers[0].conv_states[0][0, :, -(K - 1) :].t()
+
+    def recurrent_state(self) -> torch.Tensor:
+        """``[H, V, K]`` (transformers keeps ``[H, K, V]``)."""
+        return self.cache.layers[0].recurrent_states[0][0].transpose(-1, -2)
+
+
+def slot_states(pool: StatePool, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    conv, recurrent = pool.layer_state("kda", 0)
+    conv = conv[slot] if pool.groups["kda"].layout.conv_layout == "SD" else conv[slot].t()
+    return conv, recurrent[slot]
+
+
+def check_sequence(out, expected, pool, slot, reference, what):
+    conv, recurrent = slot_states(pool, slot)
+    assert rel_err(out, expected) < BOUND, f"output of {what}"
+    assert rel_err(conv[-(K - 1) :], reference.conv_state()) < BOUND, f"conv state of {what}"
+    assert rel_err(recurrent, reference.recurrent_state()) < BOUND, f"recurrent state of {what}"
+
+
+def test_state_dict_names_and_shapes_are_the_checkpoints(layers):
+    _, ours, config = layers
+    layer = KimiDeltaAttention.from_config(config, layer_idx=0, dtype=torch.bfloat16)
+    shapes = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+    assert shapes == {
+        "q_proj.weight": (H * D, HIDDEN), "k_proj.weight": (H * D, HIDDEN), "v_proj.weight": (H * D, HIDDEN),
+        "q_conv1d.weight": (H * D, 1, K), "k_conv1d.weight": (H * D, 1, K), "v_conv1d.weight": (H * D, 1, K),
+        "A_log": (1, 1, H, 1), "dt_bias": (H * D,), "f_a_proj.weight": (D, HIDDEN), "f_b_proj.weight": (H * D, D),
+        "b_proj.weight": (H, HIDDEN), "g_a_proj.weight": (D, HIDDEN), "g_b_proj.weight": (H * D, D),
+        "o_norm.weight": (D,), "o_proj.weight": (HIDDEN, H * D),
+    }  # fmt: skip
+    assert layer.A_log.dtype == layer.dt_bias.dtype == torch.float32
+    assert layer.q_proj.weight.dtype == layer.o_norm.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("conv_layout", ["SD", "DS"])
+def test_prefill_batch_matches_transformers_per_sequence(layers, conv_layout):
+    ref, ours, config = layers
+    pool = make_pool(conv_layout=conv_layout)
+    bind(ours, pool)
+    lengths, slots = [5, 1, 70], pool.allocate(3)
+    hidden = [torch.randn(n, HIDDEN) for n in lengths]
+    out = run_ours(ours, hidden, lengths, [0, 0, 0], slots).split(lengths)
+    for b, slot in enumerate(slots):
+        reference = Reference(ref, config)
+        check_sequence(out[b], reference(hidden[b]), pool, slot, reference, f"sequence {b}")
+    conv, recurrent = pool.layer_state("kda", 0)
+    for slot in set(range(7)) - set(slots):
+        assert conv[slot].isnan().all() and recurrent[slot].isnan().all()
+
+
+@pytest.mark.parametrize("conv_layout", ["SD", "DS"])
+def test_mixed_batch_prefill_continuation_and_decode_in_one_forward(layers, conv_layout):
+    ref, ours, config = layers
+    pool = make_pool(conv_layout=conv_layout)
+    bind(ours, pool)
+    # sequence 0 starts now; 1 continues a 12-token prefix with 6 tokens; 2 and 3 decode one token
+    prefix_lens, new_lens = [0, 12, 20, 2], [9, 6, 1, 1]
+    prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
+    news = [torch.randn(n, HIDDEN) for n in new_lens]
+    slots = pool.allocate(4)
+    run_ours(ours, prefixes[1:], prefix_lens[1:], [0, 0, 0], slots[1:])
+    out = run_ours(ours, news, new_lens, prefix_lens, slots).split(new_lens)
+    assert torch.isfinite(torch.cat(out)).all()
+    for b, slot in enumerate(slots):
+        reference = Reference(ref, config)
+        if prefix_lens[b]:
+            reference(prefixes[b])
+        check_sequence(out[b], reference(news[b]), pool, slot, reference, f"sequence {b}")
+
+
+@pytest.mark.parametrize("conv_layout", ["SD", "DS"])
+def test_decode_only_steps_match_transformers_decode(layers, conv_layout):
+    ref, ours, config = layers
+    pool = make_pool(conv_layout=conv_layout)
+    bind(ours, pool)
+    prefix_lens, steps = [3, 17], 3
+    slots = pool.allocate(2)
+    prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
+    references = [Reference(ref, config) for _ in slots]
+    run_ours(ours, prefixes, prefix_lens, [0, 0], slots)
+    for reference, prefix in zip(references, prefixes):
+        reference(prefix)
+    for step in range(steps):
+        tokens = [torch.randn(1, HIDDEN) for _ in slots]
+        computed = [n + step for n in prefix_lens]
+        # a padding row on the null slot rides along, as in a padded decode batch
+        out = run_ours(ours, tokens + [torch.randn(1, HIDDEN)], [1, 1, 1], computed + [1], slots + [0])
+        for b, slot in enumerate(slots):
+            check_sequence(out[b : b + 1], references[b](tokens[b]), pool, slot, references[b], f"step {step}, seq {b}")
+    conv, recurrent = pool.layer_state("kda", 0)
+    for slot in range(3, 7):
+        assert conv[slot].isnan().all() and recurrent[slot].isnan().all()
+
+
+@pytest.mark.parametrize("conv_layout", ["SD", "DS"])
+def test_spec_layout_conv_state_keeps_last_state_len_inputs(layers, conv_layout):
+    ref, ours, config = layers
+    num_spec = 2
+    state_len = K - 1 + num_spec
+    pool = make_pool(num_spec=num_spec, conv_layout=conv_layout)
+    bind(ours, pool)
+    lengths, slots = [2, 9], pool.allocate(2)
+    hidden = [torch.randn(n, HIDDEN) for n in lengths]
+    run_ours(ours, hidden, lengths, [0, 0], slots)
+    step = [torch.randn(1, HIDDEN) for _ in slots]
+    out = run_ours(ours, step, [1, 1], lengths, slots)
+    for b, slot in enumerate(slots):
+        x = torch.cat([hidden[b], step[b]])
+        with torch.no_grad():
+            inputs = torch.cat([ref.q_proj(x), ref.k_proj(x), ref.v_proj(x)], dim=-1)  # conv inputs, q|k|v
+        expected = torch.cat([torch.zeros(state_len, 3 * H * D), inputs])[-state_len:]
+        assert rel_err(slot_states(pool, slot)[0], expected) < BOUND
+        reference = Reference(ref, config)
+        reference(hidden[b])
+        assert rel_err(out[b : b + 1], reference(step[b])) < BOUND
+
+
+def test_conv_weight_cache_follows_weight_loads(layers):
+    ref, _, config = layers
+    layer = KimiDeltaAttention.from_config(config, layer_idx=0)
+    stale = layer.fuse_conv_weights().clone()
+    layer.load_state_dict(checkpoint_weights(ref))
+    fused = layer.fuse_conv_weights()
+    assert not torch.equal(fused, stale)
+    assert torch.equal(fused, ref.conv1d.weight.detach().squeeze(1))
+
+
+def test_bind_state_rejects_a_layout_of_other_heads(layers):
+    _, ours, _ = layers
+    layout = kda_layout(H * 2, D, conv_kernel_size=K, model_dtype=torch.float32)
+    pool = StatePool({"kda": StateGroup(layout, num_layers=1)}, num_slots=1)
+    with pytest.raises(ValueError, match="conv_split"):
+        ours.bind_state(pool.layer_state("kda", 0), layout)
+
+
+def test_bf16_layer_stays_close_to_fp32_transformers(layers):
+    ref, _, config = layers
+    layer = KimiDeltaAttention.from_config(config, layer_idx=0, dtype=torch.bfloat16).eval()
+    layer.load_state_dict(checkpoint_weights(ref))
+    assert layer.A_log.dtype == torch.float32 and layer.q_proj.weight.dtype == torch.bfloat16
+    layout = kda_layout(H, D, conv_kernel_size=K, model_dtype=torch.bfloat16)
+    pool = StatePool({"kda": StateGroup(layout, num_layers=1)}, num_slots=2)
+    layer.bind_state(pool.layer_state("kda", 0), layout)
+    lengths, slots = [11, 4], pool.allocate(2)
+    hidden = [torch.randn(n, HIDDEN) for n in lengths]
+    out = run_ours(layer, [h.bfloat16() for h in hidden], lengths, [0, 0], slots).split(lengths)
+    step = run_ours(layer, [torch.ones(1, HIDDEN, dtype=torch.bfloat16)] * 2, [1, 1], lengths, slots)
+    for b in range(2):
+        reference = Reference(ref, config)
+        assert out[b].dtype == torch.bfloat16
+        assert rel_err(out[b].float(), reference(hidden[b])) < 2e-2
+        assert rel_err(step[b : b + 1].float(), reference(torch.ones(1, HIDDEN))) < 2e-2
