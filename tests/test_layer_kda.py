@@ -23,7 +23,9 @@ BOUND = 1e-5
 def tiny_config() -> KimiLinearConfig:
     return KimiLinearConfig(
         hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=128,
-        linear_attn_config={"num_heads": H, "head_dim": D, "short_conv_kernel_size": K, "kda_layers": [1], "full_attn_layers": [2]},
+        linear_attn_config={
+            "num_heads": H, "head_dim": D, "short_conv_kernel_size": K, "kda_layers": [1], "full_attn_layers": [2],
+        },
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
 

@@ -56,7 +56,8 @@ def run_chunk(lengths, slots, has_init, decay="mild", **kwargs):
     pool = nan_pool({s: h for s, h in zip(slots, has_init)})
     before = pool.clone()
     inputs = make_inputs(sum(lengths), decay)
-    o = chunk_kda(*inputs, pool, cu_of(lengths), torch.tensor(slots, dtype=torch.int32), torch.tensor(has_init), **kwargs)
+    index = torch.tensor(slots, dtype=torch.int32)
+    o = chunk_kda(*inputs, pool, cu_of(lengths), index, torch.tensor(has_init), **kwargs)
     return inputs, before, pool, o
 
 
@@ -149,7 +150,8 @@ def test_fused_recurrent_matches_naive_one_step():
     o = fused_recurrent_kda(q, k, v, g, beta, pool, torch.tensor(slots, dtype=torch.int32))
     for b, slot in enumerate(slots):
         one = slice(b, b + 1)
-        exp_o, exp_state = reference(tf.recurrent_kimi_delta_attention, q[one], k[one], v[one], g[one], beta[one], before[slot])
+        inputs = (t[one] for t in (q, k, v, g, beta))
+        exp_o, exp_state = reference(tf.recurrent_kimi_delta_attention, *inputs, before[slot])
         assert rel_err(o[one], exp_o) < BOUND and rel_err(pool[slot], exp_state) < BOUND
     for slot in (0, 1, 4, 5):
         assert pool[slot].isnan().all()

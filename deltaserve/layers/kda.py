@@ -47,7 +47,9 @@ class KimiDeltaAttention(nn.Module):
             # NOTE: holds the depthwise weight [H*D, 1, K] under the checkpoint's name; never called.
             return nn.Conv1d(width, width, conv_kernel_size, groups=width, bias=False, dtype=dtype)
 
-        self.q_proj, self.k_proj, self.v_proj = linear(hidden_size, width), linear(hidden_size, width), linear(hidden_size, width)
+        self.q_proj = linear(hidden_size, width)
+        self.k_proj = linear(hidden_size, width)
+        self.v_proj = linear(hidden_size, width)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = short_conv(), short_conv(), short_conv()
         # NOTE: the decay parameters stay float32 whatever the model dtype, as in the checkpoints.
         self.A_log = nn.Parameter(torch.zeros(1, 1, num_heads, 1, dtype=torch.float32))
@@ -113,7 +115,7 @@ class KimiDeltaAttention(nn.Module):
         num_tokens = hidden_states.shape[0]
         if num_tokens != sum(ctx.query_lens):
             raise ValueError(
-                f"hidden_states has {num_tokens} tokens but the forward context's query_lens sum to {sum(ctx.query_lens)}"
+                f"hidden_states has {num_tokens} tokens, the forward context's query_lens sum to {sum(ctx.query_lens)}"
             )
         shape = (num_tokens, self.num_heads, self.head_dim)
         x = hidden_states
@@ -124,8 +126,9 @@ class KimiDeltaAttention(nn.Module):
             mixed_qkv = causal_conv1d_update(mixed_qkv, conv_weight, self.conv_state, ctx.state_indices, "silu")
         else:
             mixed_qkv = causal_conv1d_fn(
-                mixed_qkv, conv_weight, self.conv_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, "silu"
-            )
+                mixed_qkv, conv_weight, self.conv_state,
+                ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, "silu",
+            )  # fmt: skip
         q, k, v = (t.reshape(shape) for t in mixed_qkv.split(self.num_heads * self.head_dim, dim=-1))
 
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias)  # [T, H, D] float32

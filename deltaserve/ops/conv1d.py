@@ -26,7 +26,8 @@ def _check_state(weight: torch.Tensor, conv_state: torch.Tensor, dim: int) -> No
         raise ValueError(f"weight must be [D={dim}, K], got {tuple(weight.shape)}")
     if conv_state.dim() != 3 or conv_state.shape[-1] != dim or conv_state.shape[1] < kernel - 1:
         raise ValueError(
-            f"conv_state must be [num_slots+1, L >= K-1 = {kernel - 1}, D={dim}] (SD view), got {tuple(conv_state.shape)}"
+            f"conv_state must be [num_slots+1, L >= K-1 = {kernel - 1}, D={dim}] (SD view), "
+            f"got {tuple(conv_state.shape)}"
         )
 
 
