@@ -1,0 +1,1 @@
+"""Model definitions, the architecture registry, checkpoint loading and the built-in tiny checkpoint."""

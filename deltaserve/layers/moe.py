@@ -1,0 +1,153 @@
+"""Mixture of experts with DeepSeek-V3 routing (Kimi Linear's ``block_sparse_moe``).
+
+Checkpoint names under the block: ``gate.weight`` ``[E, hidden]``, ``gate.e_score_correction_bias``
+``[E]``, ``experts.{e}.w1|w2|w3.weight`` (w1 = gate, w3 = up, w2 = down) and
+``shared_experts.{gate,up,down}_proj.weight``. The experts are stored stacked (``w13_weight``
+``[E, 2I, hidden]``, ``w2_weight`` ``[E, hidden, I]``); :meth:`FusedExperts.checkpoint_weights`
+maps the per-expert checkpoint tensors into them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from deltaserve.layers.mlp import GatedMLP, get_activation
+
+
+class TopkRouter(nn.Module):
+    """Sigmoid scores in float32; ``e_score_correction_bias`` only chooses the experts.
+
+    Grouped top-k: the experts are split into ``num_expert_group`` groups, each group is scored by
+    the sum of its two best biased scores, the best ``topk_group`` groups are kept, and the
+    ``top_k`` best biased scores among their experts are chosen. The weights are the raw scores of
+    the chosen experts, renormalised to sum 1 (``renormalize``), times ``routed_scaling_factor``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        num_expert_group: int = 1,
+        topk_group: int = 1,
+        renormalize: bool = True,
+        routed_scaling_factor: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.num_expert_group = num_expert_group
+        self.topk_group = topk_group
+        self.renormalize = renormalize
+        self.routed_scaling_factor = routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype), requires_grad=False)
+        # NOTE: kept in float32 whatever the model dtype: it is added to float32 scores and ties
+        # between experts are decided by it.
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x ``[T, hidden]`` -> (topk_weights float32 ``[T, k]``, topk_ids int64 ``[T, k]``)."""
+        logits = torch.nn.functional.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid()
+        scores_for_choice = scores + self.e_score_correction_bias
+        if self.num_expert_group > 1:
+            num_tokens = x.shape[0]
+            grouped = scores_for_choice.view(num_tokens, self.num_expert_group, -1)
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
+            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, -1)
+            scores_for_choice = scores_for_choice.masked_fill(~expert_mask, float("-inf"))
+        topk_ids = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
+        topk_weights = scores.gather(1, topk_ids)
+        if self.renormalize:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weights * self.routed_scaling_factor, topk_ids
+
+
+class FusedExperts(nn.Module):
+    """``E`` gated-MLP experts stored stacked: ``w13_weight`` ``[E, 2I, hidden]`` (gate rows first, then
+    up), ``w2_weight`` ``[E, hidden, I]``."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
+        self.act_fn = get_activation(hidden_act)
+
+    def checkpoint_weights(self) -> dict[str, tuple[tuple[int, ...], Callable[[torch.Tensor], None]]]:
+        """Checkpoint name (relative to this module) -> (expected shape, loader that copies it in place)."""
+        inter = self.intermediate_size
+        hidden = self.w2_weight.shape[1]
+
+        def into(view_fn):
+            return lambda tensor: view_fn().copy_(tensor)
+
+        slots = {}
+        for e in range(self.num_experts):
+            slots[f"{e}.w1.weight"] = ((inter, hidden), into(lambda e=e: self.w13_weight.data[e, :inter]))
+            slots[f"{e}.w3.weight"] = ((inter, hidden), into(lambda e=e: self.w13_weight.data[e, inter:]))
+            slots[f"{e}.w2.weight"] = ((hidden, inter), into(lambda e=e: self.w2_weight.data[e]))
+        return slots
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x ``[T, hidden]``, topk ``[T, k]`` -> ``[T, hidden]`` (sum of weighted expert outputs)."""
+        num_tokens, top_k = topk_ids.shape
+        flat_ids = topk_ids.reshape(-1)
+        # NOTE: group the T*k (token, expert) pairs by expert, then one matmul per expert hit;
+        # accumulation in float32.
+        order = torch.argsort(flat_ids, stable=True)
+        token_of = order // top_k
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        weights = topk_weights.reshape(-1)[order].unsqueeze(-1)
+        out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = token_of[start : start + count]
+            gate, up = torch.nn.functional.linear(x[rows], self.w13_weight[expert]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(self.act_fn(gate) * up, self.w2_weight[expert])
+            out.index_add_(0, rows, y.float() * weights[start : start + count])
+            start += count
+        return out.to(x.dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    """Routed experts plus shared experts: ``experts(x) + shared_experts(x)``."""
+
+    def __init__(self, hf_config, dtype: torch.dtype | None = None):
+        super().__init__()
+        c = hf_config
+        activation = getattr(c, "moe_router_activation_func", "sigmoid")
+        if activation != "sigmoid":
+            raise NotImplementedError(f"moe_router_activation_func {activation!r}: only 'sigmoid' is supported")
+        self.gate = TopkRouter(
+            c.hidden_size,
+            c.num_experts,
+            c.num_experts_per_tok,
+            num_expert_group=c.n_group or 1,
+            topk_group=c.topk_group or 1,
+            renormalize=c.norm_topk_prob,
+            routed_scaling_factor=c.routed_scaling_factor,
+            dtype=dtype,
+        )
+        self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size, c.hidden_act, dtype)
+        num_shared = c.n_shared_experts or 0
+        self.shared_experts = (
+            GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype) if num_shared > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids = self.gate(x)
+        out = self.experts(x, topk_weights, topk_ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

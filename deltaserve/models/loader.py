@@ -1,0 +1,183 @@
+"""Load a model from a checkpoint directory: config.json (transformers AutoConfig) and safetensors weights.
+
+Weights are matched by the checkpoint's names. Every module contributes its own parameters and
+persistent buffers under their names; a module with a ``checkpoint_weights()`` method (such as the
+stacked MoE experts) instead names its checkpoint tensors itself, as
+``{relative name: (expected shape, load(tensor) -> None)}`` (vLLM's ``weight_loader`` idea).
+Any missing, unexpected or mis-shaped tensor is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from deltaserve.models.registry import architecture_of, resolve_name
+from deltaserve.state.layout import resolve_dtype
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_LISTED = 8  # problems listed per kind in an error message
+
+WeightSlot = tuple[tuple[int, ...], Callable[[torch.Tensor], None]]
+
+
+def _copy_into(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    return lambda tensor: param.data.copy_(tensor)
+
+
+def checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
+    """Checkpoint tensor name -> (expected shape, loader) for every weight of ``model``."""
+    slots: dict[str, WeightSlot] = {}
+    seen: set[int] = set()  # NOTE: a tied weight is loaded once, under its first name
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        if hasattr(module, "checkpoint_weights"):
+            for name, slot in module.checkpoint_weights().items():
+                slots[prefix + name] = (tuple(slot[0]), slot[1])
+            return
+        tensors = list(module.named_parameters(recurse=False))
+        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        for name, tensor in tensors:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                slots[prefix + name] = (tuple(tensor.shape), _copy_into(tensor))
+        for name, child in module.named_children():
+            visit(child, f"{prefix}{name}.")
+
+    visit(model, "")
+    return slots
+
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from ``model.safetensors`` or ``model.safetensors.index.json``."""
+    path = Path(path)
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object")
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise ValueError(f"{index} names shard {shard.name}, which is not in {path}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def _by_file(files: dict[str, Path]) -> dict[Path, list[str]]:
+    groups: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        groups.setdefault(file, []).append(name)
+    return groups
+
+
+def checkpoint_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers (each file opened once)."""
+    shapes = {}
+    for file, names in _by_file(files).items():
+        with safe_open(file, framework="pt") as f:
+            keys = set(f.keys())
+            for name in names:
+                if name not in keys:
+                    raise ValueError(f"tensor {name} is listed in the index for {file.name} but is not in that file")
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def _listed(title: str, lines: list[str]) -> list[str]:
+    if not lines:
+        return []
+    out = [f"{title} ({len(lines)}):"] + [f"  {line}" for line in lines[:MAX_LISTED]]
+    if len(lines) > MAX_LISTED:
+        out.append(f"  ... and {len(lines) - MAX_LISTED} more")
+    return out
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy every checkpoint tensor into ``model`` (cast to each parameter's dtype), after checking that
+    names and shapes match exactly; otherwise a ValueError lists the problems."""
+    path = Path(path)
+    files = checkpoint_files(path)
+    slots = checkpoint_slots(model)
+    shapes = checkpoint_shapes(files)
+    missing = [f"{n} (expected shape {list(slot[0])})" for n, slot in slots.items() if n not in files]
+    unexpected = [f"{n} (shape {list(shape)})" for n, shape in shapes.items() if n not in slots]
+    wrong = [
+        f"{n}: expected shape {list(slots[n][0])}, found {list(shape)}"
+        for n, shape in shapes.items()
+        if n in slots and shape != slots[n][0]
+    ]
+    if missing or unexpected or wrong:
+        lines = [f"checkpoint {path} does not match {type(model).__name__}:"]
+        lines += _listed("wrong shape", wrong) + _listed("missing tensors", missing) + _listed("unexpected tensors", unexpected)
+        raise ValueError("\n".join(lines))
+    for file, names in _by_file(files).items():
+        with safe_open(file, framework="pt") as f:
+            for name in names:
+                slots[name][1](f.get_tensor(name))
+
+
+def _read_config_json(path: Path) -> dict:
+    if not path.is_dir():
+        raise ValueError(f"model path {path} is not a directory")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} has no config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{config_file} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_file} must hold a JSON object")
+    return raw
+
+
+def load_model_config(path: str | Path):
+    """The transformers config of a checkpoint directory, checked; ValueError on an unknown architecture,
+    a missing or unreadable config.json, or impossible sizes."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    raw = _read_config_json(path)
+    model_class = resolve_name(architecture_of(raw))
+    if hasattr(model_class, "check_raw_config"):
+        model_class.check_raw_config(raw)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers raises many kinds (ValueError, KeyError, strict-field errors)
+        raise ValueError(f"{path / 'config.json'}: transformers cannot read it: {exc}") from exc
+    if hasattr(model_class, "check_config"):
+        model_class.check_config(config)
+    return config
+
+
+def model_dtype(hf_config, dtype: str | torch.dtype = "auto") -> torch.dtype:
+    """``"auto"`` -> the config's ``dtype`` (``torch_dtype``), bfloat16 when it has none; else ``dtype``."""
+    default = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.bfloat16
+    if isinstance(default, str):
+        default = resolve_dtype(default, torch.bfloat16, "config dtype")
+    return resolve_dtype(dtype, default, "dtype")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model of a checkpoint directory and load its weights (eval mode, no grad)."""
+    config = load_model_config(path)
+    torch_dtype = model_dtype(config, dtype)
+    model_class = resolve_name(architecture_of(config))
+    # NOTE: built on the meta device, then given uninitialised storage: random init of a 48B model
+    # would cost minutes, and every weight is overwritten (a missing one is an error).
+    with torch.device("meta"):
+        model = model_class(config, torch_dtype)
+    model = model.to_empty(device=device)
+    load_weights(model, path)
+    return model.eval().requires_grad_(False)
