@@ -14,6 +14,10 @@ class EngineConfig:
     """
 
     model: str | None = None
+    # Tokenizer directory (default: the model's); trust_remote_code lets transformers run a
+    # checkpoint's own tokenizer code (Kimi's tiktoken tokenizer needs it).
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
     dtype: str = "auto"
     device: str = "cpu"
     seed: int = 0

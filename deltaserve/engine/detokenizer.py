@@ -1,0 +1,90 @@
+"""Incremental detokenisation and stop criteria (EOS, stop token ids, stop strings, length)."""
+
+from __future__ import annotations
+
+from deltaserve.engine.sequence import Sequence
+
+# NOTE: tokens of the prompt decoded as left context of the first output tokens, so that a
+# word-initial space (sentencepiece's "▁") comes out as it does in the full text.
+PREFIX_CONTEXT_TOKENS = 5
+
+
+class StopChecker:
+    """Called once per sampled token: extends ``seq.output_text`` and sets ``seq.finish_reason``.
+
+    - EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the sequence with ``"stop"``; their
+      token stays in ``token_ids`` but adds no text. ``stop_reason`` is the stop token id (None for EOS).
+    - A stop string ends it with ``"stop"``; the text is cut before the string (after it with
+      ``include_stop_str_in_output``); ``token_ids`` keep the token that completed it.
+    - ``max_tokens`` (already clipped to ``max_model_len``) ends it with ``"length"``.
+    """
+
+    def __init__(self, tokenizer, eos_token_ids: set[int]):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = set(eos_token_ids)
+
+    def __call__(self, seq: Sequence) -> None:
+        params = seq.params
+        token = seq.token_ids[-1]
+        if not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", None
+            return
+        if token in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+            return
+        new_text = self.decode_new_text(seq)
+        if new_text and params.stop:
+            self._check_stop_strings(seq, len(new_text))
+            if seq.finish_reason is not None:
+                return
+        if seq.num_output_tokens >= seq.max_tokens:
+            seq.finish_reason = "length"
+
+    def decode_new_text(self, seq: Sequence) -> str:
+        """Append the text of tokens not yet decoded to ``seq.output_text``; returns what was added."""
+        if self.tokenizer is None:
+            return ""
+        if seq.read_offset == 0:
+            seq.read_offset = seq.num_prompt_tokens
+            seq.prefix_offset = max(0, seq.num_prompt_tokens - PREFIX_CONTEXT_TOKENS)
+        skip = seq.params.skip_special_tokens
+        prefix_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=skip)
+        # NOTE: a trailing U+FFFD means a multi-byte character is still incomplete: wait for more tokens.
+        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+            return ""
+        new_text = full_text[len(prefix_text) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
+        seq.output_text += new_text
+        return new_text
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, num_new_chars: int) -> None:
+        text = seq.output_text
+        best = None
+        for stop in seq.params.stop:
+            # Only where the new characters could complete the string.
+            start = max(0, len(text) - num_new_chars - len(stop) + 1)
+            index = text.find(stop, start)
+            if index != -1 and (best is None or index < best[0]):
+                best = (index, stop)
+        if best is None:
+            return
+        index, stop = best
+        end = index + len(stop) if seq.params.include_stop_str_in_output else index
+        seq.output_text = text[:end]
+        seq.finish_reason, seq.stop_reason = "stop", stop
+
+
+def visible_text(seq: Sequence) -> str:
+    """Text safe to show while ``seq`` runs: holds back a tail that may still become a stop string."""
+    text = seq.output_text
+    if seq.finish_reason is not None or not seq.params.stop:
+        return text
+    hold = 0
+    for stop in seq.params.stop:
+        for length in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:length]):
+                hold = length
+                break
+    return text[: len(text) - hold]

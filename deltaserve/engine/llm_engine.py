@@ -1,0 +1,231 @@
+"""The engine loop: requests in, one scheduled forward per ``step()``, cumulative outputs out.
+
+Single-threaded: a server calls ``add_request`` / ``abort_request`` / ``step`` from one thread
+(or under one lock).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltaserve.config import EngineConfig
+from deltaserve.engine.detokenizer import StopChecker, visible_text
+from deltaserve.engine.metrics import EngineMetrics
+from deltaserve.engine.model_runner import ModelRunner
+from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from deltaserve.engine.sampling_params import SamplingParams
+from deltaserve.engine.scheduler import Scheduler
+from deltaserve.engine.sequence import Sequence
+from deltaserve.kv.block_manager import BlockManager
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model", "vocab.json")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """transformers' tokenizer of a checkpoint directory, or None when it ships none."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def eos_token_ids(hf_config, tokenizer) -> set[int]:
+    """EOS ids from the model config (an int or a list) and the tokenizer."""
+    ids: set[int] = set()
+    eos = getattr(hf_config, "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+class LLMEngine:
+    """``add_request`` / ``step`` / ``abort_request`` over a scheduler and a model runner."""
+
+    def __init__(self, config: EngineConfig | None = None, **kwargs):
+        from deltaserve.models.loader import load_model, load_model_config
+
+        config = config if config is not None else EngineConfig(**kwargs)
+        if config.model is None:
+            from deltaserve.models.tiny import default_tiny_model
+
+            config.model = str(default_tiny_model())
+        self.hf_config = load_model_config(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+        torch.manual_seed(config.seed)
+        model = load_model(config.model, dtype=config.dtype, device=config.device)
+        generator = torch.Generator(device=config.device).manual_seed(config.seed)
+        self.runner = ModelRunner(config, model, self.hf_config, generator)
+        self.config = self.runner.config
+        self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size)
+        self.stop_checker = StopChecker(self.tokenizer, eos_token_ids(self.hf_config, self.tokenizer))
+        self.scheduler = Scheduler(
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            state_pool=self.runner.state_pool,
+            block_manager=self.block_manager,
+            check_stop=self.stop_checker,
+        )
+        self.metrics = EngineMetrics()
+        self.requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Queue a request; ValueError (and nothing queued) on a bad id, prompt or params."""
+        if not isinstance(request_id, str):
+            raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        max_len = self.config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but max_model_len is {max_len}: a prompt must be "
+                f"shorter than max_model_len to leave room for output"
+            )
+        room = max_len - len(token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seqs = []
+        for index in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+            seqs.append(Sequence(next(self._seq_ids), request_id, index, token_ids, params, max_tokens, generator))
+        self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.metrics.num_requests += 1
+        self.metrics.prompt_tokens += len(token_ids) * params.n
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"the checkpoint {self.config.model} has no tokenizer: pass the prompt as token ids")
+            token_ids = list(self.tokenizer.encode(prompt))
+            text = prompt
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids, text = list(prompt), None
+        else:
+            raise ValueError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        vocab = self.hf_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}) (vocab_size); found {bad[:8]}")
+        return text, token_ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now, returning its slot and blocks; its final output (``"abort"``) or None if unknown."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            self.scheduler.abort(seq)
+        self.metrics.num_aborted_requests += 1
+        return self._output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ---- step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward; returns outputs (cumulative) of the requests that gained a token or finished."""
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError(f"nothing could be scheduled with work pending: {self.stats()}")
+            return []
+        start = time.perf_counter()
+        sampled = self.runner.run(batch)
+        progressed = self.scheduler.postprocess(batch, sampled)
+        self.metrics.record_step(
+            batch.num_prefill_tokens, batch.num_decode_tokens, len(progressed), time.perf_counter() - start
+        )
+        outputs = []
+        for request_id in dict.fromkeys(seq.request_id for seq in progressed):
+            request = self.requests[request_id]
+            outputs.append(self._output(request))
+            if request.finished:
+                del self.requests[request_id]
+                self.metrics.num_finished_requests += 1
+        return outputs
+
+    def _output(self, request: _Request) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            if seq.logprobs:
+                self._decode_logprob_tokens(seq.logprobs[-1])
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=visible_text(seq),
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished)
+
+    def _decode_logprob_tokens(self, entry: dict[int, Logprob]) -> None:
+        if self.tokenizer is None:
+            return
+        for token_id, logprob in entry.items():
+            if logprob.decoded_token is None:
+                entry[token_id] = logprob._replace(decoded_token=self.tokenizer.decode([token_id]))
+
+    # ---- metrics -----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters (see ``EngineMetrics``) plus queue and cache occupancy."""
+        pool = self.runner.state_pool
+        out = self.metrics.as_dict()
+        out.update(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_slot_waits=self.scheduler.num_slot_waits,
+            prefix_cache_hit_tokens=self.scheduler.num_prefix_hit_tokens,
+            state_slots_used=pool.num_used_slots,
+            state_slots_total=pool.num_slots,
+            kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_total=self.block_manager.num_blocks,
+        )
+        out.update(self.scheduler.prefix_cache.stats())
+        return out
+
+    get_metrics = stats

@@ -1,0 +1,140 @@
+"""Runs one scheduled batch through the model: the only place that knows the device.
+
+It owns the model, the state pool and the paged KV cache (bound to the model once), turns a
+:class:`ScheduledBatch` into a :class:`ForwardContext` plus flat ``input_ids`` / ``positions``,
+computes logits only at the last new token of sequences that sample, and samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from deltaserve.config import EngineConfig
+from deltaserve.engine.sampler import SampledToken, Sampler
+from deltaserve.engine.scheduler import ScheduledBatch
+from deltaserve.forward_context import ForwardContext, forward_context
+from deltaserve.state.pool import StatePool
+
+# NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
+# the default KV cache absurd. Pass max_model_len to go higher.
+DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "cuda": 32768}
+# Default KV cache size when num_kv_blocks is not given (bytes, CPU) / share of free memory (GPU).
+DEFAULT_CPU_KV_BYTES = 1 << 30
+DEFAULT_GPU_KV_FRACTION = 0.8
+
+
+def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.device) -> EngineConfig:
+    """Fill in ``max_model_len``, ``num_state_slots`` and ``num_kv_blocks``; check they fit together."""
+    bs = config.block_size
+    model_limit = getattr(hf_config, "max_position_embeddings", None) or 1 << 20
+    max_len = config.max_model_len or min(model_limit, DEFAULT_MAX_MODEL_LEN.get(device.type, 4096))
+    if config.max_model_len is not None and config.max_model_len > model_limit:
+        raise ValueError(f"max_model_len = {config.max_model_len} exceeds the model's max_position_embeddings = {model_limit}")
+    num_slots = config.num_state_slots or config.max_num_seqs
+    num_blocks = config.num_kv_blocks
+    if num_blocks is None:
+        spec = model.kv_cache_spec(config.cache_dtype)
+        per_block = max(1, spec.bytes_per_block(bs))
+        if device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * DEFAULT_GPU_KV_FRACTION)
+            budget -= _pool_bytes(model, config, num_slots)
+        else:
+            budget = DEFAULT_CPU_KV_BYTES
+        wanted = config.max_num_seqs * -(-max_len // bs)
+        num_blocks = max(1, min(wanted, budget // per_block))
+    capacity = num_blocks * bs
+    if capacity < max_len:
+        if config.max_model_len is not None:
+            raise ValueError(
+                f"max_model_len = {max_len} tokens does not fit the KV cache: num_kv_blocks = {num_blocks} "
+                f"x block_size = {bs} holds {capacity} tokens"
+            )
+        # NOTE: a derived length shrinks to what the cache holds, so any admitted request can finish.
+        max_len = capacity
+    return dataclasses.replace(config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks)
+
+
+def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
+    groups = model.state_groups(tp_size=1, cache_dtype=config.cache_dtype)
+    return sum(g.num_layers * (num_slots + 1) * g.layout.bytes_per_slot for g in groups.values())
+
+
+class ModelRunner:
+    """Model plus caches on one device; ``run(batch)`` is one forward and one sampling step."""
+
+    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None):
+        self.device = torch.device(config.device)
+        self.model = model
+        self.config = resolve_cache_sizes(config, hf_config, model, self.device)
+        groups = model.state_groups(tp_size=1, cache_dtype=self.config.cache_dtype)
+        self.state_pool = StatePool(groups, self.config.num_state_slots, device=self.device)
+        spec = model.kv_cache_spec(self.config.cache_dtype)
+        self.kv_cache = torch.zeros(
+            (spec.num_layers, self.config.num_kv_blocks, self.config.block_size, spec.entry_dim),
+            dtype=spec.dtype,
+            device=self.device,
+        )
+        model.bind_caches(self.state_pool, self.kv_cache)
+        self.sampler = Sampler(generator)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
+        bs = self.config.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        cu_seqlens = [0]
+        num_computed = []
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + num_new])
+            positions.extend(range(start, start + num_new))
+            table = seq.block_table
+            slot_mapping.extend(table[pos // bs] * bs + pos % bs for pos in range(start, start + num_new))
+            cu_seqlens.append(cu_seqlens[-1] + num_new)
+            num_computed.append(start)
+        width = max((len(seq.block_table) for seq in batch.seqs), default=0) or 1
+        block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs]
+
+        def to_device(values, dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        ctx = ForwardContext(
+            cu_seqlens=to_device(cu_seqlens, torch.int32),
+            query_lens=list(batch.num_new_tokens),
+            num_computed_tokens=num_computed,
+            state_indices=to_device([seq.state_slot for seq in batch.seqs], torch.int32),
+            has_initial_state=to_device([c > 0 for c in num_computed], torch.bool),
+            block_tables=to_device(block_tables, torch.int32),
+            slot_mapping=to_device(slot_mapping, torch.int64),
+            block_size=bs,
+        )
+        return to_device(input_ids, torch.int64), to_device(positions, torch.int64), ctx
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
+        """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
+        input_ids, positions, ctx = self.prepare(batch)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        if not rows:
+            return [None] * len(batch)
+        last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
+        logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
+        sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
+        out: list[SampledToken | None] = [None] * len(batch)
+        for i, token in zip(rows, sampled):
+            out[i] = token
+        return out
+
+
+def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:
+    """Token offset just past each selected sequence's new tokens in the flat batch."""
+    ends, total = [], 0
+    for n in batch.num_new_tokens:
+        total += n
+        ends.append(total)
+    return [ends[i] for i in rows]

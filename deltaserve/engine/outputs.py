@@ -1,0 +1,46 @@
+"""What the engine returns, shaped like vLLM's ``RequestOutput``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+
+class Logprob(NamedTuple):
+    """Log-probability of one token at one position; ``rank`` 1 is the most likely token."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request (``index`` in ``0..n-1``).
+
+    ``finish_reason`` is ``None`` while running, then ``"stop"`` (EOS, a stop token id or string),
+    ``"length"`` (``max_tokens`` or ``max_model_len``) or ``"abort"``; ``stop_reason`` is the stop
+    string or stop token id that ended it (``None`` for EOS and length).
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """All sequences of one request so far; ``finished`` once every sequence has finished."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False

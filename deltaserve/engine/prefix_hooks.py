@@ -1,0 +1,52 @@
+"""Where a prefix cache plugs into the scheduler; the default caches nothing.
+
+The scheduler calls, in a sequence's life:
+
+1. ``match(seq)`` once, when a waiting sequence has just received its state slot and before its
+   first chunk (``seq.num_computed_tokens == 0``, empty block table). A cache returns how many
+   leading tokens it restored: the shared KV blocks appended to ``seq.block_table`` with
+   ``BlockManager.share`` and the two states of every linear layer copied into ``seq.state_slot``.
+   It must return fewer than ``seq.num_tokens`` (the last token is always computed, for logits).
+2. ``clip_chunk(seq, num_new_tokens)`` for every chunk: a cache may end a chunk early so that it
+   ends on a checkpoint position (a recurrent state can only be saved where a forward stops).
+3. ``on_computed(seq)`` after each forward that advanced ``seq.num_computed_tokens``: register
+   newly full blocks (chained hash, tokens) and save state checkpoints.
+4. ``on_release(seq)`` before the sequence's blocks and slot are freed (finish, abort, preemption).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from deltaserve.engine.sequence import Sequence
+
+
+class PrefixCacheHooks(Protocol):
+    def match(self, seq: Sequence) -> int: ...
+
+    def clip_chunk(self, seq: Sequence, num_new_tokens: int) -> int: ...
+
+    def on_computed(self, seq: Sequence) -> None: ...
+
+    def on_release(self, seq: Sequence) -> None: ...
+
+    def stats(self) -> dict: ...
+
+
+class NoPrefixCache:
+    """Every lookup misses; nothing is kept."""
+
+    def match(self, seq: Sequence) -> int:
+        return 0
+
+    def clip_chunk(self, seq: Sequence, num_new_tokens: int) -> int:
+        return num_new_tokens
+
+    def on_computed(self, seq: Sequence) -> None:
+        pass
+
+    def on_release(self, seq: Sequence) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}

@@ -1,0 +1,208 @@
+"""Continuous batching: which sequences run in the next forward, and with how many tokens.
+
+Each step is one flat batch under ``max_num_batched_tokens``: running decodes first (oldest
+first), then running chunked prefills, then new sequences from the waiting queue, a prompt longer
+than the remaining budget being split across steps. A running sequence holds one state slot
+(from the first schedule to finish/abort/preemption) and the KV blocks its tokens need. When a
+sequence cannot get its blocks, the newest running sequence is preempted by recompute.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from deltaserve.engine.prefix_hooks import NoPrefixCache, PrefixCacheHooks
+from deltaserve.engine.sequence import Sequence, SequenceStatus
+from deltaserve.kv.block_manager import BlockManager
+
+
+@dataclass
+class ScheduledBatch:
+    """Sequences of one forward, with the number of new tokens of each (``query_lens``)."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    # Per sequence: True when this step computes its last uncomputed token, so a token is sampled.
+    do_sample: list[bool] = field(default_factory=list)
+    # Per sequence: True when this step is a (chunked) prefill or recompute, False for a decode.
+    is_prefill: list[bool] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for n, p in zip(self.num_new_tokens, self.is_prefill) if p)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(n for n, p in zip(self.num_new_tokens, self.is_prefill) if not p)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    """Waiting and running queues over a state-slot pool and a KV block manager.
+
+    ``state_pool`` needs ``allocate(n) -> list[int]``, ``free(slots)`` and ``num_free_slots``
+    (a :class:`deltaserve.state.pool.StatePool`). ``check_stop(seq)`` sets ``seq.finish_reason``
+    once a sampled token ends the sequence.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        state_pool,
+        block_manager: BlockManager,
+        check_stop: Callable[[Sequence], None],
+        prefix_cache: PrefixCacheHooks | None = None,
+    ):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.state_pool = state_pool
+        self.block_manager = block_manager
+        self.check_stop = check_stop
+        self.prefix_cache = prefix_cache if prefix_cache is not None else NoPrefixCache()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        # Steps in which the head of the waiting queue stayed there for lack of a free state slot.
+        self.num_slot_waits = 0
+        self.num_prefix_hit_tokens = 0
+
+    # ---- queues ------------------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or bool(self.running)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop ``seq`` at once, returning its slot and blocks; ``finish_reason`` becomes ``"abort"``."""
+        if seq.status == SequenceStatus.RUNNING:
+            self._release(seq)
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        if seq.status != SequenceStatus.FINISHED:
+            seq.finish_reason = "abort"
+        seq.status = SequenceStatus.FINISHED
+
+    # ---- schedule ----------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick the next batch; allocates slots and blocks, may preempt. Empty when nothing can run."""
+        scheduled: dict[int, tuple[Sequence, int]] = {}
+        preemptions_before = self.num_preemptions
+
+        def budget() -> int:
+            return self.max_num_batched_tokens - sum(n for _, n in scheduled.values())
+
+        # 1. Running sequences: decodes first, then chunked prefills; oldest first within each.
+        for seq in sorted(self.running, key=lambda s: (s.is_prefill, s.seq_id)):
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted above to make room for an older sequence
+            if budget() <= 0:
+                break
+            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, budget()))
+            if self._reserve_blocks(seq, num_new, scheduled):
+                scheduled[seq.seq_id] = (seq, num_new)
+
+        # 2. Waiting sequences, in order, while budget, sequence count, slots and blocks allow.
+        # NOTE: none after a preemption in this step: the blocks are short, and the preempted
+        # sequence (now first in line) would be recomputed at once.
+        admit = self.num_preemptions == preemptions_before
+        while admit and self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self.state_pool.num_free_slots == 0:
+                self.num_slot_waits += 1
+                break
+            seq.state_slot = self.state_pool.allocate(1)[0]
+            seq.num_computed_tokens = self.prefix_cache.match(seq)
+            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, budget()))
+            need = self.block_manager.num_new_blocks(seq, seq.num_computed_tokens + num_new)
+            if not self.block_manager.can_allocate(need):
+                # NOTE: admission never preempts; running sequences free blocks as they finish.
+                self._release(seq)
+                break
+            self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            self.num_prefix_hit_tokens += seq.num_computed_tokens
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled[seq.seq_id] = (seq, num_new)
+
+        batch = ScheduledBatch()
+        for seq, num_new in scheduled.values():
+            batch.seqs.append(seq)
+            batch.num_new_tokens.append(num_new)
+            batch.do_sample.append(seq.num_computed_tokens + num_new == seq.num_tokens)
+            batch.is_prefill.append(seq.is_prefill)
+        return batch
+
+    def _reserve_blocks(self, seq: Sequence, num_new: int, scheduled: dict[int, tuple[Sequence, int]]) -> bool:
+        """Give ``seq`` blocks for ``num_new`` more tokens, preempting newer sequences if needed.
+
+        Returns False when ``seq`` itself had to be preempted (every other running sequence is older).
+        """
+        num_tokens = seq.num_computed_tokens + num_new
+        while not self.block_manager.can_allocate(self.block_manager.num_new_blocks(seq, num_tokens)):
+            others = [s for s in self.running if s is not seq]
+            victim = max(others, key=lambda s: s.seq_id, default=None)
+            if victim is None or victim.seq_id < seq.seq_id:
+                self.preempt(seq)
+                return False
+            scheduled.pop(victim.seq_id, None)
+            self.preempt(victim)
+        self.block_manager.allocate(seq, num_tokens)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute later: free slot and blocks, forget computed tokens, put it first in line."""
+        self._release(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.prefix_cache.on_release(seq)
+        self.block_manager.free(seq)
+        if seq.state_slot is not None:
+            self.state_pool.free([seq.state_slot])
+            seq.state_slot = None
+        seq.num_computed_tokens = 0
+
+    # ---- postprocess -------------------------------------------------------------------------
+
+    def postprocess(self, batch: ScheduledBatch, sampled: list[tuple | None]) -> list[Sequence]:
+        """Advance computed tokens, append sampled tokens, finish stopped sequences.
+
+        ``sampled[i]`` is ``(token_id, logprob, top_logprobs | None)`` where ``batch.do_sample[i]``,
+        else None. Returns the sequences that gained a token this step.
+        """
+        progressed = []
+        for seq, num_new, sample in zip(batch.seqs, batch.num_new_tokens, sampled):
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # aborted after it was scheduled
+            seq.num_computed_tokens += num_new
+            self.prefix_cache.on_computed(seq)
+            if sample is None:
+                continue
+            seq.append_token(*sample)
+            progressed.append(seq)
+            self.check_stop(seq)
+            if seq.finish_reason is not None:
+                self._release(seq)
+                self.running.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+        return progressed

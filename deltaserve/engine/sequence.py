@@ -1,0 +1,101 @@
+"""One generated sequence: its tokens, its progress through the cache, and its resources."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from deltaserve.engine.outputs import Logprob
+from deltaserve.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Prompt plus generated tokens of one of a request's ``n`` sequences.
+
+    ``num_computed_tokens`` tokens are in the state slot and the KV blocks; the next forward feeds
+    ``token_ids[num_computed_tokens:]`` (a whole or chunked prefill, or one decode token).
+    Preemption by recompute resets it to 0 and keeps the generated tokens, which are then
+    recomputed as if they were prompt.
+    """
+
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        max_tokens: int,
+        generator: torch.Generator | None = None,
+    ):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.params = params
+        # NOTE: the clipped budget (prompt + output <= max_model_len), not params.max_tokens.
+        self.max_tokens = max_tokens
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.state_slot: int | None = None
+        self.block_table: list[int] = []
+        self.num_preemptions = 0
+        # Output bookkeeping.
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.output_text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        # Incremental detokenisation offsets (see engine/detokenizer.py).
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.detok_done = 0
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_prefill(self) -> bool:
+        """More than the last sampled token is still to be computed (a prompt or a recompute)."""
+        return self.num_uncomputed_tokens > 1 or self.num_computed_tokens == 0
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float, top: dict[int, Logprob] | None) -> None:
+        self.token_ids.append(token_id)
+        self.cumulative_logprob += logprob
+        if self.logprobs is not None:
+            self.logprobs.append(top or {})
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, status={self.status.value}, slot={self.state_slot}, "
+            f"blocks={len(self.block_table)})"
+        )
