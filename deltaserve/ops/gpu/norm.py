@@ -1,0 +1,30 @@
+"""RMSNorm and sigmoid-gated RMSNorm on the GPU through fla-core's fused Triton norm kernels (forward only).
+
+Same contract as :mod:`deltaserve.ops.norm`: float32 statistics and arithmetic, output in ``x.dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+from fla.modules.norm.fused_norm_gate import layer_norm_gated_fwd
+from fla.modules.norm.layernorm import layer_norm_fwd
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # fla's kernels address rows as row * D: [N, D] contiguous.
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * RMSNorm(x)`` over the last dim, one launch; returns ``x.dtype``."""
+    y, _, _, _ = layer_norm_fwd(_rows(x), weight, None, eps, is_rms_norm=True)
+    return y.view(x.shape)
+
+
+def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``RMSNorm(x) * weight * sigmoid(gate)`` over the last dim, one launch; returns ``x.dtype``."""
+    if gate.shape != x.shape:
+        gate = gate.reshape(x.shape)
+    y, _, _, _ = layer_norm_gated_fwd(_rows(x), _rows(gate), weight, None, activation="sigmoid", eps=eps,
+                                      is_rms_norm=True)
+    return y.view(x.shape)

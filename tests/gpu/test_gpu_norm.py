@@ -1,0 +1,42 @@
+"""fla-core's fused RMSNorm / sigmoid-gated RMSNorm (the GPU path) vs the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("fla")
+
+from conftest import rel_err  # noqa: E402
+
+from deltaserve.ops import gpu_impl  # noqa: E402
+from deltaserve.ops.norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+
+
+def test_gpu_dispatch_is_used():
+    assert gpu_impl("norm", "rms_norm") is not None
+    assert gpu_impl("norm", "gated_rms_norm") is not None
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dim", [128, 2304])
+def test_rms_norm_matches_reference(dtype, bound, dim):
+    x = (3 * torch.randn(37, dim)).to(dtype)
+    weight = (1 + 0.1 * torch.randn(dim)).to(dtype)
+    out = rms_norm(x.cuda(), weight.cuda(), 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out.cpu(), rms_norm_ref(x, weight, 1e-6)) < bound
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_gated_rms_norm_matches_reference_per_head(dtype, bound):
+    # KDA's output norm: o [T, H, D] normalised per head, gate [T, H, D]
+    x = torch.randn(29, 4, 128).to(dtype)
+    gate = torch.randn(29, 4, 128).to(dtype)
+    weight = (1 + 0.1 * torch.randn(128)).float()
+    out = gated_rms_norm(x.cuda(), gate.cuda(), weight.cuda(), 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out.cpu(), gated_rms_norm_ref(x, gate, weight, 1e-5)) < bound
