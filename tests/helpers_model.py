@@ -84,8 +84,3 @@ class ModelRunner:
             seq["len"] += len(ids)
         return list(logits.split([len(ids) for _, ids in batch]))
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` in float64."""
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
