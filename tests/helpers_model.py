@@ -50,7 +50,9 @@ class ModelRunner:
         self.pool = StatePool(model.state_groups(), num_slots) if model.state_groups() else None
         spec = model.kv_cache_spec()
         # NOTE: NaN-filled so that reading a cache entry nobody wrote shows up in the logits.
-        self.kv_cache = torch.full((spec.num_layers, num_blocks, block_size, spec.entry_dim), float("nan"), dtype=spec.dtype)
+        self.kv_cache = torch.full(
+            (spec.num_layers, num_blocks, block_size, spec.entry_dim), float("nan"), dtype=spec.dtype
+        )
         model.bind_caches(self.pool, self.kv_cache)
         self.free_blocks = list(range(num_blocks - 1, -1, -1))  # handed out from the end: tables are not 0..n
         self.seqs: dict[str, dict] = {}
@@ -83,4 +85,3 @@ class ModelRunner:
         for seq, (_, ids) in zip(seqs, batch):
             seq["len"] += len(ids)
         return list(logits.split([len(ids) for _, ids in batch]))
-

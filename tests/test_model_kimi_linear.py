@@ -14,8 +14,8 @@ from transformers import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearTopkRouter
 
 from deltaserve.layers.moe import TopkRouter
-from deltaserve.models.loader import load_model, load_model_config
 from deltaserve.models.kimi_linear import KimiLinearForCausalLM
+from deltaserve.models.loader import load_model, load_model_config
 
 BOUND = 1e-5
 

@@ -9,7 +9,9 @@ HELP = "write a tiny random Kimi-Linear checkpoint (config, safetensors, tokeniz
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="output directory (created if needed)")
-    parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0); the same seed gives the same bytes")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="weights seed (default 0); the same seed gives the same bytes"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

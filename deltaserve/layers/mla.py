@@ -65,7 +65,8 @@ class MLAAttention(nn.Module):
         """Build from a transformers ``KimiLinearConfig``; MLA with rotary embedding is not implemented."""
         if not getattr(hf_config, "mla_use_nope", True):
             raise NotImplementedError(
-                "mla_use_nope = false (MLA with rotary embedding) is not implemented; Kimi Linear uses mla_use_nope = true"
+                "mla_use_nope = false (MLA with rotary embedding) is not implemented; "
+                "Kimi Linear uses mla_use_nope = true"
             )
         return cls(
             hf_config.hidden_size,

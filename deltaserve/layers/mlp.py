@@ -18,7 +18,9 @@ def get_activation(name: str):
 class GatedMLP(nn.Module):
     """x ``[T, hidden]`` -> ``[T, hidden]``."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", dtype: torch.dtype | None = None):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)

@@ -74,12 +74,23 @@ class FusedExperts(nn.Module):
     """``E`` gated-MLP experts stored stacked: ``w13_weight`` ``[E, 2I, hidden]`` (gate rows first, then
     up), ``w2_weight`` ``[E, hidden, I]``."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "silu",
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.intermediate_size = intermediate_size
-        self.w13_weight = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False)
+        self.w13_weight = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.w2_weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
+        )
         self.act_fn = get_activation(hidden_act)
 
     def checkpoint_weights(self) -> dict[str, tuple[tuple[int, ...], Callable[[torch.Tensor], None]]]:
@@ -142,7 +153,9 @@ class SparseMoeBlock(nn.Module):
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size, c.hidden_act, dtype)
         num_shared = c.n_shared_experts or 0
         self.shared_experts = (
-            GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype) if num_shared > 0 else None
+            GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype)
+            if num_shared > 0
+            else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

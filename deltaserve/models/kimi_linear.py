@@ -37,7 +37,9 @@ class KimiDecoderLayer(nn.Module):
         elif self.layer_type == FULL_ATTENTION:
             self.self_attn = MLAAttention.from_config(c, layer_idx, dtype)
         else:
-            raise ValueError(f"layer_types[{layer_idx}] = {self.layer_type!r}; expected {LINEAR_ATTENTION!r} or {FULL_ATTENTION!r}")
+            raise ValueError(
+                f"layer_types[{layer_idx}] = {self.layer_type!r}; expected {LINEAR_ATTENTION!r} or {FULL_ATTENTION!r}"
+            )
         # NOTE: two attribute names, because the checkpoint names differ: mlp.* vs block_sparse_moe.*
         self.is_moe = c.mlp_layer_types[layer_idx] == "sparse"
         if self.is_moe:
@@ -113,7 +115,7 @@ class KimiLinearForCausalLM(nn.Module):
     def state_groups(
         self, tp_size: int = 1, cache_dtype: str | torch.dtype = "auto", num_spec: int = 0, conv_layout: str = "SD"
     ) -> dict[str, StateGroup]:
-        """Pool groups of the linear layers: ``{"kda": StateGroup(layout, num_kda_layers)}`` (empty without KDA layers)."""
+        """Pool groups of the linear layers: ``{"kda": StateGroup(layout, num_kda_layers)}``, empty without KDA."""
         if not self.kda_layer_ids:
             return {}
         c = self.config
@@ -151,7 +153,12 @@ class KimiLinearForCausalLM(nn.Module):
                 self.model.layers[i].self_attn.bind_state(pool.layer_state("kda", k), group.layout)
         if self.attn_layer_ids:
             spec = self.kv_cache_spec()
-            if kv_cache is None or kv_cache.dim() != 4 or kv_cache.shape[0] != spec.num_layers or kv_cache.shape[-1] != spec.entry_dim:
+            if (
+                kv_cache is None
+                or kv_cache.dim() != 4
+                or kv_cache.shape[0] != spec.num_layers
+                or kv_cache.shape[-1] != spec.entry_dim
+            ):
                 found = None if kv_cache is None else tuple(kv_cache.shape)
                 raise ValueError(
                     f"kv_cache must be [{spec.num_layers}, num_blocks, block_size, {spec.entry_dim}], got {found}"

@@ -71,7 +71,12 @@ def check_config(config) -> None:
     if "sparse" in config.mlp_layer_types:
         _positive(config, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
         _positive(config, "n_shared_experts", allow_zero=True)
-        experts, top_k, groups, topk_group = config.num_experts, config.num_experts_per_tok, config.n_group, config.topk_group
+        experts, top_k, groups, topk_group = (
+            config.num_experts,
+            config.num_experts_per_tok,
+            config.n_group,
+            config.topk_group,
+        )
         if top_k > experts:
             raise ValueError(f"num_experts_per_tok = {top_k} exceeds num_experts = {experts}")
         if experts % groups != 0:

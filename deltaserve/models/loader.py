@@ -42,7 +42,9 @@ def checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
                 slots[prefix + name] = (tuple(slot[0]), slot[1])
             return
         tensors = list(module.named_parameters(recurse=False))
-        tensors += [(n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+        tensors += [
+            (n, b) for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set
+        ]
         for name, tensor in tensors:
             if id(tensor) not in seen:
                 seen.add(id(tensor))
@@ -119,7 +121,11 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     ]
     if missing or unexpected or wrong:
         lines = [f"checkpoint {path} does not match {type(model).__name__}:"]
-        lines += _listed("wrong shape", wrong) + _listed("missing tensors", missing) + _listed("unexpected tensors", unexpected)
+        lines += (
+            _listed("wrong shape", wrong)
+            + _listed("missing tensors", missing)
+            + _listed("unexpected tensors", unexpected)
+        )
         raise ValueError("\n".join(lines))
     for file, names in _by_file(files).items():
         with safe_open(file, framework="pt") as f:

@@ -16,7 +16,11 @@ def supported_architectures() -> list[str]:
 
 def architecture_of(hf_config_or_dict) -> str:
     """``architectures[0]`` of a transformers config or a config.json dict; ValueError when absent."""
-    archs = hf_config_or_dict.get("architectures") if isinstance(hf_config_or_dict, dict) else getattr(hf_config_or_dict, "architectures", None)
+    archs = (
+        hf_config_or_dict.get("architectures")
+        if isinstance(hf_config_or_dict, dict)
+        else getattr(hf_config_or_dict, "architectures", None)
+    )
     if not archs or not isinstance(archs, (list, tuple)):
         raise ValueError(f"config has no 'architectures' list; supported architectures: {supported_architectures()}")
     return archs[0]

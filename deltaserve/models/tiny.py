@@ -177,7 +177,9 @@ def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte (what the ByteLevel pre-tokenizer emits)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -200,7 +202,12 @@ def make_tokenizer():
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     bos, eos, pad = SPECIAL_TOKENS
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad, chat_template=CHAT_TEMPLATE, model_max_length=4096
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=pad,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
     )
 
 

@@ -108,4 +108,6 @@ def paged_mla_attention(
 ) -> torch.Tensor:
     """See :func:`paged_mla_attention_ref`."""
     impl = dispatch("attention", "paged_mla_attention", q, paged_mla_attention_ref)
-    return impl(q, kv_cache, w_uk, w_uv, cu_seqlens=cu_seqlens, seq_lens=seq_lens, block_tables=block_tables, scale=scale)
+    return impl(
+        q, kv_cache, w_uk, w_uv, cu_seqlens=cu_seqlens, seq_lens=seq_lens, block_tables=block_tables, scale=scale
+    )
