@@ -66,5 +66,9 @@ class GracefulServer(uvicorn.Server):
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(args)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        # NOTE: uvicorn re-raises the SIGINT it handled once shut down; as `uvicorn.run` does, end quietly.
+        pass
     return 0
