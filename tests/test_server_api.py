@@ -196,6 +196,12 @@ def test_malformed_json_is_400_in_the_openai_shape(server):
     assert error["type"] == "invalid_request_error" and "JSON" in error["message"]
 
 
+def test_unknown_path_is_404_in_the_openai_shape(server):
+    response = httpx.get(f"{server.url}/v1/engines", timeout=30)
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
 def test_openai_client_raises_bad_request_with_the_message(client):
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL_NAME, prompt="a", temperature=9)
@@ -212,7 +218,8 @@ def test_metrics_count_tokens_and_time_them(server, client):
     assert after[f"{ttft}_count"] - before[f"{ttft}_count"] == 1
     assert after[f"{per_token}_count"] - before[f"{per_token}_count"] == 6
     assert after[f'{ttft}_bucket{{le="+Inf"}}'] == after[f"{ttft}_count"]
-    for name in ("num_requests_running", "num_requests_waiting", "state_slots_used", "kv_blocks_used"):
+    for name in ("num_requests_running", "num_requests_waiting", "state_slots_used", "kv_blocks_used",
+                 "prefix_cache_hit_rate"):
         assert f"deltaserve_{name}" in after
 
 

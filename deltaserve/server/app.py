@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltaserve.server import serving
 from deltaserve.server.engine_loop import EngineLoop, EngineStoppedError, RequestStream
@@ -86,6 +87,12 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = RequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code,
+                             type="invalid_request_error" if exc.status_code < 500 else "server_error")
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -175,7 +182,7 @@ async def _stream_events(stream: RequestStream, builder: ResponseBuilder, n: int
     for event in builder.first_chunks(n):
         yield event
     while True:
-        item = await stream.outputs.get()
+        item = _latest(await stream.outputs.get(), stream.outputs)
         if isinstance(item, BaseException):
             stream.finished = True  # nothing left to abort: the engine loop dropped it
             yield sse(RequestError(str(item), type="server_error", code="engine_stopped").body())
@@ -190,6 +197,16 @@ async def _stream_events(stream: RequestStream, builder: ResponseBuilder, n: int
     yield sse("[DONE]")
 
 
+def _latest(item: Any, outputs: asyncio.Queue) -> Any:
+    """The newest of the queued outputs: they are cumulative, so a slow reader skips the ones between.
+
+    An exception is never skipped (it is always the last item the loop thread sends).
+    """
+    while not isinstance(item, BaseException) and not getattr(item, "finished", False) and not outputs.empty():
+        item = outputs.get_nowait()
+    return item
+
+
 async def _collect(request: Request, stream: RequestStream, builder: ResponseBuilder) -> Response:
     """Wait for the final output; a client that leaves first gets its request aborted (by the caller)."""
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -200,7 +217,7 @@ async def _collect(request: Request, stream: RequestStream, builder: ResponseBui
             if getter not in done:
                 getter.cancel()
                 return Response(status_code=499)  # nobody reads it
-            item = getter.result()
+            item = _latest(getter.result(), stream.outputs)
             if isinstance(item, BaseException):
                 stream.finished = True
                 raise RequestError(str(item), status=503, type="server_error", code="engine_stopped")

@@ -33,6 +33,12 @@ def engine_stats(engine: Any) -> dict[str, tuple[str, float]]:
     for key, (name, help_text) in GAUGES.items():
         if key in stats:
             out[name] = (help_text, stats[key])
+    # NOTE: without a reported rate, derive one from the engine's counters: prompt tokens served
+    # from the cache over prompt tokens of added sequences.
+    if not any(key.endswith("hit_rate") for key in stats) and "prefix_cache_hit_tokens" in stats:
+        total = stats.get("prompt_tokens", 0)
+        out["prefix_cache_hit_rate"] = ("Prompt tokens served from the prefix cache over all prompt tokens.",
+                                        stats["prefix_cache_hit_tokens"] / total if total else 0.0)
     for key, value in sorted(stats.items()):
         if key in GAUGES or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
