@@ -230,3 +230,17 @@ def test_stream_is_json_events_ending_with_done(server):
         events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     assert all(json.loads(e)["object"] == "text_completion" for e in events[:-1])
+
+
+def test_logprobs_of_masked_tokens_stay_valid_json(server):
+    # top_k=2 masks all but two tokens, so the third alternative has logprob -inf in the engine;
+    # OpenAI writes -9999.0 for such tokens.
+    body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 3, "logprobs": 3, "top_k": 2, "seed": 0,
+            "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    for event in events[:-1]:
+        chunk = json.loads(event, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+        for choice in chunk["choices"]:
+            for top in choice["logprobs"]["top_logprobs"]:
+                assert min(top.values()) == -9999.0

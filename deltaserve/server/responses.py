@@ -7,6 +7,7 @@ still become a stop string, and incomplete UTF-8), so a stream sends what grew s
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from deltaserve.server.protocol import (
@@ -38,19 +39,28 @@ def usage_of(output: Any) -> UsageInfo:
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+def _finite(logprob: float | None) -> float:
+    # NOTE: top-k / top-p mask tokens to -inf, which JSON cannot carry; OpenAI writes -9999.0 there.
+    return logprob if logprob is not None and math.isfinite(logprob) else -9999.0
+
+
+def _token_text(token_id: int, logprob: Any, tokenizer: Any) -> str:
+    if logprob is not None and logprob.decoded_token is not None:
+        return logprob.decoded_token
+    # NOTE: vLLM's spelling for a token that cannot be decoded (no tokenizer).
+    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
+
+
 def _token_entries(completion: Any, start: int, tokenizer: Any, top: int) -> list[tuple[str, float, list[tuple[str, float]]]]:
     """``(token, logprob, [(alternative, logprob)] best first)`` for tokens ``start..`` of a sequence."""
     entries = []
     for token_id, candidates in zip(completion.token_ids[start:], (completion.logprobs or [])[start:]):
-        def text(tid: int, lp: Any) -> str:
-            return lp.decoded_token if lp.decoded_token is not None else tokenizer.decode([tid])
-
         chosen = candidates.get(token_id)
         alternatives = sorted(candidates.items(), key=lambda item: item[1].rank)[:top]
         entries.append((
-            text(token_id, chosen) if chosen is not None else tokenizer.decode([token_id]),
-            chosen.logprob if chosen is not None else float("nan"),
-            [(text(tid, lp), lp.logprob) for tid, lp in alternatives],
+            _token_text(token_id, chosen, tokenizer),
+            _finite(chosen.logprob if chosen is not None else None),
+            [(_token_text(tid, lp, tokenizer), _finite(lp.logprob)) for tid, lp in alternatives],
         ))
     return entries
 

@@ -23,7 +23,9 @@ class RequestError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+def encode(tokenizer: Any, text: str, add_special_tokens: bool = True, field: str = "prompt") -> list[int]:
+    if tokenizer is None:
+        raise RequestError(f"{field}: the checkpoint has no tokenizer; send the prompt as token ids", field)
     # NOTE: the same call as LLMEngine._tokenize, so a text prompt gives the ids LLM.generate sees.
     return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -60,6 +62,8 @@ def chat_prompt(body: ChatCompletionRequest, tokenizer: Any) -> list[int]:
 
     Fallback: one ``"<role>: <content>\\n"`` line per message, then ``"assistant: "``.
     """
+    if tokenizer is None:
+        raise RequestError("messages: the checkpoint has no tokenizer, so chat is not available", "messages")
     messages = [{"role": m.role, "content": _message_text(i, m.content)} for i, m in enumerate(body.messages)]
     if getattr(tokenizer, "chat_template", None):
         try:
