@@ -1,0 +1,72 @@
+"""``deltaserve generate "prompt" ...``: complete prompts offline and print the text and the speed."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+HELP = "complete one or more prompts with a model (default: the built-in tiny model) and print tokens/s"
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by ``generate`` and ``bench`` (EngineConfig fields)."""
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, capped)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (one or more)")
+    add_engine_arguments(parser)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt (default 32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1, help="-1 or 0 = off")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (repeatable output)")
+    parser.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deltaserve import LLM, SamplingParams
+
+    try:
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            max_tokens=args.max_tokens,
+            ignore_eos=args.ignore_eos,
+        )
+        llm = LLM(**engine_kwargs(args), seed=args.seed or 0)
+        start = time.perf_counter()
+        outputs = llm.generate(args.prompts, params, use_tqdm=False)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 2
+    elapsed = time.perf_counter() - start
+    num_tokens = 0
+    for output in outputs:
+        completion = output.outputs[0]
+        num_tokens += len(completion.token_ids)
+        print(f"--- prompt: {output.prompt!r}")
+        print(f"{output.prompt}{completion.text}")
+        print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]")
+    print(f"generated {num_tokens} tokens in {elapsed:.2f} s ({num_tokens / max(elapsed, 1e-9):.1f} tok/s)")
+    return 0
