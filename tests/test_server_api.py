@@ -101,7 +101,8 @@ def test_chat_stream_opens_with_the_role_and_adds_up(client):
 def test_chat_fallback_template_without_a_checkpoint_template():
     tokenizer = make_tokenizer()
     tokenizer.chat_template = None
-    body = ChatCompletionRequest(messages=[ChatMessage(role="system", content="s"), ChatMessage(role="user", content="u")])
+    messages = [ChatMessage(role="system", content="s"), ChatMessage(role="user", content="u")]
+    body = ChatCompletionRequest(messages=messages)
     assert chat_prompt(body, tokenizer) == tokenizer.encode("system: s\nuser: u\nassistant: ")
 
 
@@ -164,7 +165,8 @@ ERROR_CASES = {
     "temperature too high": ("completions", {"model": MODEL_NAME, "prompt": "a", "temperature": 2.5}, "temperature"),
     "negative temperature": ("chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a"}],
                                                   "temperature": -0.1}, "temperature"),
-    "prompt longer than the context": ("completions", {"model": MODEL_NAME, "prompt": "a" * (MAX_MODEL_LEN + 5)}, "prompt"),
+    "prompt longer than the context": ("completions", {"model": MODEL_NAME, "prompt": "a" * (MAX_MODEL_LEN + 5)},
+                                       "prompt"),
     "messages longer than the context": ("chat/completions", {"model": MODEL_NAME, "messages": [
         {"role": "user", "content": "a" * MAX_MODEL_LEN}]}, "messages"),
     "max_tokens past the context": ("completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": MAX_MODEL_LEN},

@@ -101,7 +101,7 @@ def test_clients_leaving_mid_stream_free_their_slots_at_once(server):
     assert after['deltaserve_request_success_total{finished_reason="abort"}'] - before.get(
         'deltaserve_request_success_total{finished_reason="abort"}', 0) == num_clients
     generated = after["deltaserve_generation_tokens_total"] - before["deltaserve_generation_tokens_total"]
-    assert generated < num_clients * max_tokens / 2, f"the requests ran on after their clients left ({generated} tokens)"
+    assert generated < num_clients * max_tokens / 2, f"requests ran on after their clients left ({generated} tokens)"
     assert time.monotonic() - start < 20
 
 
@@ -124,7 +124,8 @@ def test_overload_answers_503_with_retry_after(server):
     assert set(error) == {"message", "type", "param", "code"} and "overloaded" in error["message"]
     _assert_all_free(wait_until_idle(server.url, timeout=20))
     # Once the queue drains, requests are admitted again.
-    ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL_NAME, "prompt": "a", "max_tokens": 2}, timeout=30)
+    body = {"model": MODEL_NAME, "prompt": "a", "max_tokens": 2}
+    ok = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert ok.status_code == 200
 
 

@@ -13,7 +13,8 @@ HELP = "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/c
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the built-in tiny model)")
-    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the dir's name)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the model name clients send (default: the dir's name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))

@@ -103,7 +103,9 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
             raise RequestError(f"model: '{name}' is not served here; the served model is '{served_model_name}'",
                                "model", code="model_not_found")
 
-    async def run(request: Request, body: Any, prompt_ids: list[int], params: Any, builder: ResponseBuilder) -> Response:
+    async def run(
+        request: Request, body: Any, prompt_ids: list[int], params: Any, builder: ResponseBuilder
+    ) -> Response:
         if not admission.acquire(params.n):
             engine_loop.metrics.on_rejected()
             raise RequestError(f"the server is overloaded ({admission.in_flight} sequences in flight, at most "
@@ -178,7 +180,9 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
     return app
 
 
-async def _stream_events(stream: RequestStream, builder: ResponseBuilder, n: int, include_usage: bool) -> AsyncIterator[str]:
+async def _stream_events(
+    stream: RequestStream, builder: ResponseBuilder, n: int, include_usage: bool
+) -> AsyncIterator[str]:
     for event in builder.first_chunks(n):
         yield event
     while True:

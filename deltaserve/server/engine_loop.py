@@ -48,7 +48,9 @@ class RequestStream:
             pass  # the event loop is closed: nobody is waiting any more
 
 
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+def _resolve(
+    loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any = None, error: BaseException | None = None
+) -> None:
     def settle() -> None:
         if future.done():
             return

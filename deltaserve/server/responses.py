@@ -51,7 +51,9 @@ def _token_text(token_id: int, logprob: Any, tokenizer: Any) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
 
-def _token_entries(completion: Any, start: int, tokenizer: Any, top: int) -> list[tuple[str, float, list[tuple[str, float]]]]:
+def _token_entries(
+    completion: Any, start: int, tokenizer: Any, top: int
+) -> list[tuple[str, float, list[tuple[str, float]]]]:
     """``(token, logprob, [(alternative, logprob)] best first)`` for tokens ``start..`` of a sequence."""
     entries = []
     for token_id, candidates in zip(completion.token_ids[start:], (completion.logprobs or [])[start:]):
@@ -112,7 +114,8 @@ class ResponseBuilder:
             choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
                                   logprobs=self._chat_logprobs(c, 0), finish_reason=c.finish_reason)
                        for c in output.outputs]
-            return ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage).model_dump()
+            body = ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage)
+            return body.model_dump()
         choices = [CompletionChoice(index=c.index, text=c.text, logprobs=self._completion_logprobs(c, 0, 0),
                                     finish_reason=c.finish_reason)
                    for c in output.outputs]
@@ -141,12 +144,14 @@ class ResponseBuilder:
             if not delta and not new_logprobs and finish_reason is None:
                 continue
             if self.chat:
-                choice = ChatChunkChoice(index=c.index, delta=ChatDelta(content=delta) if delta or finish_reason is None
-                                         else ChatDelta(), logprobs=self._chat_logprobs(c, tokens),
+                # NOTE: the closing chunk of a choice has an empty delta, as OpenAI sends it.
+                chat_delta = ChatDelta(content=delta) if delta or finish_reason is None else ChatDelta()
+                choice = ChatChunkChoice(index=c.index, delta=chat_delta, logprobs=self._chat_logprobs(c, tokens),
                                          finish_reason=finish_reason)
                 body = ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
             else:
-                choice = CompletionChoice(index=c.index, text=delta, logprobs=self._completion_logprobs(c, tokens, chars),
+                logprobs = self._completion_logprobs(c, tokens, chars)
+                choice = CompletionChoice(index=c.index, text=delta, logprobs=logprobs,
                                           finish_reason=finish_reason)
                 body = CompletionResponse(id=self.request_id, model=self.model, choices=[choice])
             events.append(sse(body.model_dump(exclude={"usage"})))
