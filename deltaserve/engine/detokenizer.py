@@ -28,9 +28,11 @@ class StopChecker:
         token = seq.token_ids[-1]
         if not params.ignore_eos and token in self.eos_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", None
-            return
-        if token in params.stop_token_ids:
+        elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
+        if seq.finish_reason is not None:
+            # The stop token adds no text; bytes held back before it are emitted as they are.
+            self.decode_new_text(seq, end=seq.num_tokens - 1, final=True)
             return
         new_text = self.decode_new_text(seq)
         if new_text and params.stop:
@@ -39,22 +41,29 @@ class StopChecker:
                 return
         if seq.num_output_tokens >= seq.max_tokens:
             seq.finish_reason = "length"
+            self.decode_new_text(seq, final=True)
 
-    def decode_new_text(self, seq: Sequence) -> str:
-        """Append the text of tokens not yet decoded to ``seq.output_text``; returns what was added."""
+    def decode_new_text(self, seq: Sequence, end: int | None = None, final: bool = False) -> str:
+        """Append the text of ``token_ids[:end]`` not yet decoded to ``seq.output_text``; returns it.
+
+        Unless ``final``, text that ends in an incomplete multi-byte character waits for more tokens.
+        """
         if self.tokenizer is None:
             return ""
         if seq.read_offset == 0:
             seq.read_offset = seq.num_prompt_tokens
             seq.prefix_offset = max(0, seq.num_prompt_tokens - PREFIX_CONTEXT_TOKENS)
+        end = seq.num_tokens if end is None else end
+        if end <= seq.read_offset:
+            return ""
         skip = seq.params.skip_special_tokens
         prefix_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset :], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset : end], skip_special_tokens=skip)
         # NOTE: a trailing U+FFFD means a multi-byte character is still incomplete: wait for more tokens.
-        if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
+        if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
             return ""
         new_text = full_text[len(prefix_text) :]
-        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_tokens
+        seq.prefix_offset, seq.read_offset = seq.read_offset, end
         seq.output_text += new_text
         return new_text
 

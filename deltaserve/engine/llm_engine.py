@@ -6,6 +6,7 @@ Single-threaded: a server calls ``add_request`` / ``abort_request`` / ``step`` f
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -68,10 +69,9 @@ class LLMEngine:
         if config.model is None:
             from deltaserve.models.tiny import default_tiny_model
 
-            config.model = str(default_tiny_model())
+            config = dataclasses.replace(config, model=str(default_tiny_model()))
         self.hf_config = load_model_config(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
-        torch.manual_seed(config.seed)
         model = load_model(config.model, dtype=config.dtype, device=config.device)
         generator = torch.Generator(device=config.device).manual_seed(config.seed)
         self.runner = ModelRunner(config, model, self.hf_config, generator)

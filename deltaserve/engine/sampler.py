@@ -47,15 +47,16 @@ class Sampler:
         greedy = torch.tensor([p.is_greedy for p in params], device=device)
         processed = self.process_logits(logits, params)
 
-        probs = torch.softmax(processed, dim=-1)
-        # NOTE: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race); each seeded
-        # row draws its own E, so its tokens do not depend on the rest of the batch.
-        noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        for row, generator in enumerate(generators):
-            if generator is not None:
-                noise[row].exponential_(generator=generator)
-        sampled = (probs / noise).argmax(dim=-1)
-        token_ids = torch.where(greedy, logits.argmax(dim=-1), sampled)
+        token_ids = logits.argmax(dim=-1)
+        if not all(p.is_greedy for p in params):
+            probs = torch.softmax(processed, dim=-1)
+            # NOTE: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race); each
+            # seeded row draws its own E, so its tokens do not depend on the rest of the batch.
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
+            for row, generator in enumerate(generators):
+                if generator is not None:
+                    noise[row].exponential_(generator=generator)
+            token_ids = torch.where(greedy, token_ids, (probs / noise).argmax(dim=-1))
 
         logprobs = torch.log_softmax(processed, dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
