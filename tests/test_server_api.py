@@ -171,6 +171,10 @@ ERROR_CASES = {
         {"role": "user", "content": "a" * MAX_MODEL_LEN}]}, "messages"),
     "max_tokens past the context": ("completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": MAX_MODEL_LEN},
                                     "max_tokens"),
+    "unsupported presence_penalty": ("completions", {"model": MODEL_NAME, "prompt": "a", "presence_penalty": 0.5},
+                                     "presence_penalty"),
+    "unsupported tools": ("chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a"}],
+                                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "missing prompt": ("completions", {"model": MODEL_NAME}, "prompt"),
     "top_p zero": ("completions", {"model": MODEL_NAME, "prompt": "a", "top_p": 0}, "top_p"),
     "top_logprobs without logprobs": ("chat/completions", {"model": MODEL_NAME, "top_logprobs": 2, "messages": [

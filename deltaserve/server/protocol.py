@@ -37,6 +37,19 @@ class SamplingFields(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted only at their defaults (see ``unsupported_field``): refusing beats silently ignoring.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def unsupported_field(self) -> str | None:
+        """The first field set away from its default that deltaserve does not implement, or None."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name
+        if self.logit_bias:
+            return "logit_bias"
+        return None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -49,6 +62,18 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str]
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported_field(self) -> str | None:
+        if self.echo:
+            return "echo"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        if self.suffix:
+            return "suffix"
+        return super().unsupported_field()
 
 
 class ChatMessage(BaseModel):
@@ -65,6 +90,15 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported_field(self) -> str | None:
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return super().unsupported_field()
 
 
 class UsageInfo(BaseModel):

@@ -81,6 +81,11 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, num_prompt_tok
     """``SamplingParams`` for the engine; ``max_tokens=None`` means the rest of the context."""
     from deltaserve import SamplingParams
 
+    field = body.unsupported_field()
+    if field is not None:
+        raise RequestError(f"{field}: not supported by deltaserve; leave it at its default", field,
+                           code="unsupported_parameter")
+
     room = max_model_len - num_prompt_tokens
     if room < 1:
         raise RequestError(f"{prompt_field}: the prompt has {num_prompt_tokens} tokens, the model's context is "
