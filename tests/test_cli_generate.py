@@ -21,7 +21,8 @@ def checkpoint(tmp_path_factory):
 
 def test_generate_prints_transformers_greedy_completion_and_speed(checkpoint, capsys):
     prompt = "The state of a linear attention layer"
-    code = main(["generate", "--model", str(checkpoint), "--dtype", "float32", "--max-tokens", "6", "--ignore-eos", prompt])
+    argv = ["--dtype", "float32", "--max-tokens", "6", "--ignore-eos", prompt]
+    code = main(["generate", "--model", str(checkpoint), *argv])
     assert code == 0
     out = capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)

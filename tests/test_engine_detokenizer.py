@@ -19,7 +19,9 @@ def tokenizer():
     return make_tokenizer()
 
 
-def feed(checker: StopChecker, prompt: list[int], outputs: list[int], params: SamplingParams) -> tuple[Sequence, list[str]]:
+def feed(
+    checker: StopChecker, prompt: list[int], outputs: list[int], params: SamplingParams
+) -> tuple[Sequence, list[str]]:
     """Append tokens one by one as the engine does; returns the sequence and the visible text after each."""
     seq = Sequence(0, "r", 0, prompt, params, max_tokens=params.max_tokens)
     shown = []

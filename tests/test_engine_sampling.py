@@ -37,7 +37,8 @@ def test_seeded_sampling_is_repeatable_and_seed_dependent(llm):
     params = SamplingParams(temperature=1.0, seed=123, max_tokens=12, ignore_eos=True)
     first = [c.token_ids for c in completions(llm, prompts, params)]
     again = [c.token_ids for c in completions(llm, prompts, params)]
-    other = [c.token_ids for c in completions(llm, prompts, SamplingParams(temperature=1.0, seed=124, max_tokens=12, ignore_eos=True))]
+    other_params = SamplingParams(temperature=1.0, seed=124, max_tokens=12, ignore_eos=True)
+    other = [c.token_ids for c in completions(llm, prompts, other_params)]
     assert first == again
     assert first != other
 
@@ -73,7 +74,8 @@ def test_greedy_logprobs_match_transformers_log_softmax(llm, ref_model):
         top3 = expected[step].topk(3).indices.tolist()
         assert set(top3) <= set(entry)
         assert entry[token].decoded_token == llm.get_tokenizer().decode([token])
-    assert out.cumulative_logprob == pytest.approx(sum(expected[i, t].item() for i, t in enumerate(out.token_ids)), abs=1e-3)
+    total = sum(expected[i, t].item() for i, t in enumerate(out.token_ids))
+    assert out.cumulative_logprob == pytest.approx(total, abs=1e-3)
 
 
 def baseline(llm, prompt, max_tokens=40):
@@ -85,7 +87,8 @@ def test_stop_token_id_ends_output_and_keeps_the_token(llm):
     base = baseline(llm, prompt, 20)
     stop_at = next(i for i in range(3, 20) if base.token_ids[i] not in base.token_ids[:i])
     stop_id = base.token_ids[stop_at]
-    (out,) = completions(llm, [prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id]))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_id])
+    (out,) = completions(llm, [prompt], params)
     assert out.token_ids == base.token_ids[: stop_at + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
 
@@ -111,7 +114,9 @@ def test_stop_string_cuts_text_and_keeps_tokens_up_to_it(llm, include):
     tokenizer = llm.get_tokenizer()
     # The first j whose decoded prefix contains the stop string (naive, from scratch).
     j = next(j for j in range(1, 41) if stop in tokenizer.decode(base.token_ids[:j], skip_special_tokens=True))
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "never-seen"], include_stop_str_in_output=include)
+    params = SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True, stop=[stop, "never-seen"], include_stop_str_in_output=include
+    )
     (out,) = completions(llm, [prompt], params)
     assert out.token_ids == base.token_ids[:j]
     assert out.text == base.text[: index + (2 if include else 0)]

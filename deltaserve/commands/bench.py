@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-input", type=int, default=256, help="longest prompt, tokens (default 256)")
     parser.add_argument("--min-output", type=int, default=16, help="shortest output, tokens (default 16)")
     parser.add_argument("--max-output", type=int, default=128, help="longest output, tokens (default 128)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (default 0.6, as nano-vllm)")
+    parser.add_argument(
+        "--temperature", type=float, default=0.6, help="sampling temperature (default 0.6, as nano-vllm)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="workload and sampling seed (default 0)")
 
 

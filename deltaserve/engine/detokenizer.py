@@ -57,8 +57,9 @@ class StopChecker:
         if end <= seq.read_offset:
             return ""
         skip = seq.params.skip_special_tokens
-        prefix_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
-        full_text = self.tokenizer.decode(seq.token_ids[seq.prefix_offset : end], skip_special_tokens=skip)
+        tokens = seq.token_ids
+        prefix_text = self.tokenizer.decode(tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(tokens[seq.prefix_offset : end], skip_special_tokens=skip)
         # NOTE: a trailing U+FFFD means a multi-byte character is still incomplete: wait for more tokens.
         if len(full_text) <= len(prefix_text) or (full_text.endswith("\ufffd") and not final):
             return ""

@@ -199,7 +199,9 @@ class LLMEngine:
                     stop_reason=seq.stop_reason,
                 )
             )
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished)
+        return RequestOutput(
+            request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished
+        )
 
     def _decode_logprob_tokens(self, entry: dict[int, Logprob]) -> None:
         if self.tokenizer is None:

@@ -29,9 +29,11 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
     """Fill in ``max_model_len``, ``num_state_slots`` and ``num_kv_blocks``; check they fit together."""
     bs = config.block_size
     model_limit = getattr(hf_config, "max_position_embeddings", None) or 1 << 20
-    max_len = config.max_model_len if config.max_model_len is not None else min(model_limit, DEFAULT_MAX_MODEL_LEN.get(device.type, 4096))
-    if config.max_model_len is not None and config.max_model_len > model_limit:
-        raise ValueError(f"max_model_len = {config.max_model_len} exceeds the model's max_position_embeddings = {model_limit}")
+    max_len = config.max_model_len
+    if max_len is None:
+        max_len = min(model_limit, DEFAULT_MAX_MODEL_LEN.get(device.type, 4096))
+    elif max_len > model_limit:
+        raise ValueError(f"max_model_len = {max_len} exceeds the model's max_position_embeddings = {model_limit}")
     num_slots = config.max_num_seqs if config.num_state_slots is None else config.num_state_slots
     num_blocks = config.num_kv_blocks
     if num_blocks is None:

@@ -117,9 +117,9 @@ class Scheduler:
                 scheduled[seq.seq_id] = (seq, num_new)
 
         # 2. Waiting sequences, in order, while budget, sequence count, slots and blocks allow.
-        # NOTE: none after a preemption in this step: the blocks are short, and the preempted
-        # sequence (now first in line) would be recomputed at once.
-        admit = self.num_preemptions == preemptions_before
+        # NOTE: none after a preemption in this step (unless nothing else runs): the blocks are
+        # short, and the preempted sequence (now first in line) would be recomputed at once.
+        admit = self.num_preemptions == preemptions_before or not scheduled
         while admit and self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.state_pool.num_free_slots == 0:
