@@ -4,28 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import uvicorn
+
+from deltaserve.commands.generate import add_engine_arguments, engine_kwargs
 
 HELP = "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint dir (default: the built-in tiny model)")
+    add_engine_arguments(parser)
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the dir's name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences that run in one batch")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests may set their own)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -35,10 +33,7 @@ def build_server(args: argparse.Namespace) -> "GracefulServer":
     from deltaserve.engine.llm_engine import LLMEngine
     from deltaserve.server.app import create_app
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, seed=args.seed,
-                          max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          enable_prefix_caching=not args.no_prefix_caching)
+    config = EngineConfig(**engine_kwargs(args), seed=args.seed, enable_prefix_caching=not args.no_prefix_caching)
     engine = LLMEngine(config)
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "deltaserve-tiny")
     app = create_app(engine, served_model_name=name, max_queue=args.max_queue)
@@ -66,7 +61,11 @@ class GracefulServer(uvicorn.Server):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    server = build_server(args)
+    try:
+        server = build_server(args)
+    except ValueError as exc:
+        print(f"deltaserve serve: {exc}", file=sys.stderr)
+        return 2
     try:
         server.run()
     except KeyboardInterrupt:
