@@ -50,16 +50,24 @@ def decode_step(rec, conv, index, proj, f, beta, gate, p):
     return gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
 
 
+def fused_step(rec, conv, index, proj, f, beta, gate, p, num_warps=8):
+    x = causal_conv1d_update(proj, p["conv_w"], conv, index)
+    q, k, v = (x[:, i * H * D : (i + 1) * H * D].view(-1, H, D) for i in range(3))
+    return gpu_kda.fused_kda_decode(q, k, v, f, beta, rec, index, p["A_log"], p["dt_bias"], gate, p["norm_w"], 1e-5,
+                                    num_warps=num_warps)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--block-v", type=int, nargs="+", default=[32], help="decode kernel BV variants")
+    parser.add_argument("--block-v", type=int, nargs="+", default=[16], help="decode kernel BV variants")
+    parser.add_argument("--pieces", action="store_true", help="also time the step's other ops alone")
     args = parser.parse_args()
     header("KDA decode step, one layer, H=32 D=128 (Kimi-Linear-48B)")
     bw = copy_bandwidth()
     print(f"# device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
     cols = ["batch", "variant", "eager us", "eager x bw", "graph us", "graph x bw"]
-    widths = [5, 34, 9, 10, 9, 10]
+    widths = [5, 42, 9, 10, 9, 10]
     print(fmt_row(cols, widths))
     torch.manual_seed(0)
     for batch in args.batch:
@@ -68,10 +76,21 @@ def main() -> None:
         x = causal_conv1d_update(proj, p["conv_w"], conv.clone(), index)
         q, k, v = (x[:, i * H * D : (i + 1) * H * D].view(-1, H, D).contiguous() for i in range(3))
         g = kda_gate(f, p["A_log"], p["dt_bias"])
-        variants = {"step (conv+gate+recurrent+norm)": lambda: decode_step(rec, conv, index, proj, f, beta, gate, p)}
+        o = gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec.clone(), index)
+        variants = {
+            "step: 4 ops (conv,gate,recurrent,norm)": lambda: decode_step(rec, conv, index, proj, f, beta, gate, p),
+            "step: conv + fused_kda_decode (8 warps)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p),
+            "step: conv + fused_kda_decode (16 warps)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p, 16),
+        }
         for bv in args.block_v:
             variants[f"recurrent alone (ours, BV={bv})"] = (
                 lambda bv=bv: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=bv))
+        variants["recurrent alone (ours, BV=16, evict_first)"] = (
+            lambda: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=16, stream=True))
+        if args.pieces:
+            variants["  piece: conv update"] = lambda: causal_conv1d_update(proj, p["conv_w"], conv, index)
+            variants["  piece: kda_gate (fla)"] = lambda: kda_gate(f, p["A_log"], p["dt_bias"])
+            variants["  piece: gated_rms_norm (fla)"] = lambda: gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
         variants["recurrent alone (fla fwd, baseline)"] = lambda: gpu_kda.fla_fused_recurrent_kda_fwd(
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1),
             initial_state=rec, inplace_final_state=True, state_v_first=True, ssm_state_indices=index,

@@ -24,7 +24,7 @@ def main() -> None:
     header("KDA prefill, one layer, H=32 D=128 (Kimi-Linear-48B), bf16")
     bw = copy_bandwidth()
     print(f"# device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
-    widths = [8, 36, 9, 12, 8]
+    widths = [8, 38, 9, 12, 8]
     print(fmt_row(["batch", "variant", "ms", "tokens/s", "x bw"], widths))
     torch.manual_seed(0)
     for num_seqs, length in CONFIGS:
@@ -44,8 +44,8 @@ def main() -> None:
         init = torch.ones(num_seqs, device=dev, dtype=torch.bool)
         h0 = pool[1:].clone()
         cu_long = cu.long()
-        qc, kc, vc = (t.contiguous().unsqueeze(0) for t in (q, k, v))
-        gc, bc = g.unsqueeze(0), beta.unsqueeze(0)
+        # the same strided q/k/v views as the op gets (fla's input_guard copies them in both)
+        qc, kc, vc, gc, bc = (t.unsqueeze(0) for t in (q, k, v, g, beta))
 
         def fla_alone():
             with torch.no_grad():
@@ -55,10 +55,12 @@ def main() -> None:
         variants = {
             "chunk_kda op (gather+fla+scatter)": (lambda: chunk_kda(q, k, v, g, beta, pool, cu, index, init), None),
             "fla chunk_kda alone (baseline)": (fla_alone, None),
-            "conv1d varlen prefill (Triton)": (
-                lambda: causal_conv1d_fn(proj, conv_w, conv_pool, cu, index, init),
-                2 * proj.numel() * proj.element_size()),
         }
+        for bt, bd, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4)):
+            variants[f"conv1d varlen (Triton {bt}x{bd}, {warps}w)"] = (
+                lambda bt=bt, bd=bd, warps=warps: _gpu_conv1d.causal_conv1d_fn(
+                    proj, conv_w, conv_pool, cu, index, init, block_t=bt, block_d=bd, num_warps=warps),
+                2 * proj.numel() * proj.element_size())
         for name, (fn, nbytes) in variants.items():
             ms = time_ms(fn, rep=300)
             ratio = "" if nbytes is None else f"{nbytes / (ms * 1e-3) / bw:.2f}"

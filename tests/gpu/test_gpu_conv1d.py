@@ -99,3 +99,22 @@ def test_prefill_then_decode_equals_one_prefill():
     tail = [causal_conv1d_update(x[t : t + 1], weight, split, slot) for t in range(17, 20)]
     assert rel_err(torch.cat([head, *tail]), full) < 1e-6
     assert torch.equal(split[5], one[5])
+
+
+@pytest.mark.parametrize("block_t", [8, 64])
+def test_varlen_prefill_tiles_away_from_sequence_starts(block_t):
+    from deltaserve.ops.gpu import conv1d as gpu_conv1d
+
+    lengths, slots, has_init = [150, 3, 90], [2, 7, 4], [True, True, False]
+    pool, view = make_pool("SD", 3, torch.float32)
+    for slot in slots:
+        view[slot] = torch.randn(3, DIM)
+    x, weight = torch.randn(sum(lengths), DIM), torch.randn(DIM, KERNEL)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    index, init = torch.tensor(slots, dtype=torch.int32), torch.tensor(has_init)
+    gpu_pool = pool.cuda()
+    out = gpu_conv1d.causal_conv1d_fn(x.cuda(), weight.cuda(), gpu_pool, cu.cuda(), index.cuda(), init.cuda(),
+                                      block_t=block_t, block_d=64)
+    expected = causal_conv1d_fn_ref(x, weight, view, cu, index, init)
+    assert rel_err(out.cpu(), expected) < 1e-5
+    assert torch.equal(gpu_pool.cpu().nan_to_num(1e30), pool.nan_to_num(1e30))

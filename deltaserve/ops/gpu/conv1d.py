@@ -38,29 +38,32 @@ def _conv1d_varlen_fwd_kernel(
     m_t = o_t < T
     m_d = o_d < D
     seq = tl.load(seq_ids + o_t, mask=m_t, other=0)
-    bos = tl.load(cu_seqlens + seq, mask=m_t, other=0)
-    slot = tl.load(state_indices + seq, mask=m_t, other=0).to(tl.int64)
-    init = tl.load(has_initial_state + seq, mask=m_t, other=0) != 0
-    pos = o_t - bos  # position of each token within its sequence
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(K):
+    pos = o_t - tl.load(cu_seqlens + seq, mask=m_t, other=0)  # position within its sequence
+    p_x = x + o_t.to(tl.int64)[:, None] * stride_xt + o_d[None, :] * stride_xd
+    m = m_t[:, None] & m_d[None, :]
+    b_w = tl.load(w + o_d * stride_wd + (K - 1) * stride_wk, mask=m_d, other=0.0).to(tl.float32)
+    acc = tl.load(p_x, mask=m, other=0.0).to(tl.float32) * b_w[None, :]
+    # NOTE: only tiles holding one of a sequence's first K-1 tokens read the state; the others
+    # (almost all of a long prefill) take the plain shifted loads.
+    near_start = tl.min(tl.where(m_t, pos, K)) < K - 1
+    if near_start:
+        slot = tl.load(state_indices + seq, mask=m_t, other=0).to(tl.int64)
+        init = tl.load(has_initial_state + seq, mask=m_t, other=0) != 0
+        p_s = state + slot[:, None] * stride_ss + o_d[None, :] * stride_sd
+    for j in tl.static_range(K - 1):
         shift = K - 1 - j
         p = pos - shift
-        from_x = p >= 0
-        m_x = (m_t & from_x)[:, None] & m_d[None, :]
-        b_x = tl.load(x + (o_t - shift).to(tl.int64)[:, None] * stride_xt + o_d[None, :] * stride_xd,
-                      mask=m_x, other=0.0).to(tl.float32)
-        # p in [-(K-1), -1] -> state row L + p
-        m_s = (m_t & (~from_x) & init)[:, None] & m_d[None, :]
-        row = tl.where(from_x, 0, L + p).to(tl.int64)
-        b_s = tl.load(state + slot[:, None] * stride_ss + row[:, None] * stride_sl + o_d[None, :] * stride_sd,
-                      mask=m_s, other=0.0).to(tl.float32)
         b_w = tl.load(w + o_d * stride_wd + j * stride_wk, mask=m_d, other=0.0).to(tl.float32)
-        acc += (b_x + b_s) * b_w[None, :]
+        b_x = tl.load(p_x - shift * stride_xt, mask=m & (p >= 0)[:, None], other=0.0).to(tl.float32)
+        if near_start:
+            # p in [-(K-1), -1] -> state row L + p
+            row = tl.where(p >= 0, 0, L + p).to(tl.int64)
+            m_s = m & ((p < 0) & init)[:, None]
+            b_x += tl.load(p_s + row[:, None] * stride_sl, mask=m_s, other=0.0).to(tl.float32)
+        acc += b_x * b_w[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(out + o_t.to(tl.int64)[:, None] * stride_ot + o_d[None, :],
-             acc.to(out.dtype.element_ty), mask=m_t[:, None] & m_d[None, :])
+    tl.store(out + o_t.to(tl.int64)[:, None] * stride_ot + o_d[None, :], acc.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -130,6 +133,10 @@ def causal_conv1d_fn(
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
     activation: str | None = "silu",
+    *,
+    block_t: int = 32,
+    block_d: int = 128,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Varlen prefill conv (see :func:`deltaserve.ops.conv1d.causal_conv1d_fn`); two launches, no host sync."""
     silu = _silu_flag(activation)
@@ -149,13 +156,12 @@ def causal_conv1d_fn(
     )
     init = has_initial_state.to(torch.int8)
     indices = state_indices.to(torch.int32)
-    block_t, block_d = 32, 128
     _conv1d_varlen_fwd_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(dim, block_d))](
         x, weight, out, conv_state, cu_seqlens, seq_ids, indices, init,
         num_tokens, dim,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
-        K=kernel, L=state_len, BT=block_t, BD=block_d, SILU=silu, num_warps=4,
+        K=kernel, L=state_len, BT=block_t, BD=block_d, SILU=silu, num_warps=num_warps,
     )
     _conv1d_varlen_final_state_kernel[(num_seqs, triton.cdiv(dim, 256))](
         x, conv_state, cu_seqlens, indices, init,
