@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
+import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
@@ -25,7 +25,6 @@ from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest,
 from deltaserve.server.responses import ResponseBuilder, sse
 from deltaserve.server.serving import RequestError
 
-logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 
@@ -104,14 +103,14 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
                                "model", code="model_not_found")
 
     async def run(
-        request: Request, body: Any, prompt_ids: list[int], params: Any, builder: ResponseBuilder
+        request: Request, body: Any, prompt_ids: list[int], params: Any, builder: ResponseBuilder, arrival: float
     ) -> Response:
         if not admission.acquire(params.n):
             engine_loop.metrics.on_rejected()
             raise RequestError(f"the server is overloaded ({admission.in_flight} sequences in flight, at most "
                                f"{admission.capacity}); retry later", status=503, type="server_overloaded",
                                code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
-        stream = RequestStream(builder.request_id, asyncio.get_running_loop())
+        stream = RequestStream(builder.request_id, asyncio.get_running_loop(), arrival_time=arrival)
         state = {"open": True}
 
         def close() -> None:
@@ -143,14 +142,16 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
         check_model(body.model)
         prompt_ids = serving.completion_prompt(body, engine.tokenizer, vocab_size(engine))
         params = serving.sampling_params(body, body.max_tokens, len(prompt_ids), context_len, body.logprobs, "prompt")
         builder = ResponseBuilder(f"cmpl-{uuid.uuid4().hex}", served_model_name, False, body.logprobs, engine.tokenizer)
-        return await run(request, body, prompt_ids, params, builder)
+        return await run(request, body, prompt_ids, params, builder, arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise RequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
@@ -159,7 +160,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = serving.sampling_params(body, max_tokens, len(prompt_ids), context_len, top, "messages")
         builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, True, top, engine.tokenizer)
-        return await run(request, body, prompt_ids, params, builder)
+        return await run(request, body, prompt_ids, params, builder, arrival)
 
     @app.get("/v1/models")
     async def models() -> dict:
