@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context
@@ -80,6 +81,8 @@ class ModelRunner:
         )
         model.bind_caches(self.state_pool, self.kv_cache)
         self.sampler = Sampler(generator)
+        # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
+        self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
@@ -119,13 +122,16 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
         """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
         input_ids, positions, ctx = self.prepare(batch)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
-        if not rows:
-            return [None] * len(batch)
-        last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
-        logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
+            logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
+        else:
+            with forward_context(ctx):
+                hidden = self.model(input_ids, positions)  # [T, hidden]
+            if not rows:
+                return [None] * len(batch)
+            last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
+            logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
         sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):

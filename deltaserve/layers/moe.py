@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from deltaserve.layers.mlp import GatedMLP, get_activation
+from deltaserve.ops.moe import fused_experts
 
 
 class TopkRouter(nn.Module):
@@ -110,25 +111,8 @@ class FusedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x ``[T, hidden]``, topk ``[T, k]`` -> ``[T, hidden]`` (sum of weighted expert outputs)."""
-        num_tokens, top_k = topk_ids.shape
-        flat_ids = topk_ids.reshape(-1)
-        # NOTE: group the T*k (token, expert) pairs by expert, then one matmul per expert hit;
-        # accumulation in float32.
-        order = torch.argsort(flat_ids, stable=True)
-        token_of = order // top_k
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        weights = topk_weights.reshape(-1)[order].unsqueeze(-1)
-        out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = token_of[start : start + count]
-            gate, up = torch.nn.functional.linear(x[rows], self.w13_weight[expert]).chunk(2, dim=-1)
-            y = torch.nn.functional.linear(self.act_fn(gate) * up, self.w2_weight[expert])
-            out.index_add_(0, rows, y.float() * weights[start : start + count])
-            start += count
-        return out.to(x.dtype)
+        # NOTE: dispatched: a per-expert loop on the CPU, grouped GEMMs without host sync on CUDA.
+        return fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.act_fn)
 
 
 class SparseMoeBlock(nn.Module):

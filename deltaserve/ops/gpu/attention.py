@@ -1,0 +1,179 @@
+"""Paged MLA attention on the GPU: weight absorption plus one Triton kernel over the latent cache.
+
+Same contract as :mod:`deltaserve.ops.attention`. With absorption the keys and values are never
+expanded per head: ``q_nope @ w_uk`` moves each query into the latent space (``[T, H, R]``), the
+kernel attends over the cached latents ``[c_kv | k_pe]`` (scores ``q_lat . c_kv + q_pe . k_pe``,
+values ``c_kv``), and ``@ w_uv^T`` maps the latent output back to ``[T, H, Dv]``.
+
+One kernel serves decode and (chunked) prefill: a program is one new token and a group of heads;
+it walks that token's causal key range through the block table with an online softmax. Sequence
+lengths are read on the device, so the op never syncs with the host and is CUDA-graph safe when
+``seq_lens`` and ``cu_seqlens`` are device tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+# Head rows per program: tl.dot needs at least 16 rows; fewer heads are masked.
+BLOCK_H = 16
+# Keys per inner iteration.
+BLOCK_N = 32
+
+
+@triton.jit
+def _write_kv_kernel(latent, cache, slot_mapping, E, stride_lt, BE: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_mapping + t)
+    if slot >= 0:
+        o_e = tl.arange(0, BE)
+        m_e = o_e < E
+        row = tl.load(latent + t.to(tl.int64) * stride_lt + o_e, mask=m_e)
+        tl.store(cache + slot.to(tl.int64) * E + o_e, row.to(cache.dtype.element_ty), mask=m_e)
+
+
+def write_kv_cache(latent: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store ``latent[t]`` at flat position ``slot_mapping[t]`` (``-1``: skipped) of ``kv_cache``, one launch.
+
+    latent ``[T, E]``; kv_cache ``[num_blocks, block_size, E]`` contiguous; slot_mapping ``[T]`` int.
+    """
+    num_tokens, entry_dim = latent.shape
+    if kv_cache.shape[-1] != entry_dim:
+        raise ValueError(f"latent entry_dim {entry_dim} != kv_cache entry_dim {kv_cache.shape[-1]}")
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"latent has {num_tokens} tokens but slot_mapping has {slot_mapping.shape[0]}")
+    if not kv_cache.is_contiguous():
+        raise ValueError(f"kv_cache must be contiguous, strides {kv_cache.stride()}")
+    if num_tokens == 0:
+        return
+    if latent.stride(-1) != 1:
+        latent = latent.contiguous()
+    _write_kv_kernel[(num_tokens,)](
+        latent, kv_cache, slot_mapping, entry_dim, latent.stride(0), BE=triton.next_power_of_2(entry_dim)
+    )
+
+
+@triton.jit
+def _mla_attention_kernel(
+    q_lat, q_pe, kv_cache, out,
+    seq_ids, cu_seqlens, seq_lens, block_tables,
+    H, R, DR, sm_scale,
+    stride_qlt, stride_qlh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_bt,
+    BLOCK_SIZE: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, BDR: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_hb = tl.program_id(1)
+    seq = tl.load(seq_ids + i_t).to(tl.int64)
+    seq_len = tl.load(seq_lens + seq)
+    end = tl.load(cu_seqlens + seq + 1)
+    # This token's position; it sees keys 0..pos. Padded rows (seq_len 0) see none.
+    num_keys = seq_len - (end - i_t) + 1
+    o_h = i_hb * BH + tl.arange(0, BH)
+    m_h = o_h < H
+    o_r = tl.arange(0, BR)
+    m_r = o_r < R
+    o_p = tl.arange(0, BDR)
+    m_p = o_p < DR
+    b_ql = tl.load(q_lat + i_t * stride_qlt + o_h[:, None] * stride_qlh + o_r[None, :],
+                   mask=m_h[:, None] & m_r[None, :], other=0.0)  # [BH, BR]
+    b_qp = tl.load(q_pe + i_t * stride_qpt + o_h[:, None] * stride_qph + o_p[None, :],
+                   mask=m_h[:, None] & m_p[None, :], other=0.0)  # [BH, BDR]
+    E = R + DR
+    # NOTE: exp2 with log2(e) folded into the scale.
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BH], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BH], dtype=tl.float32)
+    acc = tl.zeros([BH, BR], dtype=tl.float32)
+    table = block_tables + seq * stride_bt
+    for start in range(0, num_keys, BN):
+        o_n = start + tl.arange(0, BN)
+        m_n = o_n < num_keys
+        block = tl.load(table + o_n // BLOCK_SIZE, mask=m_n, other=0).to(tl.int64)
+        row = (tl.maximum(block, 0) * BLOCK_SIZE + o_n % BLOCK_SIZE) * E  # [BN]
+        b_c = tl.load(kv_cache + row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
+        b_p = tl.load(kv_cache + row[:, None] + R + o_p[None, :], mask=m_n[:, None] & m_p[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(b_ql, tl.trans(b_c), input_precision="ieee")
+            s += tl.dot(b_qp, tl.trans(b_p), input_precision="ieee")
+        else:
+            s = tl.dot(b_ql, tl.trans(b_c))
+            s += tl.dot(b_qp, tl.trans(b_p))
+        s = tl.where(m_n[None, :], s * qk_scale, float("-inf"))  # [BH, BN]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, b_c.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(b_c.dtype), b_c)
+        m_i = m_new
+    # Rows that saw no key (padding) get zeros, not 0/0.
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + i_t * stride_ot + o_h[:, None] * stride_oh + o_r[None, :], acc.to(out.dtype.element_ty),
+             mask=m_h[:, None] & m_r[None, :])
+
+
+def _device_int32(x: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.int32)
+    return torch.tensor(list(x), dtype=torch.int32).to(device, non_blocking=True)
+
+
+def paged_mla_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    w_uk: torch.Tensor,
+    w_uv: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    seq_lens: torch.Tensor | Sequence[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See :func:`deltaserve.ops.attention.paged_mla_attention_ref`; returns ``[T, H, Dv]`` in q's dtype.
+
+    Host lists for ``cu_seqlens`` / ``seq_lens`` are copied to the device (no sync); device tensors
+    are used as they are, which is what CUDA-graph capture needs. Matrix products run in q's dtype
+    with float32 accumulation (full float32 for float32 inputs).
+    """
+    num_tokens = q.shape[0]
+    num_heads, nope_dim, rank = w_uk.shape
+    rope_dim = q.shape[-1] - nope_dim
+    if kv_cache.shape[-1] != rank + rope_dim:
+        raise ValueError(f"kv_cache entry_dim {kv_cache.shape[-1]} != kv_lora_rank {rank} + rope dim {rope_dim}")
+    if not kv_cache.is_contiguous():
+        raise ValueError(f"kv_cache must be contiguous, strides {kv_cache.stride()}")
+    if num_tokens == 0:
+        return q.new_empty(0, num_heads, w_uv.shape[1])
+    device = q.device
+    cu = _device_int32(cu_seqlens, device)
+    lens = _device_int32(seq_lens, device)
+    num_seqs = lens.shape[0]
+    # NOTE: output_size keeps repeat_interleave from syncing to learn the total.
+    seq_ids = torch.repeat_interleave(
+        torch.arange(num_seqs, device=device, dtype=torch.int32), cu[1:] - cu[:-1], output_size=num_tokens
+    )
+    q_nope, q_pe = q.split([nope_dim, rope_dim], dim=-1)
+    # Absorb w_uk: [H, T, Dn] @ [H, Dn, R] -> [H, T, R], viewed [T, H, R].
+    q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q.dtype)).transpose(0, 1)
+    o_lat = torch.empty(num_tokens, num_heads, rank, dtype=q.dtype, device=device)
+    tables = block_tables.to(torch.int32)
+    grid = (num_tokens, triton.cdiv(num_heads, BLOCK_H))
+    _mla_attention_kernel[grid](
+        q_lat, q_pe, kv_cache, o_lat,
+        seq_ids, cu, lens, tables,
+        num_heads, rank, rope_dim, scale,
+        q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), o_lat.stride(0), o_lat.stride(1),
+        tables.stride(0),
+        BLOCK_SIZE=kv_cache.shape[1], BH=BLOCK_H, BN=BLOCK_N,
+        BR=max(16, triton.next_power_of_2(rank)), BDR=max(16, triton.next_power_of_2(rope_dim)),
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+    )  # fmt: skip
+    # Un-absorb w_uv: [H, T, R] @ [H, R, Dv] -> [H, T, Dv], viewed [T, H, Dv].
+    return torch.bmm(o_lat.transpose(0, 1), w_uv.to(q.dtype).transpose(1, 2)).transpose(0, 1)
