@@ -16,6 +16,7 @@ from common import copy_bandwidth, fmt_row, graphed, header, time_ms
 
 from deltaserve.ops.conv1d import causal_conv1d_update
 from deltaserve.ops.gpu import conv1d as _gpu_conv1d, kda as gpu_kda, norm as _gpu_norm  # noqa: F401 (fail loudly)
+from deltaserve.ops.gpu.kda_decode import kda_decode_step
 from deltaserve.ops.kda import fused_recurrent_kda, kda_gate
 from deltaserve.ops.norm import gated_rms_norm
 
@@ -50,11 +51,9 @@ def decode_step(rec, conv, index, proj, f, beta, gate, p):
     return gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
 
 
-def fused_step(rec, conv, index, proj, f, beta, gate, p, num_warps=8):
-    x = causal_conv1d_update(proj, p["conv_w"], conv, index)
-    q, k, v = (x[:, i * H * D : (i + 1) * H * D].view(-1, H, D) for i in range(3))
-    return gpu_kda.fused_kda_decode(q, k, v, f, beta, rec, index, p["A_log"], p["dt_bias"], gate, p["norm_w"], 1e-5,
-                                    num_warps=num_warps)
+def fused_step(rec, conv, index, proj, f, beta, gate, p, block_v=16, num_warps=4):
+    return kda_decode_step(proj, p["conv_w"], conv, f, beta, gate, rec, index, p["A_log"], p["dt_bias"], p["norm_w"],
+                           1e-5, num_heads=H, block_v=block_v, num_warps=num_warps)
 
 
 def main() -> None:
@@ -79,16 +78,17 @@ def main() -> None:
         o = gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec.clone(), index)
         variants = {
             "step: 4 ops (conv,gate,recurrent,norm)": lambda: decode_step(rec, conv, index, proj, f, beta, gate, p),
-            "step: conv + fused_kda_decode (8 warps)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p),
-            "step: conv + fused_kda_decode (16 warps)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p, 16),
+            "step: kda_decode_step (1 kernel, BV=16)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p),
+            "step: kda_decode_step (1 kernel, BV=32)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p, 32),
+            "step: kda_decode_step (BV=16, 8 warps)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p, 16, 8),
         }
         for bv in args.block_v:
             variants[f"recurrent alone (ours, BV={bv})"] = (
                 lambda bv=bv: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=bv))
-        variants["recurrent alone (ours, BV=16, evict_first)"] = (
-            lambda: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=16, stream=True))
         if args.pieces:
             variants["  piece: conv update"] = lambda: causal_conv1d_update(proj, p["conv_w"], conv, index)
+            variants["  piece: conv update (BD=512, 4 warps)"] = lambda: _gpu_conv1d.causal_conv1d_update(
+                proj, p["conv_w"], conv, index, block_d=512, num_warps=4)
             variants["  piece: kda_gate (fla)"] = lambda: kda_gate(f, p["A_log"], p["dt_bias"])
             variants["  piece: gated_rms_norm (fla)"] = lambda: gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
         variants["recurrent alone (fla fwd, baseline)"] = lambda: gpu_kda.fla_fused_recurrent_kda_fwd(

@@ -44,19 +44,21 @@ def main() -> None:
         init = torch.ones(num_seqs, device=dev, dtype=torch.bool)
         h0 = pool[1:].clone()
         cu_long = cu.long()
-        # the same strided q/k/v views as the op gets (fla's input_guard copies them in both)
-        qc, kc, vc, gc, bc = (t.unsqueeze(0) for t in (q, k, v, g, beta))
+        qc, kc, vc = (t.contiguous() for t in (q, k, v))
+        gc, bc = g.unsqueeze(0), beta.unsqueeze(0)
 
         def fla_alone():
             with torch.no_grad():
-                return gpu_kda.fla_chunk_kda(qc, kc, vc, gc, bc, initial_state=h0, output_final_state=True,
+                return gpu_kda.fla_chunk_kda(qc[None], kc[None], vc[None], gc, bc, initial_state=h0, output_final_state=True,
                                              use_qk_l2norm_in_kernel=True, state_v_first=True, cu_seqlens=cu_long)
 
         variants = {
-            "chunk_kda op (gather+fla+scatter)": (lambda: chunk_kda(q, k, v, g, beta, pool, cu, index, init), None),
+            "chunk_kda op (gather+fla+scatter)": (lambda: chunk_kda(qc, kc, vc, g, beta, pool, cu, index, init), None),
             "fla chunk_kda alone (baseline)": (fla_alone, None),
+            # fla's input_guard copies non-contiguous q/k/v (column slices of one projection)
+            "chunk_kda op, strided q/k/v views": (lambda: chunk_kda(q, k, v, g, beta, pool, cu, index, init), None),
         }
-        for bt, bd, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (128, 128, 8), (16, 512, 4)):
+        for bt, bd, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4)):
             variants[f"conv1d varlen (Triton {bt}x{bd}, {warps}w)"] = (
                 lambda bt=bt, bd=bd, warps=warps: _gpu_conv1d.causal_conv1d_fn(
                     proj, conv_w, conv_pool, cu, index, init, block_t=bt, block_d=bd, num_warps=warps),

@@ -131,24 +131,3 @@ def test_prefill_then_decode_equals_one_prefill():
     assert rel_err(torch.cat([head, *tail]).float(), full.float()) < 2e-2
     assert rel_err(split[4], one[4]) < 2e-2
 
-
-def test_fused_kda_decode_matches_composed_references():
-    from deltaserve.ops.norm import gated_rms_norm_ref
-
-    slots = [6, 2, 4]
-    pool = nan_pool({s: True for s in slots})
-    q, k, v, _, beta = make_inputs(len(slots), torch.bfloat16)
-    f = torch.randn(len(slots), H * D).to(torch.bfloat16)
-    A_log, dt_bias = gate_params()
-    gate = torch.randn(len(slots), H * D).to(torch.bfloat16)
-    weight = 1 + 0.1 * torch.randn(D)
-    index = torch.tensor(slots, dtype=torch.int32)
-    gpu_pool = pool.cuda()
-    out = gpu_kda.fused_kda_decode(*cuda(q, k, v, f, beta), gpu_pool, index.cuda(), *cuda(A_log, dt_bias, gate, weight), 1e-5)
-    o = fused_recurrent_kda_ref(q, k, v, kda_gate_ref(f, A_log, dt_bias), beta, pool, index)
-    expected = gated_rms_norm_ref(o, gate.view(-1, H, D), weight, 1e-5)
-    assert out.dtype == torch.bfloat16
-    assert rel_err(out.cpu(), expected) < 1e-2
-    assert rel_err(gpu_pool[slots].cpu(), pool[slots]) < 1e-5
-    untouched = [s for s in range(NUM_SLOTS + 1) if s not in slots]
-    assert gpu_pool[untouched].isnan().all()

@@ -46,20 +46,19 @@ def _conv1d_varlen_fwd_kernel(
     # NOTE: only tiles holding one of a sequence's first K-1 tokens read the state; the others
     # (almost all of a long prefill) take the plain shifted loads.
     near_start = tl.min(tl.where(m_t, pos, K)) < K - 1
-    if near_start:
-        slot = tl.load(state_indices + seq, mask=m_t, other=0).to(tl.int64)
-        init = tl.load(has_initial_state + seq, mask=m_t, other=0) != 0
-        p_s = state + slot[:, None] * stride_ss + o_d[None, :] * stride_sd
     for j in tl.static_range(K - 1):
         shift = K - 1 - j
         p = pos - shift
         b_w = tl.load(w + o_d * stride_wd + j * stride_wk, mask=m_d, other=0.0).to(tl.float32)
         b_x = tl.load(p_x - shift * stride_xt, mask=m & (p >= 0)[:, None], other=0.0).to(tl.float32)
         if near_start:
-            # p in [-(K-1), -1] -> state row L + p
+            # p in [-(K-1), -1] -> state row L + p (values defined inside a runtime branch stay there)
+            slot = tl.load(state_indices + seq, mask=m_t, other=0).to(tl.int64)
+            init = tl.load(has_initial_state + seq, mask=m_t, other=0) != 0
             row = tl.where(p >= 0, 0, L + p).to(tl.int64)
             m_s = m & ((p < 0) & init)[:, None]
-            b_x += tl.load(p_s + row[:, None] * stride_sl, mask=m_s, other=0.0).to(tl.float32)
+            p_s = state + slot[:, None] * stride_ss + row[:, None] * stride_sl + o_d[None, :] * stride_sd
+            b_x += tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
         acc += b_x * b_w[None, :]
     if SILU:
         acc = acc * tl.sigmoid(acc)
@@ -178,6 +177,9 @@ def causal_conv1d_update(
     conv_state: torch.Tensor,
     state_indices: torch.Tensor,
     activation: str | None = "silu",
+    *,
+    block_d: int = 256,
+    num_warps: int = 2,
 ) -> torch.Tensor:
     """Decode conv: ``x [B, D]``, one token per sequence; shifts each slot's window in place, one launch."""
     silu = _silu_flag(activation)
@@ -188,12 +190,11 @@ def causal_conv1d_update(
     out = torch.empty((batch, dim), dtype=x.dtype, device=x.device)
     if batch == 0:
         return out
-    block_d = 256
     _conv1d_update_kernel[(batch, triton.cdiv(dim, block_d))](
         x, weight, out, conv_state, state_indices,
         dim,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), out.stride(0),
         conv_state.stride(0), conv_state.stride(1), conv_state.stride(2),
-        K=weight.shape[-1], L=conv_state.shape[1], BD=block_d, SILU=silu, num_warps=2,
+        K=weight.shape[-1], L=conv_state.shape[1], BD=block_d, SILU=silu, num_warps=num_warps,
     )
     return out

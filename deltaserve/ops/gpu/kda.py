@@ -103,19 +103,16 @@ def chunk_kda(
 
 @triton.jit
 def _kda_decode_kernel(
-    q, k, v, g, beta, o, state, state_indices, A_log, dt_bias, gate, norm_w,
-    scale, norm_eps,
+    q, k, v, g, beta, o, state, state_indices,
+    scale,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
-    stride_gb, stride_gh, stride_bb, stride_bh, stride_ob, stride_oh, stride_zb, stride_zh,
+    stride_gb, stride_gh, stride_bb, stride_bh, stride_ob, stride_oh,
     stride_ss, stride_sh, stride_sv,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    L2NORM: tl.constexpr, EPS: tl.constexpr, FUSE_GATE: tl.constexpr, FUSE_NORM: tl.constexpr,
-    STREAM: tl.constexpr,
+    L2NORM: tl.constexpr, EPS: tl.constexpr,
 ):
     # One program: one (sequence, head) and BV rows of its (V, K) state; the v-block varies
     # fastest so consecutive programs stream one contiguous 64 KiB head state.
-    # FUSE_GATE: g holds the raw f_b_proj output and the gate -exp(A_log) * softplus(f + dt_bias)
-    # is computed here. FUSE_NORM (needs BV == V): o = RMSNorm(o) * norm_w * sigmoid(gate).
     NV: tl.constexpr = V // BV
     pid = tl.program_id(0).to(tl.int64)
     i_v = pid % NV
@@ -126,19 +123,12 @@ def _kda_decode_kernel(
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     p_h = state + slot * stride_ss + i_h * stride_sh + o_v[:, None] * stride_sv + o_k[None, :]
-    if STREAM:
-        b_h = tl.load(p_h, eviction_policy="evict_first")  # [BV, K] float32
-    else:
-        b_h = tl.load(p_h)
+    b_h = tl.load(p_h)  # [BV, K] float32
     b_q = tl.load(q + i_b * stride_qb + i_h * stride_qh + o_k).to(tl.float32)
     b_k = tl.load(k + i_b * stride_kb + i_h * stride_kh + o_k).to(tl.float32)
     b_g = tl.load(g + i_b * stride_gb + i_h * stride_gh + o_k).to(tl.float32)
     b_v = tl.load(v + i_b * stride_vb + i_h * stride_vh + o_v).to(tl.float32)
     b_beta = tl.load(beta + i_b * stride_bb + i_h * stride_bh).to(tl.float32)
-    if FUSE_GATE:
-        b_g = b_g + tl.load(dt_bias + i_h * K + o_k).to(tl.float32)
-        # softplus, linear above 20 as in fla and torch
-        b_g = -tl.exp(tl.load(A_log + i_h).to(tl.float32)) * tl.where(b_g < 20.0, tl.log(1 + tl.exp(b_g)), b_g)
     if L2NORM:
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + EPS)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + EPS)
@@ -147,52 +137,13 @@ def _kda_decode_kernel(
     b_v = (b_v - tl.sum(b_h * b_k[None, :], 1)) * b_beta
     b_h = b_h + b_v[:, None] * b_k[None, :]
     b_o = tl.sum(b_h * b_q[None, :], 1)
-    if STREAM:
-        tl.store(p_h, b_h, eviction_policy="evict_first")
-    else:
-        tl.store(p_h, b_h)
-    if FUSE_NORM:
-        b_o = b_o * tl.rsqrt(tl.sum(b_o * b_o) / V + norm_eps) * tl.load(norm_w + o_v).to(tl.float32)
-        b_o = b_o * tl.sigmoid(tl.load(gate + i_b * stride_zb + i_h * stride_zh + o_v).to(tl.float32))
+    tl.store(p_h, b_h)
     tl.store(o + i_b * stride_ob + i_h * stride_oh + o_v, b_o.to(o.dtype.element_ty))
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     # The kernel reads the last dim with unit stride; anything else (rare) is copied.
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def _launch_decode(q, k, v, g, beta, recurrent_state, state_indices, *, scale, l2norm, block_v, num_warps,
-                   stream, A_log=None, dt_bias=None, gate=None, norm_weight=None, norm_eps=1e-5):
-    batch, heads, k_dim = q.shape
-    v_dim = v.shape[-1]
-    _check_state(recurrent_state, heads, k_dim, v_dim, "fused_recurrent_kda")
-    if state_indices.shape[0] != batch:
-        raise ValueError(f"fused_recurrent_kda: state_indices must have B={batch} entries, got {state_indices.shape[0]}")
-    if k_dim & (k_dim - 1) or v_dim % block_v or block_v & (block_v - 1):
-        raise ValueError(f"fused_recurrent_kda: K={k_dim} must be a power of two and V={v_dim} a multiple of {block_v}")
-    q, k, v, g = (_last_dim_contiguous(t) for t in (q, k, v, g))
-    out = torch.empty((batch, heads, v_dim), dtype=q.dtype, device=q.device)
-    if batch == 0:
-        return out
-    fuse_norm = gate is not None
-    if fuse_norm:
-        gate = _last_dim_contiguous(gate.view(batch, heads, v_dim))
-    z = gate if fuse_norm else out
-    scale = k_dim**-0.5 if scale is None else scale
-    grid = (batch * heads * (v_dim // block_v),)
-    _kda_decode_kernel[grid](
-        q, k, v, g, beta, out, recurrent_state, state_indices, A_log, dt_bias, gate, norm_weight,
-        scale, norm_eps,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), out.stride(0), out.stride(1),
-        z.stride(0), z.stride(1),
-        recurrent_state.stride(0), recurrent_state.stride(1), recurrent_state.stride(2),
-        H=heads, K=k_dim, V=v_dim, BV=block_v,
-        L2NORM=l2norm, EPS=L2NORM_EPS, FUSE_GATE=A_log is not None, FUSE_NORM=fuse_norm,
-        STREAM=stream, num_warps=num_warps,
-    )
-    return out
 
 
 def fused_recurrent_kda(
@@ -208,50 +159,36 @@ def fused_recurrent_kda(
     use_qk_l2norm_in_kernel: bool = True,
     block_v: int = 16,
     num_warps: int = 4,
-    stream: bool = False,
 ) -> torch.Tensor:
     """Decode step (one token per sequence), one launch, in place on the slots.
 
     ``q, k, g [B, H, K]``, ``v [B, H, V]``, ``beta [B, H]``, any batch/head strides (views of a
     fused projection are read where they lie); returns ``o [B, H, V]`` in ``q.dtype``.
-    """
-    return _launch_decode(q, k, v, g, beta, recurrent_state, state_indices, scale=scale,
-                          l2norm=use_qk_l2norm_in_kernel, block_v=block_v, num_warps=num_warps, stream=stream)
-
-
-def fused_kda_decode(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    f: torch.Tensor,
-    beta: torch.Tensor,
-    recurrent_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    A_log: torch.Tensor,
-    dt_bias: torch.Tensor,
-    gate: torch.Tensor,
-    norm_weight: torch.Tensor,
-    norm_eps: float,
-    *,
-    scale: float | None = None,
-    use_qk_l2norm_in_kernel: bool = True,
-    num_warps: int = 8,
-) -> torch.Tensor:
-    """KDA decode with the forget gate and the output gated RMSNorm fused in: one launch instead of three.
-
-    ``= gated_rms_norm(fused_recurrent_kda(q, k, v, kda_gate(f, A_log, dt_bias), beta, ...), gate, norm_weight)``
-    with ``f [B, H*K]`` (f_b_proj output), ``gate [B, H*V]`` (g_b_proj output), ``norm_weight [V]``.
-    NOTE: the norm reads ``o`` in float32 (the unfused path rounds it to ``q.dtype`` first).
-    GPU only (no torch twin): a fast path the model may take on CUDA; tests compare it with the composed refs.
+    NOTE: BV = 16 measured best on an H200 at batch 1..256 (benchmarks/RESULTS.md).
     """
     batch, heads, k_dim = q.shape
     v_dim = v.shape[-1]
-    return _launch_decode(
-        q, k, v, f.view(batch, heads, k_dim), beta, recurrent_state, state_indices, scale=scale,
-        l2norm=use_qk_l2norm_in_kernel, block_v=v_dim, num_warps=num_warps, stream=False,
-        A_log=A_log.reshape(heads).float().contiguous(), dt_bias=dt_bias.reshape(-1).float().contiguous(),
-        gate=gate, norm_weight=norm_weight.contiguous(), norm_eps=norm_eps,
+    _check_state(recurrent_state, heads, k_dim, v_dim, "fused_recurrent_kda")
+    if state_indices.shape[0] != batch:
+        raise ValueError(f"fused_recurrent_kda: state_indices must have B={batch} entries, got {state_indices.shape[0]}")
+    if k_dim & (k_dim - 1) or v_dim % block_v or block_v & (block_v - 1):
+        raise ValueError(f"fused_recurrent_kda: K={k_dim} must be a power of two and V={v_dim} a multiple of {block_v}")
+    q, k, v, g = (_last_dim_contiguous(t) for t in (q, k, v, g))
+    out = torch.empty((batch, heads, v_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    scale = k_dim**-0.5 if scale is None else scale
+    grid = (batch * heads * (v_dim // block_v),)
+    _kda_decode_kernel[grid](
+        q, k, v, g, beta, out, recurrent_state, state_indices,
+        scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), out.stride(0), out.stride(1),
+        recurrent_state.stride(0), recurrent_state.stride(1), recurrent_state.stride(2),
+        H=heads, K=k_dim, V=v_dim, BV=block_v,
+        L2NORM=use_qk_l2norm_in_kernel, EPS=L2NORM_EPS, num_warps=num_warps,
     )
+    return out
 
 
 def fused_recurrent_kda_fla(
