@@ -10,7 +10,8 @@ class EngineConfig:
     """Settings of one engine instance; see ``LLM(**kwargs)``.
 
     ``num_state_slots`` and ``num_kv_blocks`` size the state pool and the paged KV cache; ``None``
-    derives them from ``max_num_seqs`` and ``max_model_len``.
+    derives them from ``max_num_seqs`` and ``max_model_len`` (with prefix caching, the pool gets
+    ``max_num_seqs`` more slots for state checkpoints).
     """
 
     model: str | None = None
@@ -29,9 +30,12 @@ class EngineConfig:
     num_state_slots: int | None = None
     cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
-    # Prefix caching: token spacing of recurrent-state checkpoints (independent of block_size) and
-    # the memory budget of cached checkpoints and blocks (bytes; None = what the pools leave free).
-    checkpoint_interval: int = 64
+    # Prefix caching: token spacing of state checkpoints (independent of block_size) and the memory
+    # budget of cached checkpoints and blocks (bytes; None = the checkpoint slots plus the KV cache).
+    # NOTE: every checkpoint ends a prefill chunk (a forward step); besides these, the cache also
+    # checkpoints where a prompt leaves a prefix others share, so 256 keeps steps few and a
+    # few-hundred-token system prompt still hits (see deltaserve/kv/prefix_cache.py).
+    checkpoint_interval: int = 256
     prefix_cache_budget_bytes: int | None = None
     tensor_parallel_size: int = 1
     extra: dict = field(default_factory=dict)
@@ -41,6 +45,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        budget = self.prefix_cache_budget_bytes
+        if budget is not None and (not isinstance(budget, int) or budget < 0):
+            raise ValueError(f"prefix_cache_budget_bytes must be a non-negative integer or None, got {budget!r}")
         for name in ("max_model_len", "num_kv_blocks", "num_state_slots"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -32,7 +32,17 @@ def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 256) -> list[
 
 
 def assert_all_free(stats: dict) -> None:
-    """Every state slot and KV block is back in the free lists, no request is left."""
-    assert stats["state_slots_used"] == 0, stats
-    assert stats["kv_blocks_used"] == 0, stats
+    """No request is left and none holds a slot or KV block; what is still in use is exactly what the
+    prefix cache's own bookkeeping says it holds (its checkpoints' slots and the blocks they reference)."""
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
+    assert stats["state_slots_running"] == 0 and stats["kv_blocks_running"] == 0, stats
+    assert stats["state_slots_used"] == stats["state_slots_cached"] == stats.get("prefix_cache_checkpoints", 0), stats
+    assert stats["kv_blocks_used"] == stats["kv_blocks_cached"] == stats.get("prefix_cache_blocks_held", 0), stats
+
+
+def assert_all_free_after_reset(engine) -> None:
+    """``assert_all_free``, then dropping the prefix cache returns every slot and block to the free lists."""
+    assert_all_free(engine.get_metrics())
+    engine.reset_prefix_cache()
+    stats = engine.get_metrics()
+    assert stats["state_slots_used"] == 0 and stats["kv_blocks_used"] == 0, stats

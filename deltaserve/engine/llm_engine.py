@@ -23,6 +23,7 @@ from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
+from deltaserve.kv.prefix_cache import PrefixCache
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
@@ -78,12 +79,22 @@ class LLMEngine:
         self.config = self.runner.config
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size)
         self.stop_checker = StopChecker(self.tokenizer, eos_token_ids(self.hf_config, self.tokenizer))
+        self.prefix_cache = None
+        if self.config.enable_prefix_caching:
+            self.prefix_cache = PrefixCache(
+                self.block_manager,
+                self.runner.state_pool,
+                self.runner.kv_cache,
+                checkpoint_interval=self.config.checkpoint_interval,
+                budget_bytes=self.config.prefix_cache_budget_bytes,
+            )
         self.scheduler = Scheduler(
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             state_pool=self.runner.state_pool,
             block_manager=self.block_manager,
             check_stop=self.stop_checker,
+            prefix_cache=self.prefix_cache,
         )
         self.metrics = EngineMetrics()
         self.requests: dict[str, _Request] = {}
@@ -213,21 +224,41 @@ class LLMEngine:
     # ---- metrics -----------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Counters (see ``EngineMetrics``) plus queue and cache occupancy."""
+        """Counters (see ``EngineMetrics``), queue and cache occupancy, and prefix-cache counters.
+
+        Slots and blocks in use are split into those of running sequences (``*_running``) and those
+        only the prefix cache holds (``*_cached``); ``reset_prefix_cache()`` gives the latter back.
+        """
         pool = self.runner.state_pool
+        running = self.scheduler.running
+        slots_running = sum(seq.state_slot is not None for seq in running)
+        blocks_running = len({block_id for seq in running for block_id in seq.block_table})
         out = self.metrics.as_dict()
         out.update(
             num_running=self.num_running,
             num_waiting=self.num_waiting,
             num_preemptions=self.scheduler.num_preemptions,
             num_slot_waits=self.scheduler.num_slot_waits,
-            prefix_cache_hit_tokens=self.scheduler.num_prefix_hit_tokens,
+            prefix_cache_queries=0,
+            prefix_cache_hits=0,
+            prefix_cache_hit_tokens=0,
+            checkpoints_stored=0,
+            checkpoints_evicted=0,
             state_slots_used=pool.num_used_slots,
+            state_slots_running=slots_running,
+            state_slots_cached=pool.num_used_slots - slots_running,
             state_slots_total=pool.num_slots,
             kv_blocks_used=self.block_manager.num_used_blocks,
+            kv_blocks_running=blocks_running,
+            kv_blocks_cached=self.block_manager.num_used_blocks - blocks_running,
             kv_blocks_total=self.block_manager.num_blocks,
         )
         out.update(self.scheduler.prefix_cache.stats())
         return out
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached checkpoint and block (running requests keep theirs)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
 
     get_metrics = stats

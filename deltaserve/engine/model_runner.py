@@ -27,7 +27,12 @@ DEFAULT_GPU_KV_FRACTION = 0.8
 
 
 def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.device) -> EngineConfig:
-    """Fill in ``max_model_len``, ``num_state_slots`` and ``num_kv_blocks``; check they fit together."""
+    """Fill in ``max_model_len``, ``num_state_slots``, ``num_kv_blocks`` and ``prefix_cache_budget_bytes``.
+
+    With prefix caching the pool holds ``max_num_seqs`` slots for requests plus up to ``max_num_seqs``
+    for checkpoints (fewer if ``prefix_cache_budget_bytes`` holds fewer); the default budget is those
+    checkpoint slots plus the whole KV cache (the cache gives both back whenever a request needs them).
+    """
     bs = config.block_size
     model_limit = getattr(hf_config, "max_position_embeddings", None) or 1 << 20
     max_len = config.max_model_len
@@ -35,7 +40,15 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
         max_len = min(model_limit, DEFAULT_MAX_MODEL_LEN.get(device.type, 4096))
     elif max_len > model_limit:
         raise ValueError(f"max_model_len = {max_len} exceeds the model's max_position_embeddings = {model_limit}")
-    num_slots = config.max_num_seqs if config.num_state_slots is None else config.num_state_slots
+    slot_bytes = _pool_bytes(model, config, 0)  # one slot (the null slot's row)
+    num_slots = config.num_state_slots
+    if num_slots is None:
+        num_checkpoint_slots = 0
+        if config.enable_prefix_caching:
+            num_checkpoint_slots = config.max_num_seqs
+            if config.prefix_cache_budget_bytes is not None and slot_bytes > 0:
+                num_checkpoint_slots = min(num_checkpoint_slots, config.prefix_cache_budget_bytes // slot_bytes)
+        num_slots = config.max_num_seqs + num_checkpoint_slots
     num_blocks = config.num_kv_blocks
     if num_blocks is None:
         spec = model.kv_cache_spec(config.cache_dtype)
@@ -56,7 +69,14 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
             )
         # NOTE: a derived length shrinks to what the cache holds, so any admitted request can finish.
         max_len = capacity
-    return dataclasses.replace(config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks)
+    budget = config.prefix_cache_budget_bytes
+    if budget is None:
+        kv_bytes = model.kv_cache_spec(config.cache_dtype).bytes_per_block(bs) * num_blocks
+        budget = max(0, num_slots - config.max_num_seqs) * slot_bytes + kv_bytes
+    return dataclasses.replace(
+        config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks,
+        prefix_cache_budget_bytes=budget,
+    )
 
 
 def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:

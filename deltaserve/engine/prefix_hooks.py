@@ -12,6 +12,11 @@ The scheduler calls, in a sequence's life:
 3. ``on_computed(seq)`` after each forward that advanced ``seq.num_computed_tokens``: register
    newly full blocks (chained hash, tokens) and save state checkpoints.
 4. ``on_release(seq)`` before the sequence's blocks and slot are freed (finish, abort, preemption).
+   A cache may keep the slot (a checkpoint of the state after all computed tokens): it then sets
+   ``seq.state_slot = None`` and the scheduler does not free it.
+
+And ``make_room(num_slots, num_blocks)`` whenever a sequence needs a state slot or KV blocks that
+are not free: a cache evicts what it holds until they are (running requests win over the cache).
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ class PrefixCacheHooks(Protocol):
 
     def on_release(self, seq: Sequence) -> None: ...
 
+    def make_room(self, num_slots: int = 0, num_blocks: int = 0) -> None: ...
+
     def stats(self) -> dict: ...
 
 
@@ -46,6 +53,9 @@ class NoPrefixCache:
         pass
 
     def on_release(self, seq: Sequence) -> None:
+        pass
+
+    def make_room(self, num_slots: int = 0, num_blocks: int = 0) -> None:
         pass
 
     def stats(self) -> dict:

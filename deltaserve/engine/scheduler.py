@@ -123,12 +123,16 @@ class Scheduler:
         while admit and self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.state_pool.num_free_slots == 0:
+                self.prefix_cache.make_room(num_slots=1)
+            if self.state_pool.num_free_slots == 0:
                 self.num_slot_waits += 1
                 break
             seq.state_slot = self.state_pool.allocate(1)[0]
             seq.num_computed_tokens = self.prefix_cache.match(seq)
             num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, budget()))
             need = self.block_manager.num_new_blocks(seq, seq.num_computed_tokens + num_new)
+            if not self.block_manager.can_allocate(need):
+                self.prefix_cache.make_room(num_blocks=need)
             if not self.block_manager.can_allocate(need):
                 # NOTE: admission never preempts; running sequences free blocks as they finish.
                 self._release(seq)
@@ -145,7 +149,8 @@ class Scheduler:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             batch.do_sample.append(seq.num_computed_tokens + num_new == seq.num_tokens)
-            batch.is_prefill.append(seq.is_prefill)
+            # NOTE: a prompt's last token alone after a prefix-cache hit is still a prompt token.
+            batch.is_prefill.append(seq.is_prefill or seq.num_computed_tokens < seq.num_prompt_tokens)
         return batch
 
     def _reserve_blocks(self, seq: Sequence, num_new: int, scheduled: dict[int, tuple[Sequence, int]]) -> bool:
@@ -154,7 +159,11 @@ class Scheduler:
         Returns False when ``seq`` itself had to be preempted (every other running sequence is older).
         """
         num_tokens = seq.num_computed_tokens + num_new
-        while not self.block_manager.can_allocate(self.block_manager.num_new_blocks(seq, num_tokens)):
+        while not self.block_manager.can_allocate(need := self.block_manager.num_new_blocks(seq, num_tokens)):
+            # NOTE: cached entries go first (a preempted victim's own checkpoint too), then the newest sequence.
+            self.prefix_cache.make_room(num_blocks=need)
+            if self.block_manager.can_allocate(need):
+                break
             others = [s for s in self.running if s is not seq]
             victim = max(others, key=lambda s: s.seq_id, default=None)
             if victim is None or victim.seq_id < seq.seq_id:

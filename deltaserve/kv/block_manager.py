@@ -94,10 +94,17 @@ class BlockManager:
         block.ref_count += 1
         seq.block_table.append(block_id)
 
-    def free(self, seq: HasBlockTable) -> None:
-        """Release every block of ``seq`` and empty its table (in place)."""
-        # NOTE: the tail first, so that the head of a chain (the likelier prefix hit) stays longest.
-        for block_id in reversed(seq.block_table):
+    def hold(self, block_ids: list[int]) -> None:
+        """Take one more reference on blocks that are in use (a prefix-cache checkpoint keeps them)."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise RuntimeError(f"KV block {block_id} is free; only a block in use can be held")
+            block.ref_count += 1
+
+    def release(self, block_ids: list[int]) -> None:
+        """Drop one reference per block (in the given order); a block nobody holds goes to the free list."""
+        for block_id in block_ids:
             block = self.blocks[block_id]
             if block.ref_count <= 0:
                 raise RuntimeError(f"KV block {block_id} is freed twice (ref_count {block.ref_count})")
@@ -105,6 +112,25 @@ class BlockManager:
             if block.ref_count == 0:
                 self.used_block_ids.remove(block_id)
                 self.free_block_ids.append(block_id)
+
+    def register(self, block_id: int, block_hash: int, token_ids: list[int]) -> None:
+        """Mark a full block as holding ``token_ids`` under the chained hash ``block_hash``."""
+        block = self.blocks[block_id]
+        block.hash = block_hash
+        block.token_ids = list(token_ids)
+        self.hash_to_block_id[block_hash] = block_id
+
+    def forget_free_hashes(self) -> None:
+        """Drop the hashes of every free block (a prefix-cache reset): they can no longer be found."""
+        for block_id in self.free_block_ids:
+            block = self.blocks[block_id]
+            block.hash, block.token_ids = -1, []
+        self.hash_to_block_id = {h: b for h, b in self.hash_to_block_id.items() if self.blocks[b].hash == h}
+
+    def free(self, seq: HasBlockTable) -> None:
+        """Release every block of ``seq`` and empty its table (in place)."""
+        # NOTE: the tail first, so that the head of a chain (the likelier prefix hit) stays longest.
+        self.release(list(reversed(seq.block_table)))
         seq.block_table.clear()
 
     def _take_free_block(self) -> int:
