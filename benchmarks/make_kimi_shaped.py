@@ -24,6 +24,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_48B = REPO / "tests" / "data" / "kimi-linear-48b-a3b-config.json"
 INIT_STD = 0.02  # transformers' initializer_range
+# Small dimensions for a dry run on the CPU (same layer pattern kinds: KDA, MLA, dense MLP, MoE).
+SMALL_OVERRIDES = {
+    "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128, "num_hidden_layers": 4,
+    "vocab_size": 1024, "pad_token_id": 1000, "bos_token_id": 1001, "eos_token_id": 1002,
+    "num_attention_heads": 4, "kv_lora_rank": 64, "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
+    "linear_attn_config": {"head_dim": 32, "num_heads": 4, "short_conv_kernel_size": 4, "kda_layers": [1, 2, 3],
+                           "full_attn_layers": [4]},
+}  # fmt: skip
 
 
 def write_config(directory: str | Path, num_experts: int = 32, overrides: dict | None = None) -> Path:
@@ -111,8 +119,9 @@ def make_transformers_twin(model: torch.nn.Module, experts_implementation: str |
 def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {} if device == "cuda" else {"num_hidden_layers": 4, "vocab_size": 1024}
-        model = make_model(write_config(tmp, overrides=overrides), device=device)
+        overrides = {} if device == "cuda" else SMALL_OVERRIDES
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = make_model(write_config(tmp, overrides=overrides), dtype=dtype, device=device)
     ref = make_transformers_twin(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"Kimi-Linear-shaped model on {device}: {params / 1e9:.2f} B parameters; experts: "
@@ -133,7 +142,7 @@ def main() -> None:
         ours = model.compute_logits(model(ids, torch.arange(num_tokens, device=device)))
         theirs = ref(ids[None], use_cache=False).logits[0].float()
     err = ((ours - theirs).norm() / theirs.norm()).item()
-    print(f"logits rel err ours vs transformers: {err:.2e}")
+    print(f"logits rel err ours vs transformers ({dtype}): {err:.2e}")
     sys.exit(0 if err < 5e-2 else 1)
 
 

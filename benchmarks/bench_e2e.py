@@ -1,0 +1,272 @@
+"""End-to-end throughput: our engine vs transformers' generate on a Kimi-Linear-shaped model, one GPU.
+
+Protocol (nano-vllm's bench.py): fixed seed, ``--num-requests`` requests of random token ids with
+input and output lengths drawn uniformly from ``[--min-len, --max-len]``, ``ignore_eos``, greedy;
+one warm-up, one timed run; output tokens per second. The model is ``make_kimi_shaped``'s (the
+48B config's dimensions with 32 experts, random bf16 weights made on the device).
+
+transformers 5.x ``KimiLinearForCausalLM.generate`` (fla kernels for KDA, grouped_mm experts, its
+own cache) runs on the same weights (shared tensors). It is slow, so it times a subset: the first
+``--hf-requests`` prompts of the same draw, left-padded into one batch, ``--hf-new-tokens`` new
+tokens for every row (no row idles: this favours transformers). Its warm-up is the same batch with
+2 new tokens (same prefill shapes, so fla's autotuning is not timed).
+
+    python benchmarks/bench_e2e.py                 # the headline table
+    python benchmarks/bench_e2e.py --skip-hf       # ours only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import make_kimi_shaped  # noqa: E402
+
+from deltaserve import LLM, SamplingParams  # noqa: E402
+
+
+def draw_requests(n: int, low: int, high: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts, outputs = [], []
+    for _ in range(n):
+        prompts.append([rng.randrange(vocab) for _ in range(rng.randint(low, high))])
+        outputs.append(rng.randint(low, high))
+    return prompts, outputs
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        sync()
+
+
+def build_llm(config_dir: Path, model, args) -> LLM:
+    """``LLM(model=config_dir)`` with the loader handing back ``model`` (no checkpoint on disk)."""
+    from deltaserve.models import loader
+
+    original = loader.load_model
+    loader.load_model = lambda *a, **k: model
+    try:
+        return LLM(
+            model=str(config_dir), dtype="bfloat16", device=args.device, max_model_len=2 * args.max_len + 16,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=False, extra={"enforce_eager": args.enforce_eager},
+        )  # fmt: skip
+    finally:
+        loader.load_model = original
+
+
+def run_ours(llm: LLM, prompts, outputs) -> dict:
+    warm = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    llm.generate([p[:200] for p in prompts[:4]], warm, use_tqdm=False)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outputs]
+    sync()
+    start = time.perf_counter()
+    results = llm.generate(prompts, params, use_tqdm=False)
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    assert tokens == sum(outputs), (tokens, sum(outputs))
+    return {"tokens": tokens, "seconds": seconds, "requests": len(prompts)}
+
+
+def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int) -> None:
+    """Decode steps at a full batch: median step time, then torch.profiler's top kernels (graphs on, then off)."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=10 * steps + 8, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"profile-{i}", prompts[i % len(prompts)][:512], params)
+    while engine.scheduler.waiting or any(s.is_prefill for s in engine.scheduler.running):
+        engine.step()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        engine.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    step_ms = 1e3 * sorted(times)[len(times) // 2]
+    runner = engine.runner
+    # Bytes a decode step must move at least: every weight once (all experts are hit at this batch),
+    # each sequence's recurrent + conv states read and written, its KV latents read.
+    running = engine.scheduler.running
+    context = sum(s.num_tokens for s in running) / max(1, len(running))
+    weights = sum(t.numel() * t.element_size() for t in runner.model.parameters())
+    pool = runner.state_pool
+    states = 2 * pool.bytes_total / (pool.num_slots + 1) * len(running)
+    kv = runner.kv_cache[:, 0, 0].numel() * runner.kv_cache.element_size() * context * len(running)
+    moved = weights + states + kv
+    print(f"\ndecode step at batch {len(running)} (mean context {context:.0f}): median {step_ms:.2f} ms = "
+          f"{len(running) / step_ms * 1e3:.0f} tok/s; at least {moved / 1e9:.1f} GB moved (weights "
+          f"{weights / 1e9:.1f}, states r+w {states / 1e9:.1f}, KV {kv / 1e9:.2f}) = {moved / step_ms / 1e9:.2f} TB/s")
+    graphs = runner.cuda_graphs
+    for label, use in (("CUDA graphs", graphs), ("eager", None)):
+        if label == "CUDA graphs" and graphs is None:
+            continue
+        runner.cuda_graphs = use
+        engine.step()
+        sync()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            for _ in range(3):
+                engine.step()
+            sync()
+        wall = (time.perf_counter() - t0) / 3 * 1e3
+        print(f"\n# profile, 3 decode steps at batch {batch}, {label} ({wall:.2f} ms/step under the profiler)")
+        averages = prof.key_averages()
+        try:
+            table = averages.table(sort_by="device_time_total", row_limit=top, max_name_column_width=60)
+        except Exception:  # older spelling
+            table = averages.table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60)
+        print(table)
+    runner.cuda_graphs = graphs
+    for i in range(batch):
+        engine.abort_request(f"profile-{i}")
+
+
+@torch.inference_mode()
+def run_transformers(ref, prompts, new_tokens: int, pad_id: int) -> dict:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    device = next(ref.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+
+    def generate(n: int):
+        return ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                            do_sample=False, pad_token_id=pad_id)
+
+    generate(2)  # warm-up: the same prefill shapes, so compilation and autotuning are not timed
+    sync()
+    start = time.perf_counter()
+    out = generate(new_tokens)
+    sync()
+    seconds = time.perf_counter() - start
+    tokens = (out.shape[1] - width) * out.shape[0]
+    return {"tokens": tokens, "seconds": seconds, "requests": len(prompts)}
+
+
+def twin_check(model, ref) -> float:
+    """Relative error of ours vs transformers' last-position logits on one 64-token prompt (bf16)."""
+    from deltaserve.forward_context import forward_context, make_forward_context
+    from deltaserve.state.pool import StatePool
+
+    n, block = 64, 16
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size, (n,), device=device)
+    spec = model.kv_cache_spec()
+    pool = StatePool(model.state_groups(), 1, device=device)
+    kv = torch.zeros(spec.num_layers, 4, block, spec.entry_dim, dtype=spec.dtype, device=device)
+    model.bind_caches(pool, kv)
+    ctx = make_forward_context([n], [0], [1], block_tables=[[0, 1, 2, 3]], block_size=block, device=device)
+    with torch.inference_mode():
+        with forward_context(ctx):
+            ours = model.compute_logits(model(ids, torch.arange(n, device=device)))
+        theirs = ref(ids[None], use_cache=False).logits[0].float()
+    return ((ours - theirs).norm() / theirs.norm()).item()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=100)
+    p.add_argument("--max-len", type=int, default=1000)
+    p.add_argument("--num-experts", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--hf-requests", type=int, default=32)
+    p.add_argument("--hf-new-tokens", type=int, default=128)
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    # NOTE: for a dry run of this script on the CPU: --device cpu --config-overrides '{...}' (small dims).
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--config-overrides", default=None, help="JSON, or 'small' for make_kimi_shaped.SMALL_OVERRIDES")
+    args = p.parse_args()
+    if args.config_overrides is not None:
+        small = args.config_overrides == "small"
+        args.config_overrides = make_kimi_shaped.SMALL_OVERRIDES if small else json.loads(args.config_overrides)
+
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        card = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    else:
+        card = "cpu (dry run)"
+    import transformers
+
+    print(f"# bench_e2e: {card}; torch {torch.__version__}, "
+          f"transformers {transformers.__version__}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# command: {' '.join(sys.argv)}")
+    tmp = Path(tempfile.mkdtemp())
+    config_dir = make_kimi_shaped.write_config(tmp / "kimi-shaped", args.num_experts, args.config_overrides)
+    t0 = time.perf_counter()
+    model = make_kimi_shaped.make_model(config_dir, torch.bfloat16, args.device, seed=args.seed)
+    params = sum(t.numel() for t in model.parameters())
+    print(f"model: {params / 1e9:.2f} B parameters ({params * 2 / 1e9:.1f} GB bf16), built in "
+          f"{time.perf_counter() - t0:.1f} s")
+    vocab = model.config.vocab_size
+    prompts, outputs = draw_requests(args.num_requests, args.min_len, args.max_len, vocab, args.seed)
+
+    ref = None
+    if not args.skip_hf:
+        ref = make_kimi_shaped.make_transformers_twin(model)
+        print(f"transformers twin: experts_implementation={ref.config._experts_implementation}; "
+              f"logits rel err ours vs transformers (64 tokens, bf16): {twin_check(model, ref):.2e}")
+
+    t0 = time.perf_counter()
+    llm = build_llm(config_dir, model, args)
+    graphs = llm.llm_engine.runner.cuda_graphs
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s (CUDA graphs: "
+          f"{graphs.sizes if graphs is not None else 'off'}); KV blocks {llm.llm_engine.config.num_kv_blocks}")
+    ours = run_ours(llm, prompts, outputs)
+    ours_tps = ours["tokens"] / ours["seconds"]
+    print(f"ours: {ours['requests']} requests, {ours['tokens']} output tokens in {ours['seconds']:.2f} s = "
+          f"{ours_tps:.0f} tok/s")
+    metrics = llm.get_metrics()
+    print("engine metrics (warm-up included): " + ", ".join(
+        f"{k}={metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+        for k in ("num_steps", "prefill_only_steps", "prefill_only_time_s", "decode_only_steps",
+                  "decode_only_time_s", "mixed_steps", "mixed_time_s", "num_preemptions") if k in metrics))
+    if args.profile_steps:
+        decode_step_profile(llm, prompts, min(args.max_num_seqs, 256), args.profile_steps, top=18)
+
+    hf = None
+    if ref is not None:
+        del llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        subset = prompts[: args.hf_requests]
+        hf = run_transformers(ref, subset, args.hf_new_tokens, model.config.pad_token_id)
+        print(f"transformers: {hf['requests']} requests, {hf['tokens']} output tokens in {hf['seconds']:.2f} s")
+
+    print(f"\n## {card}: output tokens/s, Kimi-Linear-shaped ({args.num_experts} experts, bf16), "
+          f"inputs/outputs uniform in [{args.min_len}, {args.max_len}]")
+    print(f"| engine | requests | output tokens | seconds | tok/s |\n|---|---|---|---|---|")
+    print(f"| deltaserve (LLM, cuda graphs {'on' if graphs is not None else 'off'}) | {ours['requests']} | "
+          f"{ours['tokens']} | {ours['seconds']:.2f} | {ours_tps:.0f} |")
+    if hf is not None:
+        hf_tps = hf["tokens"] / hf["seconds"]
+        print(f"| transformers generate (first {hf['requests']} prompts, {args.hf_new_tokens} new tokens each) | "
+              f"{hf['requests']} | {hf['tokens']} | {hf['seconds']:.2f} | {hf_tps:.0f} |")
+        print(f"\nspeed-up: {ours_tps / hf_tps:.1f}x (target >= 10x)")
+
+
+if __name__ == "__main__":
+    main()
