@@ -32,6 +32,10 @@ class LLM:
     def get_metrics(self) -> dict:
         return self.llm_engine.stats()
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached checkpoint and KV block (see ``LLMEngine.reset_prefix_cache``)."""
+        self.llm_engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: Prompt | Seq[Prompt],
