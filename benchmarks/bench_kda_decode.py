@@ -51,7 +51,7 @@ def decode_step(rec, conv, index, proj, f, beta, gate, p):
     return gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
 
 
-def fused_step(rec, conv, index, proj, f, beta, gate, p, block_v=16, num_warps=4):
+def fused_step(rec, conv, index, proj, f, beta, gate, p, block_v=16, num_warps=2):
     return kda_decode_step(proj, p["conv_w"], conv, f, beta, gate, rec, index, p["A_log"], p["dt_bias"], p["norm_w"],
                            1e-5, num_heads=H, block_v=block_v, num_warps=num_warps)
 
@@ -59,14 +59,13 @@ def fused_step(rec, conv, index, proj, f, beta, gate, p, block_v=16, num_warps=4
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
-    parser.add_argument("--block-v", type=int, nargs="+", default=[16], help="decode kernel BV variants")
-    parser.add_argument("--pieces", action="store_true", help="also time the step's other ops alone")
+    parser.add_argument("--no-pieces", action="store_true", help="skip timing the step's other ops alone")
     args = parser.parse_args()
     header("KDA decode step, one layer, H=32 D=128 (Kimi-Linear-48B)")
     bw = copy_bandwidth()
     print(f"# device copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
     cols = ["batch", "variant", "eager us", "eager x bw", "graph us", "graph x bw"]
-    widths = [5, 42, 9, 10, 9, 10]
+    widths = [5, 46, 9, 10, 9, 10]
     print(fmt_row(cols, widths))
     torch.manual_seed(0)
     for batch in args.batch:
@@ -76,19 +75,16 @@ def main() -> None:
         q, k, v = (x[:, i * H * D : (i + 1) * H * D].view(-1, H, D).contiguous() for i in range(3))
         g = kda_gate(f, p["A_log"], p["dt_bias"])
         o = gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec.clone(), index)
-        variants = {
-            "step: 4 ops (conv,gate,recurrent,norm)": lambda: decode_step(rec, conv, index, proj, f, beta, gate, p),
-            "step: kda_decode_step (1 kernel, BV=16)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p),
-            "step: kda_decode_step (1 kernel, BV=32)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p, 32),
-            "step: kda_decode_step (BV=16, 8 warps)": lambda: fused_step(rec, conv, index, proj, f, beta, gate, p, 16, 8),
-        }
-        for bv in args.block_v:
-            variants[f"recurrent alone (ours, BV={bv})"] = (
-                lambda bv=bv: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=bv))
-        if args.pieces:
+        variants = {"step: 4 ops (conv,gate,recurrent,norm)": lambda: decode_step(rec, conv, index, proj, f, beta, gate, p)}
+        for bv, warps in ((16, 2), (16, 4), (16, 1), (8, 1)):
+            variants[f"step: kda_decode_step (1 kernel, BV={bv}, {warps}w)"] = (
+                lambda bv=bv, warps=warps: fused_step(rec, conv, index, proj, f, beta, gate, p, bv, warps))
+        for bv, warps in ((32, 8), (16, 4), (16, 2), (32, 4)):
+            variants[f"recurrent alone (ours, BV={bv}, {warps}w)"] = (
+                lambda bv=bv, warps=warps: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=bv,
+                                                                       num_warps=warps))
+        if not args.no_pieces:
             variants["  piece: conv update"] = lambda: causal_conv1d_update(proj, p["conv_w"], conv, index)
-            variants["  piece: conv update (BD=512, 4 warps)"] = lambda: _gpu_conv1d.causal_conv1d_update(
-                proj, p["conv_w"], conv, index, block_d=512, num_warps=4)
             variants["  piece: kda_gate (fla)"] = lambda: kda_gate(f, p["A_log"], p["dt_bias"])
             variants["  piece: gated_rms_norm (fla)"] = lambda: gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
         variants["recurrent alone (fla fwd, baseline)"] = lambda: gpu_kda.fla_fused_recurrent_kda_fwd(

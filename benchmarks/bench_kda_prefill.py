@@ -20,6 +20,13 @@ H, D, KERNEL = 32, 128, 4
 CONFIGS = [(1, 8192), (8, 1024)]
 
 
+def gather_scatter(pool, index, init):
+    """What the op adds around fla: gather the initial states, zero the fresh ones, scatter the finals."""
+    states = pool.index_select(0, index.long())
+    states.masked_fill_(~init.view(-1, 1, 1, 1), 0.0)
+    pool.index_copy_(0, index.long(), states)
+
+
 def main() -> None:
     header("KDA prefill, one layer, H=32 D=128 (Kimi-Linear-48B), bf16")
     bw = copy_bandwidth()
@@ -57,8 +64,9 @@ def main() -> None:
             "fla chunk_kda alone (baseline)": (fla_alone, None),
             # fla's input_guard copies non-contiguous q/k/v (column slices of one projection)
             "chunk_kda op, strided q/k/v views": (lambda: chunk_kda(q, k, v, g, beta, pool, cu, index, init), None),
+            "  gather + scatter of the states alone": (lambda: gather_scatter(pool, index, init), None),
         }
-        for bt, bd, warps in ((32, 128, 4), (64, 128, 4), (32, 256, 4), (64, 256, 8), (16, 512, 4)):
+        for bt, bd, warps in ((16, 128, 4), (32, 128, 4)):
             variants[f"conv1d varlen (Triton {bt}x{bd}, {warps}w)"] = (
                 lambda bt=bt, bd=bd, warps=warps: _gpu_conv1d.causal_conv1d_fn(
                     proj, conv_w, conv_pool, cu, index, init, block_t=bt, block_d=bd, num_warps=warps),

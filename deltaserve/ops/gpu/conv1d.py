@@ -133,7 +133,7 @@ def causal_conv1d_fn(
     has_initial_state: torch.Tensor,
     activation: str | None = "silu",
     *,
-    block_t: int = 32,
+    block_t: int = 16,
     block_d: int = 128,
     num_warps: int = 4,
 ) -> torch.Tensor:

@@ -157,14 +157,14 @@ def fused_recurrent_kda(
     *,
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
-    block_v: int = 16,
-    num_warps: int = 4,
+    block_v: int = 32,
+    num_warps: int = 8,
 ) -> torch.Tensor:
     """Decode step (one token per sequence), one launch, in place on the slots.
 
     ``q, k, g [B, H, K]``, ``v [B, H, V]``, ``beta [B, H]``, any batch/head strides (views of a
     fused projection are read where they lie); returns ``o [B, H, V]`` in ``q.dtype``.
-    NOTE: BV = 16 measured best on an H200 at batch 1..256 (benchmarks/RESULTS.md).
+    NOTE: BV = 32 rows at 8 warps measured best on an H200 at batch 1..256 (benchmarks/RESULTS.md).
     """
     batch, heads, k_dim = q.shape
     v_dim = v.shape[-1]

@@ -127,7 +127,7 @@ def kda_decode_step(
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
     block_v: int = 16,
-    num_warps: int = 4,
+    num_warps: int = 2,
 ) -> torch.Tensor:
     """A KDA layer's decode step, one launch; conv and recurrent slots updated in place.
 
