@@ -168,6 +168,7 @@ def fused_recurrent_kda(
     """
     batch, heads, k_dim = q.shape
     v_dim = v.shape[-1]
+    block_v = min(block_v, v_dim)  # small test models
     _check_state(recurrent_state, heads, k_dim, v_dim, "fused_recurrent_kda")
     if state_indices.shape[0] != batch:
         raise ValueError(f"fused_recurrent_kda: state_indices must have B={batch} entries, got {state_indices.shape[0]}")

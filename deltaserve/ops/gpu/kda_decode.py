@@ -145,6 +145,7 @@ def kda_decode_step(
     heads = num_heads
     v_dim = norm_weight.numel()
     k_dim = f.shape[-1] // heads
+    block_v = min(block_v, v_dim)  # small test models
     conv_dim = 2 * heads * k_dim + heads * v_dim
     kernel = conv_weight.shape[-1]
     state_len = conv_state.shape[1]
