@@ -151,3 +151,21 @@ def test_pool_gets_checkpoint_slots_and_a_budget_by_default(checkpoint):
     assert on.prefix_cache_budget_bytes >= 3 * slot_bytes
     small = make_llm(checkpoint, max_num_seqs=3, prefix_cache_budget_bytes=slot_bytes + 1).llm_engine.config
     assert small.num_state_slots == 4
+
+
+def test_bench_shared_prefix_reports_hits_and_ttft_with_and_without_the_cache(checkpoint, capsys):
+    from deltaserve.cli import main
+
+    argv = ["--num-requests", "6", "--system-prompt-len", "40", "--min-input", "4", "--max-input", "8",
+            "--min-output", "2", "--max-output", "3", "--num-conversations", "2", "--num-turns", "3",
+            "--block-size", "4", "--checkpoint-interval", "8", "--max-num-seqs", "2"]
+    assert main(["bench", "--model", str(checkpoint), "--dtype", "float32", "--workload", "shared-prefix", *argv]) == 0
+    out = capsys.readouterr().out
+    rows = {(r[0], r[1]): r[2:] for r in (line.replace("system prompt", "system").split() for line in out.splitlines())
+            if len(r) == 11 and r[1] in ("on", "off")}
+    assert set(rows) == {("system", "off"), ("system", "on"), ("chat", "off"), ("chat", "on")}
+    for part, requests in (("system", "6"), ("chat", "6")):
+        off, on = rows[part, "off"], rows[part, "on"]
+        assert off[0] == on[0] == requests and off[1] == on[1]  # same requests and prompt tokens
+        assert off[2] == off[1] and off[3] == "0.0%" and off[4] == "0"
+        assert int(on[2]) < int(on[1]) and int(on[4]) == int(off[2]) - int(on[2]) > 0

@@ -225,7 +225,7 @@ def test_metrics_count_tokens_and_time_them(server, client):
     assert after[f"{per_token}_count"] - before[f"{per_token}_count"] == 6
     assert after[f'{ttft}_bucket{{le="+Inf"}}'] == after[f"{ttft}_count"]
     for name in ("num_requests_running", "num_requests_waiting", "state_slots_used", "kv_blocks_used",
-                 "prefix_cache_hit_rate"):
+                 "prefix_cache_hit_rate", "prefix_cache_hit_tokens", "prompt_tokens_computed", "state_slots_cached"):
         assert f"deltaserve_{name}" in after
 
 

@@ -1,8 +1,8 @@
 """The server under load: many concurrent streams, clients that leave mid-stream, and overload.
 
 One server for the module: 32 sequences run, 32 more may wait (``--max-queue 32``), so 64 clients
-fit exactly and the 65th is refused. Prefix caching is off so that "free" means nothing held at all
-(cached prefixes would keep blocks and checkpoint slots by design).
+fit exactly and the 65th is refused. Prefix caching is on (the default): "free" means nothing held
+by a running sequence, and whatever is still in use is held by the prefix cache alone.
 """
 
 from __future__ import annotations
@@ -24,16 +24,17 @@ NUM_CLIENTS = MAX_NUM_SEQS + MAX_QUEUE
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = make_model(tmp_path_factory.mktemp("server_load"))
-    with serve_in_thread(model_dir, max_queue=MAX_QUEUE, max_model_len=512, max_num_seqs=MAX_NUM_SEQS,
-                         enable_prefix_caching=False) as running:
+    with serve_in_thread(model_dir, max_queue=MAX_QUEUE, max_model_len=512, max_num_seqs=MAX_NUM_SEQS) as running:
         yield running
 
 
 def _assert_all_free(metrics: dict[str, float]) -> None:
     assert metrics["deltaserve_num_requests_running"] == 0
     assert metrics["deltaserve_num_requests_waiting"] == 0
-    assert metrics["deltaserve_state_slots_used"] == 0
-    assert metrics["deltaserve_kv_blocks_used"] == 0
+    assert metrics["deltaserve_state_slots_running"] == 0
+    assert metrics["deltaserve_kv_blocks_running"] == 0
+    assert metrics["deltaserve_state_slots_used"] == metrics["deltaserve_state_slots_cached"]
+    assert metrics["deltaserve_kv_blocks_used"] == metrics["deltaserve_kv_blocks_cached"]
 
 
 async def _one_client(client: openai.AsyncOpenAI, i: int) -> tuple[int, int, str | None]:

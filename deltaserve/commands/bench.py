@@ -6,9 +6,10 @@ import argparse
 import random
 import time
 
+from deltaserve.commands import bench_shared_prefix
 from deltaserve.commands.generate import add_engine_arguments, engine_kwargs
 
-HELP = "offline throughput benchmark: random prompts, random output lengths, one warm-up, one timed run"
+HELP = "offline benchmark: throughput on random prompts, or the prefix cache on shared prefixes (--workload)"
 
 DESCRIPTION = """\
 Protocol (nano-vllm's bench.py): with a fixed --seed, draw --num-requests prompts of random token ids
@@ -22,7 +23,10 @@ exactly its output length. One warm-up generate, then:
                 output tok/s = output tokens / total time.
                 decode tok/s = tokens of the decode-only steps of this run / the time of those
                 steps (steps that mixed prefill chunks and decodes are left out of both).
-"""
+The prefix cache is emptied before each pass, so no pass reuses the prompts of the one before.
+
+--workload shared-prefix:
+""" + bench_shared_prefix.__doc__.split("\n", 2)[2]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=0.6, help="sampling temperature (default 0.6, as nano-vllm)"
     )
     parser.add_argument("--seed", type=int, default=0, help="workload and sampling seed (default 0)")
+    parser.add_argument("--workload", choices=("random", "shared-prefix"), default="random",
+                        help="random prompts (throughput) or shared prefixes (prefix cache on vs off)")
+    parser.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
+    parser.add_argument("--checkpoint-interval", type=int, default=None,
+                        help="prefix cache: tokens between state checkpoints (default: EngineConfig's)")
+    bench_shared_prefix.add_arguments(parser)
 
 
 def make_workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -60,12 +70,15 @@ def make_workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[
 def run(args: argparse.Namespace) -> int:
     from deltaserve import LLM, SamplingParams
 
+    extra = {} if args.checkpoint_interval is None else {"checkpoint_interval": args.checkpoint_interval}
     try:
-        llm = LLM(**engine_kwargs(args), seed=args.seed)
+        llm = LLM(**engine_kwargs(args), seed=args.seed, block_size=args.block_size, **extra)
         prompts, output_lens = make_workload(args, llm.llm_engine.hf_config.vocab_size)
     except ValueError as exc:
         print(f"error: {exc}")
         return 2
+    if args.workload == "shared-prefix":
+        return bench_shared_prefix.run(args, llm)
     engine = llm.llm_engine
 
     def params(max_tokens: int, seed: int) -> SamplingParams:
@@ -74,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
     # Warm-up: a few of the prompts, so both prefill and decode paths have run once.
     llm.generate(prompts[:4], [params(4, i) for i in range(min(4, len(prompts)))], use_tqdm=False)
 
+    engine.reset_prefix_cache()
     start = time.perf_counter()
     llm.generate(prompts, params(1, args.seed), use_tqdm=False)
     prefill_time = time.perf_counter() - start
 
+    engine.reset_prefix_cache()
     before = engine.stats()
     start = time.perf_counter()
     outputs = llm.generate(prompts, [params(n, args.seed + i) for i, n in enumerate(output_lens)], use_tqdm=True)

@@ -18,6 +18,7 @@ from deltaserve.config import EngineConfig
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
 from deltaserve.engine.model_runner import ModelRunner
+from deltaserve.engine.prefix_hooks import NoPrefixCache
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
@@ -260,5 +261,18 @@ class LLMEngine:
         """Drop every cached checkpoint and block (running requests keep theirs)."""
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
+
+    def set_prefix_caching(self, enabled: bool) -> None:
+        """Turn the prefix cache on or off between workloads (``deltaserve bench`` compares the two).
+
+        Needs an engine built with ``enable_prefix_caching`` (its pool has the checkpoint slots) and no
+        request in flight; the cache is emptied either way.
+        """
+        if self.prefix_cache is None:
+            raise ValueError("this engine was built with enable_prefix_caching=False")
+        if self.has_unfinished_requests():
+            raise ValueError("set_prefix_caching needs an idle engine: requests are running or waiting")
+        self.prefix_cache.reset()
+        self.scheduler.prefix_cache = self.prefix_cache if enabled else NoPrefixCache()
 
     get_metrics = stats

@@ -12,6 +12,16 @@ GAUGES = {
     "state_slots_total": ("state_slots_total", "State-pool slots (the null slot excluded)."),
     "kv_blocks_used": ("kv_blocks_used", "Paged KV blocks held (requests and the prefix cache)."),
     "kv_blocks_total": ("kv_blocks_total", "Paged KV blocks."),
+    "state_slots_running": ("state_slots_running", "State-pool slots held by running sequences."),
+    "state_slots_cached": ("state_slots_cached", "State-pool slots held only by prefix-cache checkpoints."),
+    "kv_blocks_running": ("kv_blocks_running", "KV blocks held by running sequences."),
+    "kv_blocks_cached": ("kv_blocks_cached", "KV blocks held only by the prefix cache."),
+    "prompt_tokens_computed": ("prompt_tokens_computed", "Prompt tokens run through the model (cache hits excluded)."),
+    "prefix_cache_queries": ("prefix_cache_queries", "Prefix-cache lookups (one per admitted sequence)."),
+    "prefix_cache_hits": ("prefix_cache_hits", "Prefix-cache lookups that restored at least one token."),
+    "prefix_cache_hit_tokens": ("prefix_cache_hit_tokens", "Prompt tokens restored from the prefix cache."),
+    "checkpoints_stored": ("prefix_cache_checkpoints_stored", "State checkpoints stored by the prefix cache."),
+    "checkpoints_evicted": ("prefix_cache_checkpoints_evicted", "State checkpoints evicted from the prefix cache."),
 }
 
 
