@@ -51,44 +51,48 @@ def _as_index(slots: SlotIndex, name: str, device: torch.device) -> torch.Tensor
     return slots.to(device=device, dtype=torch.long)
 
 
-def _check_range(index: torch.Tensor, name: str, pool: StatePool, allow_null: bool) -> None:
-    if index.numel() == 0:
-        return
-    low = 0 if allow_null else 1
-    bad = (index < low) | (index > pool.num_slots)
-    if bool(bad.any()):
-        value = int(index[bad].flatten()[0])
-        what = "the null slot 0" if value == NULL_SLOT else f"slot {value}"
-        raise ValueError(f"{name} holds {what}; allowed slots are {low}..{pool.num_slots}")
+def _check_slots(src_name: str, src: list[int], dst: list[int], pool: StatePool) -> None:
+    """Every id a real slot (never the null slot 0), and ``dst`` without repeats."""
+    for name, slots in ((src_name, src), ("dst", dst)):
+        for value in slots:
+            if not 1 <= value <= pool.num_slots:
+                what = "the null slot 0" if value == NULL_SLOT else f"slot {value}"
+                raise ValueError(f"{name} holds {what}; allowed slots are 1..{pool.num_slots}")
+    if len(set(dst)) != len(dst):
+        raise ValueError(f"dst holds a slot more than once: {dst}")
 
 
-def _check_unique(index: torch.Tensor, name: str) -> None:
-    if index.unique().numel() != index.numel():
-        raise ValueError(f"{name} holds a slot more than once: {index.tolist()}")
+def _check_pairs(src: list[int], dst: list[int], pool: StatePool) -> None:
+    """Host-side checks of a copy's slot ids (no device round trip when ids come as lists)."""
+    if len(src) != len(dst):
+        raise ValueError(f"src has {len(src)} slots but dst has {len(dst)}")
+    _check_slots("src", src, dst, pool)
+    # NOTE: a slot that is both read and written would make the result depend on the order in
+    # which a fused kernel visits pairs; chains of copies are the caller's to sequence.
+    overlap = sorted(set(src) & set(dst))
+    if overlap:
+        raise ValueError(f"src and dst overlap in slots {overlap}; they must be disjoint")
 
 
-def copy_slots(pool: StatePool, src: SlotIndex, dst: SlotIndex, group: str | None = None) -> None:
+def copy_slots(
+    pool: StatePool, src: SlotIndex, dst: SlotIndex, group: str | None = None, *, check: bool = True
+) -> None:
     """In place: ``state[:, dst[i]] = state[:, src[i]]`` for every state of every layer.
 
     ``src``, ``dst``: ``[N]`` slot ids (tensor or list); ``group=None`` copies every group. Both
     states of a layer are copied whole (conv windows and recurrent state). ``src`` and ``dst`` must
-    be disjoint, ``dst`` without repeats, and ``dst`` never the null slot 0.
+    be disjoint, ``dst`` without repeats, and ``dst`` never the null slot 0. The checks run on the
+    host: free for lists, one device sync for CUDA tensors (``check=False`` skips them, e.g. inside
+    a CUDA graph).
     """
     src_index = _as_index(src, "src", pool.device).flatten()
     dst_index = _as_index(dst, "dst", pool.device).flatten()
-    if src_index.numel() != dst_index.numel():
-        raise ValueError(f"src has {src_index.numel()} slots but dst has {dst_index.numel()}")
     names = _groups(pool, group)
+    if check:
+        as_list = lambda x, i: list(map(int, x)) if not isinstance(x, torch.Tensor) else i.tolist()  # noqa: E731
+        _check_pairs(as_list(src, src_index), as_list(dst, dst_index), pool)
     if dst_index.numel() == 0:
         return
-    _check_range(src_index, "src", pool, allow_null=False)
-    _check_range(dst_index, "dst", pool, allow_null=False)
-    _check_unique(dst_index, "dst")
-    # NOTE: a slot that is both read and written would make the result depend on the order in
-    # which a fused kernel visits pairs; chains of copies are the caller's to sequence.
-    overlap = torch.isin(dst_index, src_index)
-    if bool(overlap.any()):
-        raise ValueError(f"src and dst overlap in slots {dst_index[overlap].tolist()}; they must be disjoint")
     if pool.device.type == "cuda" and (gpu := _gpu_impl("copy_slots")) is not None:
         gpu(pool, src_index, dst_index, group)
         return
@@ -143,15 +147,13 @@ def copy_spec_decode_states(
     if num_requests == 0:
         return
     num_columns = src_blocks.shape[1]
-    _check_range(src_blocks, "src_block_slots", pool, allow_null=False)
-    _check_range(dst_index, "dst", pool, allow_null=False)
-    _check_unique(dst_index, "dst")
-    if bool(((accepted < 0) | (accepted > num_columns)).any()):
-        raise ValueError(
-            f"num_accepted_tokens must be in 0..{num_columns} (1 + num_spec), got {accepted.tolist()}"
-        )
+    # Host-side checks: one device round trip for all three index tensors.
+    src_list, dst_list, accepted_list = src_blocks.flatten().tolist(), dst_index.tolist(), accepted.tolist()
+    _check_slots("src_block_slots", src_list, dst_list, pool)
+    if any(not 0 <= n <= num_columns for n in accepted_list):
+        raise ValueError(f"num_accepted_tokens must be in 0..{num_columns} (1 + num_spec), got {accepted_list}")
     accepted = accepted.clamp(min=1)
-    max_shift = int(accepted.max()) - 1
+    max_shift = max(max(accepted_list), 1) - 1
     for name in names:
         layout = pool.groups[name].layout
         # NOTE: the shifted window must still hold K - 1 real inputs, which is what the
