@@ -252,6 +252,22 @@ def test_chunks_end_at_new_checkpoint_positions_only():
     assert first.output_token_ids == naive_generate(first.token_ids[:21], 3)
 
 
+def test_without_interval_checkpoints_only_a_shared_prefix_cuts_a_chunk():
+    # The engine's default interval is the chunk size: prompts that fit one chunk are cut only where
+    # they leave a prefix seen before (a branch point), and then only once for everybody.
+    scheduler, cache, model = make_system(interval=1000)
+    system = tokens(18, 90)
+    first, second, third = (seq_of(system + tokens(3, 91 + i)) for i in range(3))
+    unique = seq_of(tokens(21, 95))
+    run(scheduler, model, [first, unique])
+    assert [n for _, s, n in run.chunks if s == 0] == [21, 21]  # one chunk each: no cut without sharing
+    run(scheduler, model, [second])
+    assert [(s, n) for _, s, n in run.chunks][:2] == [(0, 16), (16, 5)]  # 16 = the 4 full blocks of system
+    run(scheduler, model, [third])
+    assert cache.num_hit_tokens == 16 and [(s, n) for _, s, n in run.chunks][0] == (16, 5)
+    assert third.output_token_ids == naive_generate(third.token_ids[:21], 3)
+
+
 @pytest.mark.parametrize("num_slots, num_blocks", [(4, 64), (6, 14), (3, 12)])
 def test_workloads_with_tight_pools_match_the_naive_loop(num_slots, num_blocks):
     scheduler, cache, model = make_system(num_slots=num_slots, num_blocks=num_blocks, max_num_seqs=3,

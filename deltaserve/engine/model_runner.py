@@ -27,7 +27,8 @@ DEFAULT_GPU_KV_FRACTION = 0.8
 
 
 def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.device) -> EngineConfig:
-    """Fill in ``max_model_len``, ``num_state_slots``, ``num_kv_blocks`` and ``prefix_cache_budget_bytes``.
+    """Fill in ``max_model_len``, ``num_state_slots``, ``num_kv_blocks``, ``prefix_cache_budget_bytes``
+    and ``checkpoint_interval`` (default: ``max_num_batched_tokens``).
 
     With prefix caching the pool holds ``max_num_seqs`` slots for requests plus up to ``max_num_seqs``
     for checkpoints (fewer if ``prefix_cache_budget_bytes`` holds fewer); the default budget is those
@@ -73,9 +74,10 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
     if budget is None:
         kv_bytes = model.kv_cache_spec(config.cache_dtype).bytes_per_block(bs) * num_blocks
         budget = max(0, num_slots - config.max_num_seqs) * slot_bytes + kv_bytes
+    interval = config.checkpoint_interval or config.max_num_batched_tokens
     return dataclasses.replace(
         config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks,
-        prefix_cache_budget_bytes=budget,
+        prefix_cache_budget_bytes=budget, checkpoint_interval=interval,
     )
 
 

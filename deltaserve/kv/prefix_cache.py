@@ -11,11 +11,14 @@ with one fused :func:`copy_slots`.
 
 Checkpoint positions; ``clip_chunk`` ends prefill chunks there, so the state is exact:
 
-- every ``checkpoint_interval`` tokens, and the end of the tokens to compute (the prompt);
-- where the sequence stops sharing full blocks with blocks already hashed or with the tokens of a
-  running sequence: the end of a shared system prompt, found as soon as two requests share it;
-- at release (finish, abort, preemption): the sequence's own slot is adopted, no copy, so the next
-  turn of a chat (previous prompt + output + new text) hits.
+- the end of the tokens to compute (the prompt), and the release of a sequence (finish, abort,
+  preemption), where its own slot is adopted, no copy: the next turn of a chat (previous prompt +
+  output + new text) hits. Neither costs a forward step;
+- branch points: where the sequence stops sharing full blocks with blocks already hashed or with
+  the tokens of a running sequence, e.g. the end of a system prompt, as soon as a second request
+  shares it (Marconi's admission rule, Pan et al., MLSys 2025: states only where reuse is seen);
+- every ``checkpoint_interval`` tokens (the engine's default is the chunk size, where the chunks of
+  a long prompt end anyway).
 
 A position already cached, or promised by another running sequence, never cuts a chunk: a
 checkpoint costs a forward step only where it is new. Eviction is least recently used, to stay
