@@ -65,15 +65,64 @@ def build_llm(config_dir: Path, model, args) -> LLM:
         loader.load_model = original
 
 
-def run_ours(llm: LLM, prompts, outputs) -> dict:
-    warm = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
-    llm.generate([p[:200] for p in prompts[:4]], warm, use_tqdm=False)
+class StepTimer:
+    """Wall time of every ``engine.step()`` (scheduling, forward, sampling, outputs) with its batch shape."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.steps: list[tuple[float, int, int]] = []  # (seconds, prefill tokens, decode tokens)
+        self._step, self._schedule = engine.step, engine.scheduler.schedule
+        self._last = None
+
+        def schedule():
+            self._last = self._schedule()
+            return self._last
+
+        def step():
+            t0 = time.perf_counter()
+            out = self._step()
+            batch = self._last
+            self.steps.append((time.perf_counter() - t0, batch.num_prefill_tokens, batch.num_decode_tokens))
+            return out
+
+        engine.scheduler.schedule, engine.step = schedule, step
+
+    def close(self) -> None:
+        self.engine.step, self.engine.scheduler.schedule = self._step, self._schedule
+
+    def summary(self, total: float) -> str:
+        with_prefill = [s for s in self.steps if s[1] > 0]
+        decode = [s for s in self.steps if s[1] == 0]
+        slowest = max(with_prefill, default=(0.0, 0, 0))
+        t_pre, t_dec = sum(s[0] for s in with_prefill), sum(s[0] for s in decode)
+        return (f"steps with prefill: {len(with_prefill)}, {t_pre:.2f} s ({sum(s[1] for s in with_prefill)} prompt "
+                f"tokens; slowest {slowest[0]:.2f} s with {slowest[1]} prefill + {slowest[2]} decode tokens); "
+                f"decode-only steps: {len(decode)}, {t_dec:.2f} s ({1e3 * t_dec / max(1, len(decode)):.1f} ms/step, "
+                f"{sum(s[2] for s in decode) / max(t_dec, 1e-9):.0f} tok/s); outside steps: {total - t_pre - t_dec:.2f} s")
+
+
+def run_ours(llm: LLM, prompts, outputs, warmup: str) -> dict:
+    """``warmup``: ``tiny`` (nano-vllm: 4 short requests) or ``full`` (the same prompts, 4 output tokens
+    each: Triton compiles and autotunes fla's kernels for the prefill shapes before the clock starts)."""
+    t0 = time.perf_counter()
+    if warmup == "none":
+        pass
+    elif warmup == "full":
+        llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
+    else:
+        warm = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+        llm.generate([p[:200] for p in prompts[:4]], warm, use_tqdm=False)
+    sync()
+    print(f"warm-up ({warmup}): {time.perf_counter() - t0:.1f} s")
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in outputs]
+    timer = StepTimer(llm.llm_engine)
     sync()
     start = time.perf_counter()
     results = llm.generate(prompts, params, use_tqdm=False)
     sync()
     seconds = time.perf_counter() - start
+    timer.close()
+    print(f"timed run: {timer.summary(seconds)}")
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
     assert tokens == sum(outputs), (tokens, sum(outputs))
     return {"tokens": tokens, "seconds": seconds, "requests": len(prompts)}
@@ -207,6 +256,9 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--warmup", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--repeat", type=int, default=1, help="timed runs; each later one is warmed by the one before")
+    p.add_argument("--skip-twin-check", action="store_true")
     p.add_argument("--hf-requests", type=int, default=32)
     p.add_argument("--hf-new-tokens", type=int, default=128)
     p.add_argument("--skip-hf", action="store_true")
@@ -243,18 +295,25 @@ def main() -> None:
     ref = None
     if not args.skip_hf:
         ref = make_kimi_shaped.make_transformers_twin(model)
+        twin = "skipped" if args.skip_twin_check else f"{twin_check(model, ref):.2e}"
         print(f"transformers twin: experts_implementation={ref.config._experts_implementation}; "
-              f"logits rel err ours vs transformers (64 tokens, bf16): {twin_check(model, ref):.2e}")
+              f"logits rel err ours vs transformers (64 tokens, bf16): {twin}")
 
     t0 = time.perf_counter()
     llm = build_llm(config_dir, model, args)
     graphs = llm.llm_engine.runner.cuda_graphs
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (CUDA graphs: "
           f"{graphs.sizes if graphs is not None else 'off'}); KV blocks {llm.llm_engine.config.num_kv_blocks}")
-    ours = run_ours(llm, prompts, outputs)
-    ours_tps = ours["tokens"] / ours["seconds"]
-    print(f"ours: {ours['requests']} requests, {ours['tokens']} output tokens in {ours['seconds']:.2f} s = "
-          f"{ours_tps:.0f} tok/s")
+    runs = []
+    for i in range(args.repeat):
+        # NOTE: a repeat's warm-up is the run before it (the same shapes, every kernel compiled and tuned).
+        warmup = args.warmup if i == 0 else "previous run"
+        ours = run_ours(llm, prompts, outputs, args.warmup if i == 0 else "none")
+        ours["warmup"] = warmup
+        runs.append(ours)
+        ours_tps = ours["tokens"] / ours["seconds"]
+        print(f"ours (warm-up: {warmup}): {ours['requests']} requests, {ours['tokens']} output tokens in "
+              f"{ours['seconds']:.2f} s = {ours_tps:.0f} tok/s")
     metrics = llm.get_metrics()
     print("engine metrics (warm-up included): " + ", ".join(
         f"{k}={metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
@@ -276,14 +335,16 @@ def main() -> None:
     print(f"\n## {card}: output tokens/s, Kimi-Linear-shaped ({args.num_experts} experts, bf16), "
           f"inputs/outputs uniform in [{args.min_len}, {args.max_len}]")
     print(f"| engine | requests | output tokens | seconds | tok/s |\n|---|---|---|---|---|")
-    print(f"| deltaserve (LLM, cuda graphs {'on' if graphs is not None else 'off'}) | {ours['requests']} | "
-          f"{ours['tokens']} | {ours['seconds']:.2f} | {ours_tps:.0f} |")
+    for run in runs:
+        print(f"| deltaserve (LLM, cuda graphs {'on' if graphs is not None else 'off'}, warm-up: {run['warmup']}) | "
+              f"{run['requests']} | {run['tokens']} | {run['seconds']:.2f} | {run['tokens'] / run['seconds']:.0f} |")
     if hf is not None:
         hf_tps = hf["tokens"] / hf["seconds"]
         print(f"| transformers generate (first {hf['requests']} prompts, {args.hf_new_tokens} new tokens each) | "
               f"{hf['requests']} | {hf['tokens']} | {hf['seconds']:.2f} | {hf_tps:.0f} |")
-        print(f"\nspeed-up: {ours_tps / hf_tps:.1f}x (target >= 10x)")
-    if ref is not None:
+        for run in runs:
+            print(f"speed-up (warm-up: {run['warmup']}): {run['tokens'] / run['seconds'] / hf_tps:.1f}x (target >= 10x)")
+    if ref is not None and not args.skip_twin_check:
         del ref, model
         gc.collect()
         twin_check_fp32(args)
