@@ -98,7 +98,8 @@ class StepTimer:
         return (f"steps with prefill: {len(with_prefill)}, {t_pre:.2f} s ({sum(s[1] for s in with_prefill)} prompt "
                 f"tokens; slowest {slowest[0]:.2f} s with {slowest[1]} prefill + {slowest[2]} decode tokens); "
                 f"decode-only steps: {len(decode)}, {t_dec:.2f} s ({1e3 * t_dec / max(1, len(decode)):.1f} ms/step, "
-                f"{sum(s[2] for s in decode) / max(t_dec, 1e-9):.0f} tok/s); outside steps: {total - t_pre - t_dec:.2f} s")
+                f"{sum(s[2] for s in decode) / max(t_dec, 1e-9):.0f} tok/s); "
+                f"outside steps: {total - t_pre - t_dec:.2f} s")
 
 
 def run_ours(llm: LLM, prompts, outputs, warmup: str) -> dict:
@@ -343,7 +344,8 @@ def main() -> None:
         print(f"| transformers generate (first {hf['requests']} prompts, {args.hf_new_tokens} new tokens each) | "
               f"{hf['requests']} | {hf['tokens']} | {hf['seconds']:.2f} | {hf_tps:.0f} |")
         for run in runs:
-            print(f"speed-up (warm-up: {run['warmup']}): {run['tokens'] / run['seconds'] / hf_tps:.1f}x (target >= 10x)")
+            speedup = run["tokens"] / run["seconds"] / hf_tps
+            print(f"speed-up (warm-up: {run['warmup']}): {speedup:.1f}x (target >= 10x)")
     if ref is not None and not args.skip_twin_check:
         del ref, model
         gc.collect()

@@ -88,7 +88,8 @@ def transformers_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, tensor in model.named_parameters():
         name = re.sub(r"self_attn\.(f_a_proj|f_b_proj|dt_bias|A_log)", r"self_attn.forget_gate.\1", name)
         name = name.replace(".block_sparse_moe.", ".mlp.")
-        name = name.replace("experts.w13_weight", "experts.gate_up_proj").replace("experts.w2_weight", "experts.down_proj")
+        name = name.replace("experts.w13_weight", "experts.gate_up_proj")
+        name = name.replace("experts.w2_weight", "experts.down_proj")
         conv = re.fullmatch(r"(.*\.self_attn)\.([qkv])_conv1d\.weight", name)
         if conv:
             convs.setdefault(conv.group(1), {})[conv.group(2)] = tensor
