@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import rel_err
 from transformers import KimiLinearConfig
 from transformers.models.kimi_linear import modeling_kimi_linear as tf

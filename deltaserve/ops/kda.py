@@ -23,13 +23,19 @@ def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
     return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
-def kda_gate_ref(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
-    """Torch reference of :func:`kda_gate`."""
+def check_gate_shapes(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> int:
+    """The head count ``H = A_log.numel()``, after checking ``f [T, H*K]`` against it and ``dt_bias [H*K]``."""
     heads = A_log.numel()
     if f.shape[-1] % heads != 0 or dt_bias.numel() != f.shape[-1]:
         raise ValueError(
             f"kda_gate: f [T, H*K] = {tuple(f.shape)} must match dt_bias [H*K] = {tuple(dt_bias.shape)} and H = {heads}"
         )
+    return heads
+
+
+def kda_gate_ref(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`kda_gate`."""
+    heads = check_gate_shapes(f, A_log, dt_bias)
     gate = (f.float() + dt_bias.float()).view(*f.shape[:-1], heads, -1)  # [T, H, K]
     # NOTE: softplus is linear above 20, as in fla and transformers (threshold avoids exp overflow).
     return -torch.exp(A_log.float().reshape(heads, 1)) * F.softplus(gate, threshold=20.0)

@@ -1,11 +1,15 @@
-"""GPU implementations of the kernel-level ops (Triton; fla-core for KDA's gate, chunked prefill and norms).
+"""GPU implementations of the kernel-level ops (Triton and torch; fla-core for KDA's gate, chunked prefill and norms).
 
 Imported only through ``deltaserve.ops.gpu_impl`` when a CUDA tensor reaches a public op, so a CPU
 machine never imports Triton or fla. Modules, each mirroring the public op module of the same name:
 
+- ``attention``: paged MLA attention (weight absorption, one Triton kernel) and the KV cache write;
 - ``conv1d``: the project's Triton causal conv1d (varlen prefill, decode update), slot-indexed, any strides;
 - ``kda``: fla-core's ``kda_gate_fwd`` and ``chunk_kda`` (V-first state layout, gathered/scattered
   slots) and the project's Triton decode kernel (in place on the slots);
+- ``kda_decode``: one fused kernel for a KDA layer's whole decode step (tests and benchmarks only:
+  the layer composes the ops above, which are faster under CUDA graphs, benchmarks/RESULTS.md);
+- ``moe``: routed experts through ``torch._grouped_mm`` (bf16) or dense batched matmuls, no host sync;
 - ``norm``: fla-core's fused RMSNorm and sigmoid-gated RMSNorm;
 - ``state_copy``: fused slot-to-slot copies over all layers (used by ``deltaserve.state.copy``).
 """

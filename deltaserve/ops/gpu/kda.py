@@ -14,7 +14,7 @@ from fla.ops.kda import chunk_kda as fla_chunk_kda
 from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_fused_recurrent_kda_fwd
 from fla.ops.kda.gate import kda_gate_fwd as fla_kda_gate_fwd
 
-from deltaserve.ops.kda import L2NORM_EPS
+from deltaserve.ops.kda import L2NORM_EPS, check_gate_shapes
 
 
 def _check_state(recurrent_state: torch.Tensor, heads: int, k_dim: int, v_dim: int, op: str) -> None:
@@ -31,11 +31,7 @@ def _check_state(recurrent_state: torch.Tensor, heads: int, k_dim: int, v_dim: i
 
 def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """``g [T, H, K]`` float32 ``= -exp(A_log) * softplus(f + dt_bias)`` through fla's fused gate kernel."""
-    heads = A_log.numel()
-    if f.shape[-1] % heads != 0 or dt_bias.numel() != f.shape[-1]:
-        raise ValueError(
-            f"kda_gate: f [T, H*K] = {tuple(f.shape)} must match dt_bias [H*K] = {tuple(dt_bias.shape)} and H = {heads}"
-        )
+    heads = check_gate_shapes(f, A_log, dt_bias)
     gate = f.reshape(*f.shape[:-1], heads, f.shape[-1] // heads).contiguous()
     return fla_kda_gate_fwd(gate, A_log.reshape(heads).contiguous(), dt_bias.reshape(-1).contiguous(),
                             output_dtype=torch.float32)
