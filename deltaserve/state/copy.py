@@ -14,25 +14,14 @@ the (validated) work to ``deltaserve.ops.gpu.state_copy`` when that module impor
 
 from __future__ import annotations
 
-import functools
-import importlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
+from deltaserve.ops import gpu_impl
 from deltaserve.state.pool import NULL_SLOT, StatePool
 
 SlotIndex = torch.Tensor | Sequence[int]
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_impl(name: str) -> Callable | None:
-    """``deltaserve.ops.gpu.state_copy.<name>`` if that module imports (needs Triton), else None."""
-    try:
-        module = importlib.import_module("deltaserve.ops.gpu.state_copy")
-    except ImportError:
-        return None
-    return getattr(module, name, None)
 
 
 def _groups(pool: StatePool, group: str | None) -> list[str]:
@@ -49,6 +38,11 @@ def _as_index(slots: SlotIndex, name: str, device: torch.device) -> torch.Tensor
     if slots.dtype.is_floating_point or slots.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer slot ids, got dtype {slots.dtype}")
     return slots.to(device=device, dtype=torch.long)
+
+
+def _host_ids(slots: SlotIndex, index: torch.Tensor) -> list[int]:
+    """Slot ids on the host: a list as given (no device round trip), a tensor through ``index.tolist()``."""
+    return index.tolist() if isinstance(slots, torch.Tensor) else [int(s) for s in slots]
 
 
 def _check_slots(src_name: str, src: list[int], dst: list[int], pool: StatePool) -> None:
@@ -89,11 +83,10 @@ def copy_slots(
     dst_index = _as_index(dst, "dst", pool.device).flatten()
     names = _groups(pool, group)
     if check:
-        as_list = lambda x, i: list(map(int, x)) if not isinstance(x, torch.Tensor) else i.tolist()  # noqa: E731
-        _check_pairs(as_list(src, src_index), as_list(dst, dst_index), pool)
+        _check_pairs(_host_ids(src, src_index), _host_ids(dst, dst_index), pool)
     if dst_index.numel() == 0:
         return
-    if pool.device.type == "cuda" and (gpu := _gpu_impl("copy_slots")) is not None:
+    if pool.device.type == "cuda" and (gpu := gpu_impl("state_copy", "copy_slots")) is not None:
         gpu(pool, src_index, dst_index, group)
         return
     copy_slots_torch(pool, src_index, dst_index, names)
@@ -164,7 +157,7 @@ def copy_spec_decode_states(
                 f"{layout.conv_kernel_size - 1 + max_shift} (layout num_spec >= {max_shift}), "
                 f"but the layout has conv_state_len = {layout.conv_state_len} (num_spec = {layout.num_spec})"
             )
-    if pool.device.type == "cuda" and (gpu := _gpu_impl("copy_spec_decode_states")) is not None:
+    if pool.device.type == "cuda" and (gpu := gpu_impl("state_copy", "copy_spec_decode_states")) is not None:
         gpu(pool, src_blocks, dst_index, accepted, group)
         return
     copy_spec_decode_states_torch(pool, src_blocks, dst_index, accepted, names)
