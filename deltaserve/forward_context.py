@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -37,15 +38,23 @@ class ForwardContext:
     slot_mapping: torch.Tensor | None = None
     block_size: int = 16
 
+    # NOTE: cached: every KDA/MLA layer reads these once per forward, and the host lists they
+    # derive from are not changed after the context is built.
+
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
 
-    @property
+    @functools.cached_property
+    def num_tokens(self) -> int:
+        """``T``, the new tokens of all sequences."""
+        return sum(self.query_lens)
+
+    @functools.cached_property
     def is_decode_only(self) -> bool:
         return all(n == 1 for n in self.query_lens) and all(c > 0 for c in self.num_computed_tokens)
 
-    @property
+    @functools.cached_property
     def seq_lens(self) -> list[int]:
         """Total tokens of each sequence once this step's tokens are in."""
         return [c + q for c, q in zip(self.num_computed_tokens, self.query_lens)]

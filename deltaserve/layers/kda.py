@@ -113,9 +113,9 @@ class KimiDeltaAttention(nn.Module):
             raise RuntimeError(f"KDA layer {self.layer_idx} has no state: call bind_state() before forward()")
         ctx = get_forward_context()
         num_tokens = hidden_states.shape[0]
-        if num_tokens != sum(ctx.query_lens):
+        if num_tokens != ctx.num_tokens:
             raise ValueError(
-                f"hidden_states has {num_tokens} tokens, the forward context's query_lens sum to {sum(ctx.query_lens)}"
+                f"hidden_states has {num_tokens} tokens, the forward context's query_lens sum to {ctx.num_tokens}"
             )
         shape = (num_tokens, self.num_heads, self.head_dim)
         x = hidden_states
