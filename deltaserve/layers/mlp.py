@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,8 @@ from torch import nn
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
 
 
-def get_activation(name: str):
+def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function of a config's ``hidden_act``; ValueError naming the supported ones."""
     if name not in ACTIVATIONS:
         raise ValueError(f"hidden_act {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from deltaserve.models.registry import architecture_of, resolve_name
+from deltaserve.models.registry import architecture_of, resolve, resolve_name
 from deltaserve.state.layout import resolve_dtype
 
 SINGLE_FILE = "model.safetensors"
@@ -179,7 +179,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     """Build the model of a checkpoint directory and load its weights (eval mode, no grad)."""
     config = load_model_config(path)
     torch_dtype = model_dtype(config, dtype)
-    model_class = resolve_name(architecture_of(config))
+    model_class = resolve(config)
     # NOTE: built on the meta device, then given uninitialised storage: random init of a 48B model
     # would cost minutes, and every weight is overwritten (a missing one is an error).
     with torch.device("meta"):

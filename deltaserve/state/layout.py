@@ -7,6 +7,7 @@ Shapes are per slot and per tensor-parallel rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,10 +99,7 @@ class StateLayout:
     def recurrent_bytes(self) -> int:
         if self.recurrent_shape is None:
             return 0
-        numel = 1
-        for size in self.recurrent_shape:
-            numel *= size
-        return numel * self.recurrent_dtype.itemsize
+        return math.prod(self.recurrent_shape) * self.recurrent_dtype.itemsize
 
     @property
     def bytes_per_slot(self) -> int:

@@ -78,7 +78,7 @@ def four_to_two(states: Sequence[torch.Tensor], layout: StateLayout) -> TwoState
     if len(dtypes) != 1:
         found = f"{conv_q.dtype}, {conv_k.dtype}, {conv_v.dtype}"
         raise ValueError(f"conv_q, conv_k, conv_v must share one dtype, got {found}")
-    channel_axis = -1 if layout.conv_layout == "SD" else -2
+    channel_axis = layout.conv_channel_axis - 2  # counted from the end: SD -1, DS -2
     return TwoState(torch.cat((conv_q, conv_k, conv_v), dim=channel_axis), recurrent)
 
 
@@ -98,6 +98,6 @@ def two_to_four(states: Sequence[torch.Tensor], layout: StateLayout) -> FourStat
         raise ValueError(
             f"conv_state {tuple(conv.shape)} and recurrent_state {tuple(recurrent.shape)} must share their leading dims"
         )
-    channel_axis = -1 if layout.conv_layout == "SD" else -2
+    channel_axis = layout.conv_channel_axis - 2  # counted from the end: SD -1, DS -2
     conv_q, conv_k, conv_v = torch.split(conv, list(layout.conv_split), dim=channel_axis)
     return FourState(conv_q, conv_k, conv_v, recurrent)
