@@ -61,6 +61,18 @@ def eos_token_ids(hf_config, tokenizer) -> set[int]:
     return ids
 
 
+def _check_device(device: str) -> None:
+    """ValueError naming ``device`` for a string torch cannot parse or a CUDA device this torch lacks."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (parsed.index or 0) >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} CUDA device(s) visible to torch")
+
+
 class LLMEngine:
     """``add_request`` / ``step`` / ``abort_request`` over a scheduler and a model runner."""
 
@@ -72,6 +84,7 @@ class LLMEngine:
             from deltaserve.models.tiny import default_tiny_model
 
             config = dataclasses.replace(config, model=str(default_tiny_model()))
+        _check_device(config.device)
         self.hf_config = load_model_config(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
         model = load_model(config.model, dtype=config.dtype, device=config.device)

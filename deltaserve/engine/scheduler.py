@@ -74,7 +74,6 @@ class Scheduler:
         self.num_preemptions = 0
         # Steps in which the head of the waiting queue stayed there for lack of a free state slot.
         self.num_slot_waits = 0
-        self.num_prefix_hit_tokens = 0
 
     # ---- queues ------------------------------------------------------------------------------
 
@@ -138,7 +137,6 @@ class Scheduler:
                 self._release(seq)
                 break
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
-            self.num_prefix_hit_tokens += seq.num_computed_tokens
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
