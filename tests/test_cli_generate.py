@@ -35,7 +35,7 @@ def test_generate_prints_transformers_greedy_completion_and_speed(checkpoint, ca
 def test_generate_reports_bad_sampling_settings(checkpoint, capsys):
     code = main(["generate", "--model", str(checkpoint), "--top-p", "0", "hi"])
     assert code == 2
-    assert "top_p must be in (0, 1]" in capsys.readouterr().out
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_bench_prints_the_table_with_every_output_token(checkpoint, capsys):

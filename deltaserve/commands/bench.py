@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 
 from deltaserve.commands import bench_shared_prefix
@@ -50,13 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench_shared_prefix.add_arguments(parser)
 
 
-def make_workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
-    """Prompts (token ids) and output lengths, the same for the same seed and sizes."""
+def check_workload(args: argparse.Namespace) -> None:
+    """ValueError naming the flag when the workload sizes are out of range."""
     for low, high, name in ((args.min_input, args.max_input, "input"), (args.min_output, args.max_output, "output")):
         if not 1 <= low <= high:
             raise ValueError(f"--min-{name} and --max-{name} must satisfy 1 <= min <= max, got {low} and {high}")
     if args.num_requests < 1:
         raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """Prompts (token ids) and output lengths, the same for the same seed and sizes."""
+    check_workload(args)
     rng = random.Random(args.seed)
     id_limit = min(vocab_size, 10_000)
     prompts = [
@@ -72,10 +78,12 @@ def run(args: argparse.Namespace) -> int:
 
     extra = {} if args.checkpoint_interval is None else {"checkpoint_interval": args.checkpoint_interval}
     try:
+        # NOTE: before the model loads, so that a bad flag is reported at once.
+        check_workload(args)
         llm = LLM(**engine_kwargs(args), seed=args.seed, block_size=args.block_size, **extra)
         prompts, output_lens = make_workload(args, llm.llm_engine.hf_config.vocab_size)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.workload == "shared-prefix":
         return bench_shared_prefix.run(args, llm)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -113,12 +114,13 @@ def run_part(engine, turns: list[Turn], args, user_texts: list[tuple] | None = N
 def run(args: argparse.Namespace, llm) -> int:
     engine = llm.llm_engine
     if engine.prefix_cache is None:
-        print("error: --workload shared-prefix compares the prefix cache on and off; do not turn it off")
+        print("error: --workload shared-prefix compares the prefix cache on and off; do not turn it off",
+              file=sys.stderr)
         return 2
     try:
         requests, chats, user_texts = make_parts(args, engine.hf_config.vocab_size)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     # Warm-up, both paths: a few requests without and with the cache.
     for enabled in (False, True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 HELP = "complete one or more prompts with a model (default: the built-in tiny model) and print tokens/s"
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
     num_tokens = 0
