@@ -36,25 +36,19 @@ def vocab_size(engine: Any) -> int:
 def engine_stats(engine: Any) -> dict[str, tuple[str, float]]:
     """Metric name -> (help, value), read on the engine-loop thread (consistent between two steps).
 
-    The prefix-cache hit rate is exported when the engine reports one (any ``*hit_rate`` key).
+    ``prefix_cache_hit_rate`` is derived from the engine's counters: prompt tokens served from the
+    cache over prompt tokens of added sequences.
     """
     stats = engine.get_metrics()
     out: dict[str, tuple[str, float]] = {}
     for key, (name, help_text) in GAUGES.items():
         if key in stats:
             out[name] = (help_text, stats[key])
-    # NOTE: without a reported rate, derive one from the engine's counters: prompt tokens served
-    # from the cache over prompt tokens of added sequences.
-    if not any(key.endswith("hit_rate") for key in stats) and "prefix_cache_hit_tokens" in stats:
+    if "prefix_cache_hit_tokens" in stats:
         total = stats.get("prompt_tokens", 0)
         out["prefix_cache_hit_rate"] = ("Prompt tokens served from the prefix cache over all prompt tokens.",
                                         stats["prefix_cache_hit_tokens"] / total if total else 0.0)
     for key, value in sorted(stats.items()):
-        if key in GAUGES or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if key.endswith("hit_rate"):
-            name = key if key.startswith("prefix_cache") else f"prefix_cache_{key}"
-            out[name] = ("Prefix-cache hit rate reported by the engine.", value)
-        else:
+        if key not in GAUGES and isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"engine_{key}"] = (f"Engine counter {key} (see LLMEngine.stats).", value)
     return out

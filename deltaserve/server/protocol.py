@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# NOTE: OpenAI's limits; top_logprobs / logprobs above 20 are refused by OpenAI too.
-MAX_LOGPROBS = 20
+from deltaserve.engine.sampling_params import MAX_LOGPROBS
+
+# NOTE: OpenAI's limits; top_logprobs / logprobs above 20 (the engine's MAX_LOGPROBS) are refused by
+# OpenAI too.
 MAX_N = 128
 
 
@@ -197,14 +199,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str = "invalid_request_error"
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
