@@ -290,7 +290,8 @@ def test_requests_take_slots_from_the_cache_when_none_is_free():
     scheduler, cache, model = make_system(num_slots=2, max_num_seqs=2, interval=4)
     prompts = [tokens(9, 70 + i) for i in range(6)]
     assert run(scheduler, model, [seq_of(p) for p in prompts]) == [naive_generate(p, 3) for p in prompts]
-    assert cache.num_evicted > 0 and scheduler.num_slot_waits >= 0
+    # Checkpoints gave their slots up: no request ever waited for one.
+    assert cache.num_evicted > 0 and scheduler.num_slot_waits == 0
     assert_nothing_running(scheduler, cache)
 
 
