@@ -45,6 +45,22 @@ class ScheduledBatch:
         return len(self.seqs)
 
 
+@dataclass
+class _Picks:
+    """The batch being built: ``seq_id -> (seq, num_new_tokens)`` and the token budget left."""
+
+    tokens_left: int
+    entries: dict[int, tuple[Sequence, int]] = field(default_factory=dict)
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.entries[seq.seq_id] = (seq, num_new)
+        self.tokens_left -= num_new
+
+    def drop(self, seq: Sequence) -> None:
+        _, num_new = self.entries.pop(seq.seq_id, (None, 0))
+        self.tokens_left += num_new
+
+
 class Scheduler:
     """Waiting and running queues over a state-slot pool and a KV block manager.
 
@@ -99,27 +115,25 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         """Pick the next batch; allocates slots and blocks, may preempt. Empty when nothing can run."""
-        scheduled: dict[int, tuple[Sequence, int]] = {}
+        # NOTE: the budget is kept as a running count: summing the picks per sequence is quadratic.
+        picks = _Picks(self.max_num_batched_tokens)
         preemptions_before = self.num_preemptions
-
-        def budget() -> int:
-            return self.max_num_batched_tokens - sum(n for _, n in scheduled.values())
 
         # 1. Running sequences: decodes first, then chunked prefills; oldest first within each.
         for seq in sorted(self.running, key=lambda s: (s.is_prefill, s.seq_id)):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted above to make room for an older sequence
-            if budget() <= 0:
+            if picks.tokens_left <= 0:
                 break
-            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, budget()))
-            if self._reserve_blocks(seq, num_new, scheduled):
-                scheduled[seq.seq_id] = (seq, num_new)
+            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, picks.tokens_left))
+            if self._reserve_blocks(seq, num_new, picks):
+                picks.add(seq, num_new)
 
         # 2. Waiting sequences, in order, while budget, sequence count, slots and blocks allow.
         # NOTE: none after a preemption in this step (unless nothing else runs): the blocks are
         # short, and the preempted sequence (now first in line) would be recomputed at once.
-        admit = self.num_preemptions == preemptions_before or not scheduled
-        while admit and self.waiting and budget() > 0 and len(self.running) < self.max_num_seqs:
+        admit = self.num_preemptions == preemptions_before or not picks.entries
+        while admit and self.waiting and picks.tokens_left > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if self.state_pool.num_free_slots == 0:
                 self.prefix_cache.make_room(num_slots=1)
@@ -128,7 +142,7 @@ class Scheduler:
                 break
             seq.state_slot = self.state_pool.allocate(1)[0]
             seq.num_computed_tokens = self.prefix_cache.match(seq)
-            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, budget()))
+            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, picks.tokens_left))
             need = self.block_manager.num_new_blocks(seq, seq.num_computed_tokens + num_new)
             if not self.block_manager.can_allocate(need):
                 self.prefix_cache.make_room(num_blocks=need)
@@ -140,10 +154,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled[seq.seq_id] = (seq, num_new)
+            picks.add(seq, num_new)
 
         batch = ScheduledBatch()
-        for seq, num_new in scheduled.values():
+        for seq, num_new in picks.entries.values():
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             batch.do_sample.append(seq.num_computed_tokens + num_new == seq.num_tokens)
@@ -151,7 +165,7 @@ class Scheduler:
             batch.is_prefill.append(seq.is_prefill or seq.num_computed_tokens < seq.num_prompt_tokens)
         return batch
 
-    def _reserve_blocks(self, seq: Sequence, num_new: int, scheduled: dict[int, tuple[Sequence, int]]) -> bool:
+    def _reserve_blocks(self, seq: Sequence, num_new: int, picks: _Picks) -> bool:
         """Give ``seq`` blocks for ``num_new`` more tokens, preempting newer sequences if needed.
 
         Returns False when ``seq`` itself had to be preempted (every other running sequence is older).
@@ -167,7 +181,7 @@ class Scheduler:
             if victim is None or victim.seq_id < seq.seq_id:
                 self.preempt(seq)
                 return False
-            scheduled.pop(victim.seq_id, None)
+            picks.drop(victim)
             self.preempt(victim)
         self.block_manager.allocate(seq, num_tokens)
         return True
