@@ -217,7 +217,7 @@ class LLMEngine:
                 CompletionOutput(
                     index=seq.index,
                     text=visible_text(seq),
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=seq.output_token_ids,  # a fresh list (a slice)
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     finish_reason=seq.finish_reason,

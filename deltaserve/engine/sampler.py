@@ -44,7 +44,6 @@ class Sampler:
         num_rows, vocab = logits.shape
         device = logits.device
         logits = logits.float()
-        greedy = torch.tensor([p.is_greedy for p in params], device=device)
         processed = self.process_logits(logits, params)
 
         token_ids = logits.argmax(dim=-1)
@@ -56,6 +55,7 @@ class Sampler:
             for row, generator in enumerate(generators):
                 if generator is not None:
                     noise[row].exponential_(generator=generator)
+            greedy = torch.tensor([p.is_greedy for p in params], device=device)
             token_ids = torch.where(greedy, token_ids, (probs / noise).argmax(dim=-1))
 
         logprobs = torch.log_softmax(processed, dim=-1)
