@@ -158,6 +158,12 @@ def test_max_model_len_beyond_the_kv_cache_is_rejected(checkpoint):
         LLMEngine(model=str(checkpoint), dtype="float32", max_model_len=64, num_kv_blocks=3, block_size=16)
 
 
+@pytest.mark.parametrize("device", ["gpu0", "cuda:99"])
+def test_unknown_or_absent_device_is_rejected_naming_it(checkpoint, device):
+    with pytest.raises(ValueError, match=rf"device.*{device}"):
+        LLMEngine(model=str(checkpoint), dtype="float32", device=device)
+
+
 @pytest.mark.parametrize(
     "request_id, prompt, match",
     [
