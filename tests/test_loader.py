@@ -144,3 +144,12 @@ def test_dtype_auto_follows_the_config_and_defaults_to_bfloat16(ckpt):
     assert model.model.layers[0].self_attn.A_log.dtype == torch.float32
     tensors = load_file(ckpt / "model.safetensors")
     assert torch.equal(model.lm_head.weight, tensors["lm_head.weight"].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupted_safetensors_file_is_named(ckpt, damage):
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a checkpoint" * 8)
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        load_model(ckpt)

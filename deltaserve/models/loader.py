@@ -9,13 +9,15 @@ Any missing, unexpected or mis-shaped tensor is an error that names it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from tqdm import tqdm
 
 from deltaserve.models.registry import architecture_of, resolve, resolve_name
 from deltaserve.state.layout import resolve_dtype
@@ -23,6 +25,7 @@ from deltaserve.state.layout import resolve_dtype
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_LISTED = 8  # problems listed per kind in an error message
+LOAD_PROGRESS_BYTES = 1 << 30  # checkpoints at least this large show a progress bar while loading
 
 WeightSlot = tuple[tuple[int, ...], Callable[[torch.Tensor], None]]
 
@@ -56,6 +59,16 @@ def checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
     return slots
 
 
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator:
+    """``safe_open`` with a broken file (truncated, not safetensors) reported as a ValueError naming it."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as exc:
+        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from exc
+
+
 def checkpoint_files(path: str | Path) -> dict[str, Path]:
     """Tensor name -> safetensors file, from ``model.safetensors`` or ``model.safetensors.index.json``."""
     path = Path(path)
@@ -71,7 +84,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         return files
     single = path / SINGLE_FILE
     if single.is_file():
-        with safe_open(single, framework="pt") as f:
+        with open_safetensors(single) as f:
             return {name: single for name in f.keys()}
     raise ValueError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
@@ -87,7 +100,7 @@ def checkpoint_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, read from the safetensors headers (each file opened once)."""
     shapes = {}
     for file, names in _by_file(files).items():
-        with safe_open(file, framework="pt") as f:
+        with open_safetensors(file) as f:
             keys = set(f.keys())
             for name in names:
                 if name not in keys:
@@ -127,10 +140,19 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             + _listed("unexpected tensors", unexpected)
         )
         raise ValueError("\n".join(lines))
-    for file, names in _by_file(files).items():
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                slots[name][1](f.get_tensor(name))
+    # NOTE: a real checkpoint (tens of GB) takes minutes: show progress per tensor when it is large.
+    total_bytes = sum(file.stat().st_size for file in set(files.values()))
+    show = total_bytes >= LOAD_PROGRESS_BYTES
+    with tqdm(total=len(files), desc="loading weights", unit="tensor", disable=not show) as bar:
+        for file, names in _by_file(files).items():
+            with open_safetensors(file) as f:
+                for name in names:
+                    try:
+                        tensor = f.get_tensor(name)
+                    except SafetensorError as exc:
+                        raise ValueError(f"tensor {name} in {file} cannot be read: {exc}") from exc
+                    slots[name][1](tensor)
+                    bar.update()
 
 
 def _read_config_json(path: Path) -> dict:
