@@ -15,7 +15,7 @@ from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
-from deltaserve.forward_context import ForwardContext, forward_context
+from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
 from deltaserve.state.pool import StatePool
 
 # NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
@@ -107,36 +107,25 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
-        bs = self.config.block_size
         input_ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
-        cu_seqlens = [0]
-        num_computed = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + num_new])
             positions.extend(range(start, start + num_new))
-            _extend_slot_mapping(slot_mapping, seq.block_table, start, start + num_new, bs)
-            cu_seqlens.append(cu_seqlens[-1] + num_new)
-            num_computed.append(start)
-        width = max((len(seq.block_table) for seq in batch.seqs), default=0) or 1
-        block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in batch.seqs]
-
-        def to_device(values, dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
-        ctx = ForwardContext(
-            cu_seqlens=to_device(cu_seqlens, torch.int32),
-            query_lens=list(batch.num_new_tokens),
-            num_computed_tokens=num_computed,
-            state_indices=to_device([seq.state_slot for seq in batch.seqs], torch.int32),
-            has_initial_state=to_device([c > 0 for c in num_computed], torch.bool),
-            block_tables=to_device(block_tables, torch.int32),
-            slot_mapping=to_device(slot_mapping, torch.int64),
-            block_size=bs,
+        ctx = make_forward_context(
+            list(batch.num_new_tokens),
+            [seq.num_computed_tokens for seq in batch.seqs],
+            [seq.state_slot for seq in batch.seqs],
+            block_tables=[seq.block_table for seq in batch.seqs],
+            block_size=self.config.block_size,
+            device=self.device,
         )
-        return to_device(input_ids, torch.int64), to_device(positions, torch.int64), ctx
+
+        def to_device(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        return to_device(input_ids), to_device(positions), ctx
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
@@ -157,18 +146,6 @@ class ModelRunner:
         for i, token in zip(rows, sampled):
             out[i] = token
         return out
-
-
-def _extend_slot_mapping(slot_mapping: list[int], block_table: list[int], start: int, end: int, bs: int) -> None:
-    """Append the flat KV slots of positions ``start..end-1`` (in place), one ``range`` per block."""
-    # NOTE: per block, not per token: a 2048-token prefill chunk is ~130 ranges, not 2048 divisions.
-    pos = start
-    while pos < end:
-        index = pos // bs
-        block_end = min(end, (index + 1) * bs)
-        base = block_table[index] * bs - index * bs  # slot of position p in this block: base + p
-        slot_mapping.extend(range(base + pos, base + block_end))
-        pos = block_end
 
 
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:
