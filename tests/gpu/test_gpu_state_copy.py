@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
+from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.state import copy as state_copy  # noqa: E402
 from deltaserve.state.layout import kda_layout, short_conv_layout  # noqa: E402
 from deltaserve.state.pool import StateGroup, StatePool  # noqa: E402
@@ -41,8 +42,8 @@ def assert_same(cpu: StatePool, gpu: StatePool) -> None:
 
 
 def test_gpu_copy_is_used():
-    assert state_copy._gpu_impl("copy_slots") is not None
-    assert state_copy._gpu_impl("copy_spec_decode_states") is not None
+    assert gpu_impl("state_copy", "copy_slots") is not None
+    assert gpu_impl("state_copy", "copy_spec_decode_states") is not None
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])
