@@ -140,8 +140,12 @@ def copy_spec_decode_states(
     if num_requests == 0:
         return
     num_columns = src_blocks.shape[1]
-    # Host-side checks: one device round trip for all three index tensors.
-    src_list, dst_list, accepted_list = src_blocks.flatten().tolist(), dst_index.tolist(), accepted.tolist()
+    # Host-side checks: ids given as lists are read as given; tensors cost one device round trip each.
+    if isinstance(src_block_slots, torch.Tensor):
+        src_list = src_blocks.flatten().tolist()
+    else:
+        src_list = [int(s) for row in src_block_slots for s in row]
+    dst_list, accepted_list = _host_ids(dst, dst_index), _host_ids(num_accepted_tokens, accepted)
     _check_slots("src_block_slots", src_list, dst_list, pool)
     if any(not 0 <= n <= num_columns for n in accepted_list):
         raise ValueError(f"num_accepted_tokens must be in 0..{num_columns} (1 + num_spec), got {accepted_list}")
