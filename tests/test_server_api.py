@@ -238,6 +238,18 @@ def test_stream_is_json_events_ending_with_done(server):
     assert all(json.loads(e)["object"] == "text_completion" for e in events[:-1])
 
 
+def test_chat_stream_deltas_carry_no_null_fields(server):
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+        events = [json.loads(line[len("data: "):]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert all(None not in delta.values() and set(delta) <= {"role", "content"} for delta in deltas)
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+
+
 def test_logprobs_of_masked_tokens_stay_valid_json(server):
     # top_k=2 masks all but two tokens, so the third alternative has logprob -inf in the engine;
     # OpenAI writes -9999.0 for such tokens.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from deltaserve.engine.sampling_params import MAX_LOGPROBS
 
@@ -170,6 +170,11 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    # NOTE: unset fields are left out, as OpenAI sends them: the closing chunk's delta is ``{}``.
+    @model_serializer
+    def _without_unset(self) -> dict:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
 
 
 class ChatChunkChoice(BaseModel):
