@@ -113,6 +113,10 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        # NOTE: on the GPU by default: Triton compiles and autotunes fla's prefill kernels on the
+        # first shapes it sees (about 20 s on an H200), which would otherwise hit the first request.
+        if self.config.extra.get("warmup", self.runner.device.type == "cuda"):
+            self.warmup()
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -207,6 +211,29 @@ class LLMEngine:
                 del self.requests[request_id]
                 self.metrics.num_finished_requests += 1
         return outputs
+
+    def warmup(self) -> None:
+        """Run one prefill of a full token budget and one decode step, then forget them.
+
+        Kernel compilation and autotuning happen here instead of in the first request. Nothing is
+        left behind: the slot and blocks are freed, the prefix cache is not used, counters restart.
+        """
+        if self.has_unfinished_requests():
+            raise ValueError("warmup needs an idle engine: requests are running or waiting")
+        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len - 2)
+        vocab = self.hf_config.vocab_size
+        prompt = [(7 * i + 1) % vocab for i in range(max(num_tokens, 1))]
+        prefix_cache, self.scheduler.prefix_cache = self.scheduler.prefix_cache, NoPrefixCache()
+        try:
+            self.add_request("__warmup__", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+            while self.has_unfinished_requests():
+                self.step()
+        finally:
+            self.scheduler.prefix_cache = prefix_cache
+            if "__warmup__" in self.requests:
+                self.abort_request("__warmup__")
+        self.metrics = EngineMetrics()
+        self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
 
     def _output(self, request: _Request) -> RequestOutput:
         completions = []

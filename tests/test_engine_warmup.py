@@ -1,0 +1,49 @@
+"""``LLMEngine.warmup``: one discarded prefill + decode that leaves no trace in counters, pools or outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltaserve import SamplingParams
+from deltaserve.engine.llm_engine import LLMEngine
+from helpers_engine import GreedyReference, assert_all_free, random_prompts
+from helpers_model import make_checkpoint, reference_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine_warmup"))
+
+
+def test_warmup_runs_the_model_then_leaves_counters_and_pools_clean(checkpoint):
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=64,
+                       extra={"warmup": True})
+    # The freed slot keeps what the warm-up prefill wrote: it ran through the model.
+    assert float(engine.runner.state_pool.recurrent["kda"].abs().sum()) > 0
+    stats = engine.stats()
+    assert stats["prompt_tokens"] == 0 and stats["generation_tokens"] == 0 and stats["prefix_cache_queries"] == 0
+    assert_all_free(stats)
+
+
+def test_requests_after_warmup_match_transformers(checkpoint):
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=64,
+                       extra={"warmup": True})
+    reference = GreedyReference(reference_model(checkpoint))
+    prompts = random_prompts([5, 19], seed=11)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, GREEDY)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    assert [finished[str(i)] for i in range(2)] == [reference(p, 6) for p in prompts]
+
+
+def test_warmup_refuses_a_busy_engine(checkpoint):
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4)
+    engine.add_request("a", [1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match="idle engine"):
+        engine.warmup()
