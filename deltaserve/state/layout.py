@@ -46,8 +46,6 @@ class StateLayout:
     """
 
     kind: str
-    conv_dim: int
-    conv_state_len: int
     conv_split: tuple[int, ...]
     conv_split_names: tuple[str, ...]
     conv_dtype: torch.dtype
@@ -61,8 +59,16 @@ class StateLayout:
     def __post_init__(self):
         if self.conv_layout not in CONV_LAYOUTS:
             raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {self.conv_layout!r}")
-        if sum(self.conv_split) != self.conv_dim:
-            raise ValueError(f"conv_split {self.conv_split} does not sum to conv_dim {self.conv_dim}")
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv state: the parts side by side."""
+        return sum(self.conv_split)
+
+    @property
+    def conv_state_len(self) -> int:
+        """Inputs kept per channel: the kernel's window plus one per speculative token."""
+        return self.conv_kernel_size - 1 + self.num_spec
 
     @property
     def conv_shape(self) -> tuple[int, int]:
@@ -135,8 +141,6 @@ def kda_layout(
     heads = divide(num_heads, tp_size, "KDA num_heads")
     return StateLayout(
         kind="kda",
-        conv_dim=2 * q + v,
-        conv_state_len=conv_kernel_size - 1 + num_spec,
         conv_split=(q, q, v),
         conv_split_names=("q", "k", "v"),
         conv_dtype=resolve_dtype(cache_dtype, model_dtype, "cache_dtype"),
@@ -171,8 +175,6 @@ def gdn_layout(
     conv_dtype = resolve_dtype(cache_dtype, model_dtype, "cache_dtype")
     return StateLayout(
         kind="gdn",
-        conv_dim=2 * q + v,
-        conv_state_len=conv_kernel_size - 1 + num_spec,
         conv_split=(q, q, v),
         conv_split_names=("q", "k", "v"),
         conv_dtype=conv_dtype,
@@ -219,8 +221,6 @@ def mamba2_layout(
     conv_dtype = resolve_dtype(cache_dtype, model_dtype, "cache_dtype")
     return StateLayout(
         kind="mamba2",
-        conv_dim=x + 2 * bc,
-        conv_state_len=conv_kernel_size - 1 + num_spec,
         conv_split=(x, bc, bc),
         conv_split_names=("x", "B", "C"),
         conv_dtype=conv_dtype,
@@ -247,8 +247,6 @@ def short_conv_layout(
     x = divide(intermediate_size, tp_size, "short conv intermediate_size")
     return StateLayout(
         kind="short_conv",
-        conv_dim=x,
-        conv_state_len=conv_kernel_size - 1,
         conv_split=(x,),
         conv_split_names=("x",),
         conv_dtype=resolve_dtype(cache_dtype, model_dtype, "cache_dtype"),
