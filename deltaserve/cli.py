@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Each module defines ``add_arguments(parser)`` and ``run(args) -> int`` and a one-line ``HELP``.
-COMMANDS = ("generate", "bench", "serve", "plan", "make_tiny")
+COMMANDS = ("generate", "bench", "serve", "router", "plan", "make_tiny")
 
 
 def build_parser() -> argparse.ArgumentParser:

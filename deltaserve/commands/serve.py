@@ -10,6 +10,7 @@ from pathlib import Path
 import uvicorn
 
 from deltaserve.commands.generate import add_engine_arguments, engine_kwargs
+from deltaserve.disagg.roles import add_arguments as add_role_arguments
 
 HELP = "Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."
 
@@ -25,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests may set their own)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_role_arguments(parser)
 
 
 def build_server(args: argparse.Namespace) -> "GracefulServer":
@@ -33,10 +35,17 @@ def build_server(args: argparse.Namespace) -> "GracefulServer":
     from deltaserve.engine.llm_engine import LLMEngine
     from deltaserve.server.app import create_app
 
-    config = EngineConfig(**engine_kwargs(args), seed=args.seed, enable_prefix_caching=not args.no_prefix_caching)
+    kwargs = engine_kwargs(args)
+    if args.conv_layout != "SD":
+        kwargs["extra"] = {**kwargs.get("extra", {}), "conv_layout": args.conv_layout}
+    config = EngineConfig(**kwargs, seed=args.seed, enable_prefix_caching=not args.no_prefix_caching)
     engine = LLMEngine(config)
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "deltaserve-tiny")
     app = create_app(engine, served_model_name=name, max_queue=args.max_queue)
+    if args.role is not None:
+        from deltaserve.disagg.roles import install
+
+        install(app, engine, args.role, hold_timeout_s=args.kv_hold_timeout, load_timeout_s=args.kv_load_timeout)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=10)
     return GracefulServer(uv_config, app.state.engine_loop)
@@ -63,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         server = build_server(args)
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         print(f"deltaserve serve: {exc}", file=sys.stderr)
         return 2
     try:

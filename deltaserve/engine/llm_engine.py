@@ -17,12 +17,13 @@ import torch
 from deltaserve.config import EngineConfig
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
+from deltaserve.engine.kv_hooks import NoKVConnector, PrefilledPrompt
 from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.prefix_hooks import NoPrefixCache
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
-from deltaserve.engine.sequence import Sequence
+from deltaserve.engine.sequence import Sequence, SequenceStatus
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
 
@@ -113,6 +114,8 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        # Requests that finished on arrival (a prefilled prompt whose first token ends it): step() returns them.
+        self._finished_on_arrival: list[str] = []
         # NOTE: on the GPU by default: Triton compiles and autotunes fla's prefill kernels on the
         # first shapes it sees (about 20 s on an H200), which would otherwise hit the first request.
         if self.config.extra.get("warmup", self.runner.device.type == "cuda"):
@@ -120,8 +123,23 @@ class LLMEngine:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Queue a request; ValueError (and nothing queued) on a bad id, prompt or params."""
+    def add_request(self, request_id: str, prompt: str | list[int] | PrefilledPrompt, params: SamplingParams) -> None:
+        """Queue a request; ValueError (and nothing queued) on a bad id, prompt or params.
+
+        A :class:`PrefilledPrompt` (computed by a prefill instance) starts as a decode: its slot and
+        blocks are the engine's from here on, freed here if the request is refused.
+        """
+        if isinstance(prompt, PrefilledPrompt):
+            try:
+                self._add(request_id, prompt.token_ids, params, prompt)
+            except BaseException:
+                self.scheduler.state_pool.free([prompt.state_slot])
+                self.block_manager.release(list(reversed(prompt.block_ids)))
+                raise
+        else:
+            self._add(request_id, prompt, params, None)
+
+    def _add(self, request_id: str, prompt, params: SamplingParams, prefilled: PrefilledPrompt | None) -> None:
         if not isinstance(request_id, str):
             raise ValueError(f"request_id must be a str, got {type(request_id).__name__}")
         if request_id in self.requests:
@@ -137,6 +155,8 @@ class LLMEngine:
             )
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        if prefilled is not None:
+            self._check_prefilled(prefilled, params)
         seqs = []
         for index in range(params.n):
             generator = None
@@ -144,10 +164,37 @@ class LLMEngine:
                 generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
             seqs.append(Sequence(next(self._seq_ids), request_id, index, token_ids, params, max_tokens, generator))
         self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
-        for seq in seqs:
-            self.scheduler.add(seq)
         self.metrics.num_requests += 1
         self.metrics.prompt_tokens += len(token_ids) * params.n
+        if prefilled is not None:
+            self._admit_prefilled(seqs[0], prefilled)
+            return
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _check_prefilled(self, prefilled: PrefilledPrompt, params: SamplingParams) -> None:
+        if params.n != 1:
+            raise ValueError(f"n must be 1 for a request prefilled by another instance, got {params.n}")
+        need = self.block_manager.num_blocks_for(len(prefilled.token_ids))
+        if len(prefilled.block_ids) != need:
+            raise ValueError(f"a prefilled prompt of {len(prefilled.token_ids)} tokens needs {need} KV blocks, "
+                             f"got {len(prefilled.block_ids)}")
+
+    def _admit_prefilled(self, seq: Sequence, prefilled: PrefilledPrompt) -> None:
+        """Queue ``seq`` as a decode: its prompt is computed, its first token sampled by the peer."""
+        seq.state_slot = prefilled.state_slot
+        seq.block_table = list(prefilled.block_ids)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.append_token(*prefilled.first_token)
+        self.stop_checker(seq)
+        if seq.finish_reason is None:
+            self.scheduler.add(seq)
+            return
+        self.scheduler.state_pool.free([seq.state_slot])
+        seq.state_slot = None
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._finished_on_arrival.append(seq.request_id)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -178,7 +225,7 @@ class LLMEngine:
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._finished_on_arrival)
 
     @property
     def num_running(self) -> int:
@@ -192,18 +239,19 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward; returns outputs (cumulative) of the requests that gained a token or finished."""
+        outputs = [self._finish(request_id) for request_id in self._finished_on_arrival if request_id in self.requests]
+        self._finished_on_arrival.clear()
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if self.scheduler.has_unfinished():
+            if self.scheduler.has_unfinished() and not outputs:
                 raise RuntimeError(f"nothing could be scheduled with work pending: {self.stats()}")
-            return []
+            return outputs
         start = time.perf_counter()
         sampled = self.runner.run(batch)
         progressed = self.scheduler.postprocess(batch, sampled)
         self.metrics.record_step(
             batch.num_prefill_tokens, batch.num_decode_tokens, len(progressed), time.perf_counter() - start
         )
-        outputs = []
         for request_id in dict.fromkeys(seq.request_id for seq in progressed):
             request = self.requests[request_id]
             outputs.append(self._output(request))
@@ -211,6 +259,11 @@ class LLMEngine:
                 del self.requests[request_id]
                 self.metrics.num_finished_requests += 1
         return outputs
+
+    def _finish(self, request_id: str) -> RequestOutput:
+        request = self.requests.pop(request_id)
+        self.metrics.num_finished_requests += 1
+        return self._output(request)
 
     def warmup(self) -> None:
         """Run one prefill of a full token budget and one decode step, then forget them.
@@ -295,6 +348,7 @@ class LLMEngine:
             kv_blocks_total=self.block_manager.num_blocks,
         )
         out.update(self.scheduler.prefix_cache.stats())
+        out.update(self.scheduler.kv_connector.stats())
         return out
 
     def reset_prefix_cache(self) -> None:

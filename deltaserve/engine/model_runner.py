@@ -81,8 +81,14 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
 
 
 def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
-    groups = model.state_groups(tp_size=1, cache_dtype=config.cache_dtype)
+    groups = model.state_groups(tp_size=1, cache_dtype=config.cache_dtype, **_layout_kwargs(config))
     return sum(g.num_layers * (num_slots + 1) * g.layout.bytes_per_slot for g in groups.values())
+
+
+def _layout_kwargs(config: EngineConfig) -> dict:
+    """``extra={"conv_layout": "DS"}`` keeps the conv states ``(dim, state_len)`` (default SD)."""
+    layout = config.extra.get("conv_layout", "SD")
+    return {} if layout == "SD" else {"conv_layout": layout}
 
 
 class ModelRunner:
@@ -92,7 +98,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.model = model
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
-        groups = model.state_groups(tp_size=1, cache_dtype=self.config.cache_dtype)
+        groups = model.state_groups(tp_size=1, cache_dtype=self.config.cache_dtype, **_layout_kwargs(self.config))
         self.state_pool = StatePool(groups, self.config.num_state_slots, device=self.device)
         spec = model.kv_cache_spec(self.config.cache_dtype)
         self.kv_cache = torch.zeros(

@@ -7,6 +7,8 @@ The scheduler calls, in a sequence's life:
    leading tokens it restored: the shared KV blocks appended to ``seq.block_table`` with
    ``BlockManager.share`` and the two states of every linear layer copied into ``seq.state_slot``.
    It must return fewer than ``seq.num_tokens`` (the last token is always computed, for logits).
+   A sequence prefilled by another instance (``deltaserve.disagg``) arrives with its slot, blocks
+   and ``num_computed_tokens`` already set: a cache only starts tracking it and returns that count.
 2. ``clip_chunk(seq, num_new_tokens)`` for every chunk: a cache may end a chunk early so that it
    ends on a checkpoint position (a recurrent state can only be saved where a forward stops).
 3. ``on_computed(seq)`` after each forward that advanced ``seq.num_computed_tokens``: register
@@ -44,7 +46,7 @@ class NoPrefixCache:
     """Every lookup misses; nothing is kept."""
 
     def match(self, seq: Sequence) -> int:
-        return 0
+        return seq.num_computed_tokens
 
     def clip_chunk(self, seq: Sequence, num_new_tokens: int) -> int:
         return num_new_tokens

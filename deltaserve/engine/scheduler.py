@@ -13,6 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from deltaserve.engine.kv_hooks import KVConnectorHooks, NoKVConnector
 from deltaserve.engine.prefix_hooks import NoPrefixCache, PrefixCacheHooks
 from deltaserve.engine.sequence import Sequence, SequenceStatus
 from deltaserve.kv.block_manager import BlockManager
@@ -78,6 +79,7 @@ class Scheduler:
         block_manager: BlockManager,
         check_stop: Callable[[Sequence], None],
         prefix_cache: PrefixCacheHooks | None = None,
+        kv_connector: KVConnectorHooks | None = None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -85,6 +87,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.check_stop = check_stop
         self.prefix_cache = prefix_cache if prefix_cache is not None else NoPrefixCache()
+        self.kv_connector = kv_connector if kv_connector is not None else NoKVConnector()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -135,12 +138,15 @@ class Scheduler:
         admit = self.num_preemptions == preemptions_before or not picks.entries
         while admit and self.waiting and picks.tokens_left > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if self.state_pool.num_free_slots == 0:
-                self.prefix_cache.make_room(num_slots=1)
-            if self.state_pool.num_free_slots == 0:
-                self.num_slot_waits += 1
-                break
-            seq.state_slot = self.state_pool.allocate(1)[0]
+            # NOTE: a sequence prefilled by another instance arrives with its slot, blocks and
+            # num_computed_tokens; the prefix cache only tracks it (see PrefixCache.match).
+            if seq.state_slot is None:
+                if self.state_pool.num_free_slots == 0:
+                    self.prefix_cache.make_room(num_slots=1)
+                if self.state_pool.num_free_slots == 0:
+                    self.num_slot_waits += 1
+                    break
+                seq.state_slot = self.state_pool.allocate(1)[0]
             seq.num_computed_tokens = self.prefix_cache.match(seq)
             num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, picks.tokens_left))
             need = self.block_manager.num_new_blocks(seq, seq.num_computed_tokens + num_new)
@@ -223,6 +229,7 @@ class Scheduler:
             progressed.append(seq)
             self.check_stop(seq)
             if seq.finish_reason is not None:
+                self.kv_connector.request_finished(seq)
                 self._release(seq)
                 self.running.remove(seq)
                 seq.status = SequenceStatus.FINISHED

@@ -50,6 +50,7 @@ class _Live:
     promised: list[tuple] = field(default_factory=list)  # the keys of those positions
     pending: list[int] = field(default_factory=list)  # its hashes counted in PrefixCache._pending
     num_cached: int = 0  # tokens restored by match
+    num_loaded: int = 0  # tokens computed by another instance (a disaggregated prefill)
     ran: bool = False  # a forward has computed some of its tokens
 
 
@@ -87,9 +88,15 @@ class PrefixCache:
 
     def match(self, seq: Sequence) -> int:
         """Restore the longest cached prefix into ``seq`` (slot and blocks); returns its length."""
-        self.num_queries += 1
         live = self._live[seq.seq_id] = _Live()
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size, live.hashes)
+        if seq.num_computed_tokens:
+            # NOTE: prefilled by another instance: no lookup; its blocks get registered and its final
+            # state checkpointed like any other sequence's (the next turn of a chat hits here too).
+            live.num_loaded = seq.num_computed_tokens
+            self._plan(seq, live)
+            return seq.num_computed_tokens
+        self.num_queries += 1
         hit = self.index.lookup(
             seq.token_ids, hashes, self.block_size, seq.num_tokens - 1, lambda e, k: self._blocks_match(seq, e, k)
         )
@@ -127,7 +134,7 @@ class PrefixCache:
             return
         self._promised.difference_update(live.promised)
         decrement(self._pending, live.pending)
-        if not live.ran:
+        if not live.ran and not live.num_loaded:
             # NOTE: admitted and sent back at once (no blocks): its lookup is repeated later, counted then.
             self.num_queries -= 1
             self.num_hits -= live.num_cached > 0
@@ -192,7 +199,7 @@ class PrefixCache:
     def _plan(self, seq: Sequence, live: _Live) -> None:
         """Choose the checkpoint positions ``seq`` stops at (those nobody has or promised), and promise them."""
         bs, end, hashes = self.block_size, seq.num_tokens, live.hashes
-        first = (live.num_cached // self.interval + 1) * self.interval
+        first = (max(live.num_cached, live.num_loaded) // self.interval + 1) * self.interval
         wanted = set(range(first, end, self.interval)) | {end}
         shared = 0
         while shared < len(hashes) and (hashes[shared] in self.bm.hash_to_block_id or hashes[shared] in self._pending):

@@ -121,7 +121,15 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
                     engine_loop.abort(stream.request_id)
 
         try:
-            await engine_loop.add_request(stream, prompt_ids, params)
+            prompt: Any = prompt_ids
+            if body.kv_transfer_params is not None:
+                # NOTE: a decode instance (deltaserve.disagg) loads the prompt's states and KV from its prefill peer.
+                consumer = getattr(app.state, "kv_consumer", None)
+                if consumer is None:
+                    raise RequestError("kv_transfer_params: this instance is not a decode instance (serve --role decode)",
+                                       "kv_transfer_params")
+                prompt = await consumer.load(builder.request_id, body.kv_transfer_params)
+            await engine_loop.add_request(stream, prompt, params)
         except ValueError as exc:
             close()
             raise RequestError(str(exc), serving.guess_param(str(exc))) from exc

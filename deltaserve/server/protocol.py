@@ -43,6 +43,8 @@ class SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    # vLLM's field for prefill/decode disaggregation: what the prefill instance returned (decode role only).
+    kv_transfer_params: dict[str, Any] | None = None
 
     def unsupported_field(self) -> str | None:
         """The first field set away from its default that deltaserve does not implement, or None."""

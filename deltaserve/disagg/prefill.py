@@ -1,0 +1,127 @@
+"""The prefill role: compute a prompt and its first token, keep the states and blocks for the decode side.
+
+``POST /disagg/prefill`` takes ``{"endpoint": "completions" | "chat", "body": <the OpenAI body>}``,
+runs the prompt (``max_tokens = 1``; a prefix-cache hit works as usual) and answers with the
+``kv_transfer_params`` a decode instance needs. The request's slot and blocks stay held until the
+decode side's READ completes (a NIXL notification), it asks for a release (``POST /disagg/release``),
+or ``hold_timeout_s`` passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from deltaserve.disagg.connector import KVConnector
+from deltaserve.disagg.ledger import KVLedger
+from deltaserve.server import serving
+from deltaserve.server.engine_loop import EngineStoppedError, RequestStream
+from deltaserve.server.engine_stats import max_model_len, vocab_size
+from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from deltaserve.server.serving import RequestError
+
+logger = logging.getLogger(__name__)
+
+NOTIF_POLL_S = 0.005
+EXPIRE_POLL_S = 0.25
+
+
+def _prompt_and_params(engine: Any, endpoint: Any, raw: Any) -> tuple[list[int], Any]:
+    """The prompt token ids and the sampling params (one token) of an OpenAI body, as ``serve`` reads it."""
+    models = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
+    if endpoint not in models:
+        raise RequestError(f"endpoint: must be one of {sorted(models)}, got {endpoint!r}", "endpoint")
+    try:
+        body = models[endpoint].model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
+        raise RequestError(f"{where}: {error.get('msg')}", where.split(".")[0]) from None
+    if body.n != 1:
+        raise RequestError(f"n: a disaggregated request has one sequence (n = 1), got {body.n}", "n")
+    if endpoint == "completions":
+        prompt = serving.completion_prompt(body, engine.tokenizer, vocab_size(engine))
+        logprobs, field = body.logprobs, "prompt"
+    else:
+        prompt = serving.chat_prompt(body, engine.tokenizer)
+        logprobs, field = ((body.top_logprobs or 0) if body.logprobs else None), "messages"
+    # NOTE: the full request's length is checked here too, so that it fails before any transfer.
+    max_tokens = body.max_tokens if endpoint == "completions" else (body.max_completion_tokens or body.max_tokens)
+    serving.sampling_params(body, max_tokens, len(prompt), max_model_len(engine), logprobs, field)
+    return prompt, serving.sampling_params(body, 1, len(prompt), max_model_len(engine), logprobs, field)
+
+
+def add_prefill_routes(app: FastAPI, engine: Any, connector: KVConnector, ledger: KVLedger) -> None:
+    engine_loop = app.state.engine_loop
+
+    @app.post("/disagg/prefill")
+    async def prefill(raw: dict, request: Request) -> JSONResponse:
+        prompt, params = _prompt_and_params(engine, raw.get("endpoint"), raw.get("body"))
+        request_id = f"pd-{uuid.uuid4().hex}"
+        stream = RequestStream(request_id, asyncio.get_running_loop())
+        ledger.expect(request_id)
+        try:
+            await engine_loop.add_request(stream, prompt, params)
+            while True:
+                item = await stream.outputs.get()
+                if isinstance(item, BaseException):
+                    raise RequestError(str(item), status=503, type="server_error", code="engine_stopped")
+                if item.finished:
+                    stream.finished = True
+                    break
+        except ValueError as exc:
+            raise RequestError(str(exc), serving.guess_param(str(exc))) from exc
+        except EngineStoppedError as exc:
+            raise RequestError(str(exc), status=503, type="server_unavailable") from exc
+        finally:
+            ledger.forget(request_id)
+            if not stream.finished:
+                engine_loop.abort(request_id)  # NOTE: the router left; nothing is held for an aborted request
+        held = ledger.held.get(request_id)
+        if held is None:
+            raise RequestError(f"request {request_id} finished without its state held "
+                               f"({item.outputs[0].finish_reason})", status=500, type="server_error")
+        return JSONResponse({"kv_transfer_params": {
+            "remote_agent": connector.agent_name,
+            "remote_request_id": request_id,
+            "remote_slot": held.slot,
+            "remote_block_ids": held.block_ids,
+            "prompt_token_ids": held.prompt_token_ids,
+            "first_token": list(held.first_token),
+        }})
+
+    @app.post("/disagg/release")
+    async def release(raw: dict) -> JSONResponse:
+        request_id = raw.get("request_id")
+        if not isinstance(request_id, str):
+            raise RequestError("request_id: must be the remote_request_id string", "request_id")
+        released = await engine_loop.call(lambda e: ledger.release(request_id))
+        return JSONResponse({"released": released})
+
+
+async def serve_notifications(engine_loop: Any, connector: KVConnector, ledger: KVLedger) -> None:
+    """Free what consumers have read (NIXL notifications) and what they never came for (timeouts)."""
+    last_expire = 0.0
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            done = connector.get_finished_sending()
+            if done:
+                await engine_loop.call(lambda e: [ledger.release(rid) for rid in done])
+            if loop.time() - last_expire > EXPIRE_POLL_S:
+                last_expire = loop.time()
+                if ledger.held:
+                    late = await engine_loop.call(lambda e: ledger.expire())
+                    if late:
+                        logger.warning("released %d held requests nobody read: %s", len(late), late[:4])
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - keep serving; the next poll retries
+            logger.exception("notification poll failed")
+        await asyncio.sleep(NOTIF_POLL_S)
