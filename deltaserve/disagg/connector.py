@@ -74,7 +74,9 @@ class KVConnector:
         self.header = header
         # NOTE: a fresh name per process start: a peer that cached our old metadata sees the change.
         self.agent_name = f"{role}-{uuid.uuid4().hex[:12]}"
-        self.agent = nixl_agent(self.agent_name, nixl_agent_config(backends=["UCX"]))
+        # NOTE: no progress thread: it spins a core per agent while idle; the notification poller and the
+        # consumer's state polls drive UCX progress instead.
+        self.agent = nixl_agent(self.agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         tensors = pool_regions(pool, kv_cache)
         self.regions = [region for region, _ in tensors]
         self.mem_type = "VRAM" if pool.device.type == "cuda" else "DRAM"

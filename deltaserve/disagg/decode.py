@@ -11,20 +11,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any
 
 import httpx
 
 from deltaserve.disagg.connector import KVConnector, Peer, TransferError
 from deltaserve.disagg.ledger import KVLedger, NoRoom
+from deltaserve.disagg.regions import request_bytes
 from deltaserve.engine.kv_hooks import PrefilledPrompt
 from deltaserve.server.serving import RequestError
 from deltaserve.state.wire import WireError, WireMismatch
 
 logger = logging.getLogger(__name__)
 
-# NOTE: fault injection for the tests: seconds to wait between the reservation and the READ.
-FAULT_DELAY_ENV = "DELTASERVE_KV_LOAD_DELAY_S"
+# NOTE: fault injection for the tests: while the file this names exists, a load waits (up to 30 s)
+# between its reservation and its READ, so that a test can kill the instance mid-transfer.
+FAULT_PAUSE_ENV = "DELTASERVE_KV_LOAD_PAUSE_FILE"
+
+
+async def _fault_pause() -> None:
+    path = os.environ.get(FAULT_PAUSE_ENV)
+    for _ in range(3000):
+        if not path or not os.path.exists(path):
+            return
+        await asyncio.sleep(0.01)
 
 _FIELDS = {"remote_url": str, "remote_agent": str, "remote_request_id": str, "remote_slot": int,
            "remote_block_ids": list, "prompt_token_ids": list, "first_token": list}
@@ -112,9 +123,8 @@ class KVConsumer:
             await self.drop_remote(url, params["remote_request_id"])
             raise RequestError(str(exc), status=503, type="server_overloaded", code="kv_no_room") from exc
         try:
-            delay = float(os.environ.get(FAULT_DELAY_ENV, "0") or 0)
-            if delay:
-                await asyncio.sleep(delay)
+            await _fault_pause()
+            started = time.perf_counter()
             handle = self.connector.start_load(peer, params["remote_slot"], blocks_remote, slot, blocks,
                                                params["remote_request_id"])
             await self.connector.wait_for_load(peer, handle, slot, self.load_timeout_s)
@@ -129,7 +139,7 @@ class KVConsumer:
                                    type="server_error", code="kv_transfer_failed") from exc
             raise
         self.ledger.take_reserved(request_id)
-        self.ledger.num_loaded += 1
+        self.ledger.record_load(request_bytes(self.connector.regions, len(blocks)), time.perf_counter() - started)
         return PrefilledPrompt(prompt, slot, blocks, _first_token(params["first_token"]))
 
     async def connect_again(self, url: str, agent_name: str) -> Peer:

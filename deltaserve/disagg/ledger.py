@@ -48,6 +48,8 @@ class KVLedger:
         self._expected: set[str] = set()
         self._lock = threading.Lock()
         self.num_released = self.num_expired = self.num_loaded = self.num_load_failures = 0
+        self.load_bytes = 0
+        self.load_seconds = 0.0
 
     # ---- prefill side ------------------------------------------------------------------------
 
@@ -125,6 +127,12 @@ class KVLedger:
         """Hand a filled reservation over (to the engine, with its request)."""
         return self.reserved.pop(key)
 
+    def record_load(self, num_bytes: int, seconds: float) -> None:
+        """A finished READ: its bytes and its time from the start of the transfer to its completion."""
+        self.num_loaded += 1
+        self.load_bytes += num_bytes
+        self.load_seconds += seconds
+
     def stats(self) -> dict:
         return dict(
             kv_transfer_held_requests=len(self.held),
@@ -133,4 +141,6 @@ class KVLedger:
             kv_transfer_expired=self.num_expired,
             kv_transfer_loaded=self.num_loaded,
             kv_transfer_load_failures=self.num_load_failures,
+            kv_transfer_load_bytes=self.load_bytes,
+            kv_transfer_load_seconds=self.load_seconds,
         )

@@ -28,7 +28,10 @@ from deltaserve.server.serving import RequestError
 
 logger = logging.getLogger(__name__)
 
-NOTIF_POLL_S = 0.005
+# NOTE: polling also drives UCX progress (the agents run without a progress thread, which would
+# spin a core each): fast while a consumer may be reading, slow when nothing is held.
+NOTIF_POLL_S = 0.001
+IDLE_POLL_S = 0.05
 EXPIRE_POLL_S = 0.25
 
 
@@ -124,4 +127,4 @@ async def serve_notifications(engine_loop: Any, connector: KVConnector, ledger: 
             raise
         except Exception:  # noqa: BLE001 - keep serving; the next poll retries
             logger.exception("notification poll failed")
-        await asyncio.sleep(NOTIF_POLL_S)
+        await asyncio.sleep(NOTIF_POLL_S if ledger.held else IDLE_POLL_S)
