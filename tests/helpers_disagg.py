@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
+import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +130,21 @@ def assert_nothing_held(proc: Proc, timeout: float = 30.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"{proc.name} still holds something: {s}")
         time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def serve_app_in_thread(app) -> Iterator[str]:
+    """Any ASGI app on a free loopback port in a daemon thread; yields its URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

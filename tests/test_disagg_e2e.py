@@ -9,16 +9,21 @@ prefill instance whose state nobody reads (hold timeout).
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
+import dataclasses
 import signal
 import time
 
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from deltaserve.disagg.connector import nixl_available
 from deltaserve.disagg.decode import FAULT_PAUSE_ENV
-from helpers_disagg import answer, assert_nothing_held, complete, router, serve, wait_ready
+from deltaserve.models.tiny import make_tiny
+from deltaserve.state.wire import WireHeader, model_fingerprint
+from helpers_disagg import answer, assert_nothing_held, complete, router, serve, serve_app_in_thread, wait_ready
 from helpers_server import make_model, serve_in_thread
 
 pytestmark = pytest.mark.skipif(not nixl_available(), reason="needs NIXL (pip install 'deltaserve[pd]')")
@@ -43,7 +48,7 @@ def workload() -> list[tuple[bool, dict]]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """P1, P2 (prefill), D1, D2 (decode; D2 pauses its loads while ``pause`` exists) and the routers
+    """P1, P2 (prefill), D1, D2 (decode; D2 with DS conv states, pausing its loads while ``pause`` exists), the routers
     A (P1 + D1), B (P1, P2 + D1, D2), C (P2 + D2); plus the single-instance reference in this process."""
     tmp = tmp_path_factory.mktemp("disagg")
     model = make_model(tmp)
@@ -53,7 +58,8 @@ def cluster(tmp_path_factory):
     hold = ["--kv-hold-timeout", "4"]
     p1, p2 = serve("P1", "prefill", model, logs, extra=hold), serve("P2", "prefill", model, logs, extra=hold)
     d1 = serve("D1", "decode", model, logs)
-    d2 = serve("D2", "decode", model, logs, env={FAULT_PAUSE_ENV: str(pause)})
+    # NOTE: D2 keeps its conv states DS, the prefill instances SD: its loads are converted.
+    d2 = serve("D2", "decode", model, logs, env={FAULT_PAUSE_ENV: str(pause)}, extra=["--conv-layout", "DS"])
     routers = {"A": router("A", [p1], [d1], logs), "B": router("B", [p1, p2], [d1, d2], logs),
                "C": router("C", [p2], [d2], logs)}
     procs = [p1, p2, d1, d2, *routers.values()]
@@ -110,6 +116,56 @@ def test_2p2d_32_concurrent_streams_match_and_spread(cluster):
     for name in ("P1", "P2", "D1", "D2"):
         line = next(l for l in metrics.splitlines() if "instance_requests_total{" in l and cluster[name].url in l)
         assert float(line.split()[-1]) > 0, f"{name} got no request: {line}"
+
+
+def test_conv_orientation_is_converted_at_hand_over(cluster):
+    r = httpx.post(f"{cluster['D2'].url}/disagg/connect", json={"url": cluster["P1"].url}, timeout=30)
+    assert r.status_code == 200 and r.json()["convert_conv"] == ["kda"], r.text
+    r = httpx.post(f"{cluster['D1'].url}/disagg/connect", json={"url": cluster["P1"].url}, timeout=30)
+    assert r.status_code == 200 and r.json()["convert_conv"] == [], r.text
+
+
+def _fake_prefill(handshake: dict):
+    """A peer that answers the hand-shake with ``handshake`` (real HTTP, in a thread)."""
+    app = FastAPI()
+    app.get("/disagg/handshake")(lambda: handshake)
+    return serve_app_in_thread(app)
+
+
+def _with_header(handshake: dict, header: bytes) -> dict:
+    return dict(handshake, header=base64.b64encode(header).decode())
+
+
+@pytest.mark.parametrize("field", ["model_fingerprint", "model_dtype", "kv.dtype", "groups[kda].conv_dtype"])
+def test_mismatched_peer_is_refused_at_hand_shake_naming_the_field(cluster, tmp_path, field):
+    real = httpx.get(f"{cluster['P1'].url}/disagg/handshake").json()
+    header = WireHeader.from_bytes(base64.b64decode(real["header"]))
+    if field == "model_fingerprint":
+        header = dataclasses.replace(header, model_fingerprint=model_fingerprint(make_tiny(tmp_path / "other", seed=1)))
+    elif field == "model_dtype":
+        header = dataclasses.replace(header, model_dtype="bfloat16")
+    elif field == "kv.dtype":
+        header = dataclasses.replace(header, kv=dataclasses.replace(header.kv, dtype="bfloat16"))
+    else:
+        header = dataclasses.replace(header, groups=(dataclasses.replace(header.groups[0], conv_dtype="bfloat16"),))
+    with _fake_prefill(_with_header(real, header.to_bytes())) as url:
+        r = httpx.post(f"{cluster['D1'].url}/disagg/connect", json={"url": url}, timeout=30)
+    assert r.status_code == 502, r.text
+    message = r.json()["error"]["message"]
+    assert "refused at hand-shake" in message and field in message, message
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupted"])
+def test_damaged_header_is_refused_at_hand_shake(cluster, damage):
+    real = httpx.get(f"{cluster['P1'].url}/disagg/handshake").json()
+    data = bytearray(base64.b64decode(real["header"]))
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    with _fake_prefill(_with_header(real, bytes(data))) as url:
+        r = httpx.post(f"{cluster['D1'].url}/disagg/connect", json={"url": url}, timeout=30)
+    assert r.status_code == 502 and damage in r.json()["error"]["message"], r.text
 
 
 def test_router_serves_models_health_and_metrics(cluster):
