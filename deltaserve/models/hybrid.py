@@ -19,6 +19,52 @@ LINEAR_ATTENTION = "linear_attention"
 FULL_ATTENTION = "full_attention"
 
 
+class HybridDecoderLayer(nn.Module):
+    """Pre-norm block: token mixer, then feed-forward, each with a residual add (vLLM's fused residual).
+
+    Subclasses build ``input_layernorm``, ``post_attention_layernorm`` and the modules behind the
+    ``mixer`` and ``ffn`` properties under their checkpoint names.
+    """
+
+    @property
+    def mixer(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def ffn(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(hidden_states, residual)``; their sum is the block's output."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.mixer(positions, hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.ffn(hidden_states), residual
+
+
+class HybridModel(nn.Module):
+    """``embed_tokens``, the decoder ``layers``, the final ``norm``: ``(input_ids, positions) -> hidden``."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, layers: list[nn.Module], norm: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden_states, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            hidden_states, residual = layer(positions, hidden_states, residual)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
+
+
 class HybridForCausalLM(nn.Module):
     """Base of the models the engine runs: ``forward(input_ids [T], positions [T]) -> hidden [T, hidden]``
     inside ``with forward_context(ctx)``, then ``compute_logits``.
@@ -31,10 +77,12 @@ class HybridForCausalLM(nn.Module):
     # Checkpoint name prefix -> why the loader skips the tensors under it.
     ignored_checkpoint_prefixes: dict[str, str] = {}
 
-    def __init__(self, hf_config, dtype: torch.dtype, layer_types: list[str]):
+    def __init__(self, hf_config, dtype: torch.dtype):
+        """``self.config`` is the text model's config (``hf_config.get_text_config()``)."""
         super().__init__()
-        self.config = hf_config
+        self.config = hf_config.get_text_config()
         self.dtype = dtype
+        layer_types = list(self.config.layer_types)
         bad = [(i, t) for i, t in enumerate(layer_types) if t not in (LINEAR_ATTENTION, FULL_ATTENTION)]
         if bad:
             raise ValueError(

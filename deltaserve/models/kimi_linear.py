@@ -18,28 +18,23 @@ from deltaserve.layers.mlp import GatedMLP
 from deltaserve.layers.moe import SparseMoeBlock
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.models import kimi_linear_config
-from deltaserve.models.hybrid import FULL_ATTENTION, LINEAR_ATTENTION, HybridForCausalLM
+from deltaserve.models.hybrid import LINEAR_ATTENTION, HybridDecoderLayer, HybridForCausalLM, HybridModel
 from deltaserve.state.layout import StateLayout, kda_layout, resolve_dtype
 
 
-class KimiDecoderLayer(nn.Module):
-    """Pre-norm block: token mixer (KDA or MLA), then dense MLP or MoE, each with a residual add."""
+class KimiDecoderLayer(HybridDecoderLayer):
+    """Token mixer KDA or MLA (both under ``self_attn``), then dense MLP or MoE."""
 
     def __init__(self, hf_config, layer_idx: int, dtype: torch.dtype):
         super().__init__()
         c = hf_config
-        self.layer_type = c.layer_types[layer_idx]
-        if self.layer_type == LINEAR_ATTENTION:
+        layer_type = c.layer_types[layer_idx]
+        if layer_type == LINEAR_ATTENTION:
             self.self_attn = KimiDeltaAttention.from_config(c, layer_idx, dtype)
-        elif self.layer_type == FULL_ATTENTION:
-            self.self_attn = MLAAttention.from_config(c, layer_idx, dtype)
         else:
-            raise ValueError(
-                f"layer_types[{layer_idx}] = {self.layer_type!r}; expected {LINEAR_ATTENTION!r} or {FULL_ATTENTION!r}"
-            )
+            self.self_attn = MLAAttention.from_config(c, layer_idx, dtype)
         # NOTE: two attribute names, because the checkpoint names differ: mlp.* vs block_sparse_moe.*
-        self.is_moe = c.mlp_layer_types[layer_idx] == "sparse"
-        if self.is_moe:
+        if c.mlp_layer_types[layer_idx] == "sparse":
             self.block_sparse_moe = SparseMoeBlock.from_kimi_config(c, dtype)
         else:
             self.mlp = GatedMLP(c.hidden_size, c.intermediate_size, c.hidden_act, dtype)
@@ -50,35 +45,9 @@ class KimiDecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.self_attn
 
-    def forward(
-        self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns ``(hidden_states, residual)``; their sum is the block's output (vLLM's fused residual)."""
-        if residual is None:
-            residual = hidden_states
-            hidden_states = self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        ffn = self.block_sparse_moe if self.is_moe else self.mlp
-        return ffn(hidden_states), residual
-
-
-class KimiLinearModel(nn.Module):
-    def __init__(self, hf_config, dtype: torch.dtype):
-        super().__init__()
-        c = hf_config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList([KimiDecoderLayer(c, i, dtype) for i in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden_states, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
-            hidden_states, residual = layer(positions, hidden_states, residual)
-        hidden_states, _ = self.norm(hidden_states, residual)
-        return hidden_states
+    @property
+    def ffn(self) -> nn.Module:
+        return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
 
 class KimiLinearForCausalLM(HybridForCausalLM):
@@ -91,8 +60,11 @@ class KimiLinearForCausalLM(HybridForCausalLM):
     check_config = staticmethod(kimi_linear_config.check_config)
 
     def __init__(self, hf_config, dtype: torch.dtype = torch.bfloat16):
-        super().__init__(hf_config, dtype, hf_config.layer_types)
-        self.model = KimiLinearModel(hf_config, dtype)
+        super().__init__(hf_config, dtype)
+        c = self.config
+        layers = [KimiDecoderLayer(c, i, dtype) for i in range(c.num_hidden_layers)]
+        norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+        self.model = HybridModel(c.vocab_size, c.hidden_size, layers, norm, dtype)
         self._finish(hf_config.hidden_size, hf_config.vocab_size, getattr(hf_config, "tie_word_embeddings", False))
 
     def linear_layout(self, tp_size, cache_dtype, num_spec, conv_layout, mamba_ssm_cache_dtype) -> StateLayout:
