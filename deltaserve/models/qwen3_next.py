@@ -20,33 +20,11 @@ from deltaserve.layers.mlp import GatedMLP
 from deltaserve.layers.moe import SparseMoeBlock
 from deltaserve.layers.norm import ZeroCenteredRMSNorm
 from deltaserve.models import qwen_config
+from deltaserve.models.qwen_config import gdn_layout_of
 from deltaserve.models.hybrid import LINEAR_ATTENTION, HybridDecoderLayer, HybridForCausalLM, HybridModel
-from deltaserve.state.layout import StateLayout, gdn_layout, resolve_dtype
+from deltaserve.state.layout import StateLayout, resolve_dtype
 
 MTP_NOTE = "the multi-token-prediction head (for speculative decoding; not used yet)"
-
-
-def recurrent_state_dtype(hf_config, mamba_ssm_cache_dtype: str = "auto") -> str:
-    """The engine's GDN recurrent-state dtype: the setting, or for ``"auto"`` the config's
-    ``mamba_ssm_dtype`` where it names one, else ``"float32"``."""
-    if mamba_ssm_cache_dtype != "auto":
-        return mamba_ssm_cache_dtype
-    return getattr(hf_config, "mamba_ssm_dtype", None) or "float32"
-
-
-def gdn_layout_of(hf_config, *, model_dtype: torch.dtype, mamba_ssm_cache_dtype: str = "auto", **kwargs) -> StateLayout:
-    """The GDN layout of a Qwen3-Next / Qwen3.5 text config with the engine's recurrent-state dtype."""
-    c = hf_config
-    return gdn_layout(
-        c.linear_num_key_heads,
-        c.linear_num_value_heads,
-        c.linear_key_head_dim,
-        c.linear_value_head_dim,
-        conv_kernel_size=c.linear_conv_kernel_dim,
-        model_dtype=model_dtype,
-        ssm_dtype=recurrent_state_dtype(c, mamba_ssm_cache_dtype),
-        **kwargs,
-    )
 
 
 class QwenDecoderLayer(HybridDecoderLayer):

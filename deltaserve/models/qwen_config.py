@@ -1,16 +1,42 @@
-"""Checks of a Qwen3-Next / Qwen3.5 config before a model is built: each failure is a ValueError naming the field.
-
-Vision-language configs are checked on their ``text_config``.
+"""Qwen3-Next / Qwen3.5 configs: checks before a model is built (each failure a ValueError naming the
+field; vision-language configs are checked on their ``text_config``) and the GDN state layout they
+give, with the engine's recurrent-state dtype rule.
 """
 
 from __future__ import annotations
+
+import torch
 
 from deltaserve.layers.attention import rope_settings
 from deltaserve.layers.mlp import ACTIVATIONS
 from deltaserve.models.hybrid import FULL_ATTENTION, LINEAR_ATTENTION
 from deltaserve.models.kimi_linear_config import require_positive
+from deltaserve.state.layout import StateLayout, gdn_layout
 
 LAYER_TYPES = (LINEAR_ATTENTION, FULL_ATTENTION)
+
+
+def recurrent_state_dtype(hf_config, mamba_ssm_cache_dtype: str = "auto") -> str:
+    """The engine's GDN recurrent-state dtype: the setting, or for ``"auto"`` the config's
+    ``mamba_ssm_dtype`` where it names one, else ``"float32"``."""
+    if mamba_ssm_cache_dtype != "auto":
+        return mamba_ssm_cache_dtype
+    return getattr(hf_config, "mamba_ssm_dtype", None) or "float32"
+
+
+def gdn_layout_of(hf_config, *, model_dtype: torch.dtype, mamba_ssm_cache_dtype: str = "auto", **kwargs) -> StateLayout:
+    """The GDN layout of a Qwen3-Next / Qwen3.5 text config with the engine's recurrent-state dtype."""
+    c = hf_config
+    return gdn_layout(
+        c.linear_num_key_heads,
+        c.linear_num_value_heads,
+        c.linear_key_head_dim,
+        c.linear_value_head_dim,
+        conv_kernel_size=c.linear_conv_kernel_dim,
+        model_dtype=model_dtype,
+        ssm_dtype=recurrent_state_dtype(c, mamba_ssm_cache_dtype),
+        **kwargs,
+    )
 
 
 def _multiple(config, name: str, of: str) -> None:
