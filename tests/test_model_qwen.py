@@ -88,14 +88,24 @@ def test_config_mamba_ssm_dtype_sets_the_default_recurrent_dtype(tmp_path):
 
 
 def test_fused_and_per_expert_checkpoints_load_the_same_model(tmp_path):
-    fused = load_model(make_checkpoint(tmp_path / "fused", arch="qwen3_5_moe"))
-    names = load_file(tmp_path / "fused" / "ckpt" / "model.safetensors")
-    assert "model.layers.0.mlp.experts.gate_up_proj" in names
-    from deltaserve.models.tiny import make_tiny
-
-    per_expert = load_model(make_tiny(tmp_path / "per_expert", arch="qwen3_5_moe", fused_experts=False))
+    fused_path = make_checkpoint(tmp_path, arch="qwen3_5_moe")
+    tensors = load_file(fused_path / "model.safetensors")
+    per_expert = {}
+    for name, tensor in tensors.items():
+        prefix, _, kind = name.rpartition("experts.")
+        if kind == "gate_up_proj":
+            for e, (gate, up) in enumerate(t.chunk(2) for t in tensor):
+                per_expert[f"{prefix}experts.{e}.gate_proj.weight"] = gate.contiguous()
+                per_expert[f"{prefix}experts.{e}.up_proj.weight"] = up.contiguous()
+        elif kind == "down_proj":
+            per_expert.update({f"{prefix}experts.{e}.down_proj.weight": t.contiguous() for e, t in enumerate(tensor)})
+        else:
+            per_expert[name] = tensor
+    assert len(per_expert) == len(tensors) + 4 * (3 * 8 - 2)  # 4 MoE layers of 8 experts
+    fused = load_model(fused_path)
+    save_file(per_expert, str(fused_path / "model.safetensors"))
     ids = prompt(9, seed=11)
-    assert torch.equal(ModelRunner(fused).step([("a", ids)])[0], ModelRunner(per_expert).step([("a", ids)])[0])
+    assert torch.equal(ModelRunner(fused).step([("a", ids)])[0], ModelRunner(load_model(fused_path)).step([("a", ids)])[0])
 
 
 def vision_language_checkpoint(text: str, dst, arch: str) -> None:
@@ -145,7 +155,9 @@ def test_missing_and_misshaped_tensors_are_named(tmp_path):
 @pytest.mark.parametrize("field, value, names", [
     ("linear_num_value_heads", 3, "linear_num_value_heads = 3 must be a multiple of linear_num_key_heads = 2"),
     ("num_key_value_heads", 3, "num_attention_heads = 4 must be a multiple of num_key_value_heads = 3"),
-    ("layer_types", ["linear_attention"] * 3, "layer_types has 3 entries, num_hidden_layers = 4"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.05},
+     "partial_rotary_factor = 0.05 gives 0 rotary channels of head_dim 16"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_type 'yarn' is not supported"),
 ])  # fmt: skip
 def test_impossible_configs_are_named(tmp_path, field, value, names):
     from deltaserve.models.loader import load_model_config
