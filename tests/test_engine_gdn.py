@@ -5,6 +5,7 @@ prefix-cache hits (which also equal misses), and every workload leaves every slo
 from __future__ import annotations
 
 import pytest
+import torch
 
 from deltaserve import LLM, SamplingParams
 from helpers_engine import GreedyReference, assert_all_free, assert_all_free_after_reset, random_prompts
@@ -21,9 +22,9 @@ def tiny(request, tmp_path_factory):
     return path, GreedyReference(reference_model(path))
 
 
-def make_llm(checkpoint, **kwargs) -> LLM:
+def make_llm(checkpoint, dtype: str = "float32", **kwargs) -> LLM:
     kwargs.setdefault("block_size", 4)
-    return LLM(model=str(checkpoint), dtype="float32", **kwargs)
+    return LLM(model=str(checkpoint), dtype=dtype, **kwargs)
 
 
 def generate_tokens(llm: LLM, prompts) -> list[list[int]]:
@@ -65,3 +66,13 @@ def test_prefix_cache_hits_equal_misses_and_transformers(tiny):
     assert outputs == generate_tokens(plain, prompts + [turn]) == [reference(p, MAX_TOKENS) for p in prompts + [turn]]
     assert_all_free(plain.get_metrics())
     assert_all_free_after_reset(cached)
+
+
+def test_recurrent_states_are_float32_by_default_and_bfloat16_on_request(tmp_path):
+    checkpoint = make_checkpoint(tmp_path, arch="qwen3_5")
+    pool = make_llm(checkpoint, dtype="bfloat16", num_state_slots=2).llm_engine.runner.state_pool
+    assert pool.conv["gdn"].dtype == torch.bfloat16 and pool.recurrent["gdn"].dtype == torch.float32
+    pool = make_llm(checkpoint, dtype="bfloat16", num_state_slots=2, mamba_ssm_cache_dtype="bfloat16").llm_engine
+    assert pool.runner.state_pool.recurrent["gdn"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="mamba_ssm_cache_dtype must be one of auto, float32, bfloat16, float16"):
+        make_llm(checkpoint, mamba_ssm_cache_dtype="int8")
