@@ -7,7 +7,8 @@ one warm-up, one timed run; output tokens per second. The model is ``make_kimi_s
 ``--model qwen3_next``, ``make_qwen3_next_shaped``'s (the 80B's dimensions with 32 experts).
 
 transformers 5.x ``KimiLinearForCausalLM`` / ``Qwen3NextForCausalLM.generate`` (fla kernels for the
-linear layers, grouped_mm experts, its own cache) runs on the same weights (shared tensors). It is slow, so it times a subset: the first
+linear layers, grouped_mm experts, its own cache) runs on the same weights (shared tensors).
+It is slow, so it times a subset: the first
 ``--hf-requests`` prompts of the same draw, left-padded into one batch, ``--hf-new-tokens`` new
 tokens for every row (no row idles: this favours transformers). Its warm-up is the same batch with
 2 new tokens (same prefill shapes, so fla's autotuning is not timed).

@@ -66,7 +66,8 @@ def transformers_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     transformers' ``gate_up_proj`` / ``down_proj`` (same layout, shared)."""
     state = {}
     for name, tensor in model.named_parameters():
-        name = name.replace("experts.w13_weight", "experts.gate_up_proj").replace("experts.w2_weight", "experts.down_proj")
+        name = name.replace("experts.w13_weight", "experts.gate_up_proj")
+        name = name.replace("experts.w2_weight", "experts.down_proj")
         state[name] = tensor
     return state
 

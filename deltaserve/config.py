@@ -67,7 +67,8 @@ class EngineConfig:
                              f"got {self.tensor_parallel_size!r}")
         if self.mamba_ssm_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
-                f"mamba_ssm_cache_dtype must be one of auto, float32, bfloat16, float16; got {self.mamba_ssm_cache_dtype!r}"
+                "mamba_ssm_cache_dtype must be one of auto, float32, bfloat16, float16; "
+                f"got {self.mamba_ssm_cache_dtype!r}"
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")

@@ -8,12 +8,14 @@ HELP = "write a tiny random checkpoint (Kimi-Linear by default; config, safetens
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deltaserve.models.tiny import ARCHS
+
     parser.add_argument("dir", help="output directory (created if needed)")
     parser.add_argument(
         "--seed", type=int, default=0, help="weights seed (default 0); the same seed gives the same bytes"
     )
     parser.add_argument(
-        "--arch", default="kimi_linear", choices=("kimi_linear", "qwen3_next", "qwen3_5", "qwen3_5_moe"),
+        "--arch", default="kimi_linear", choices=ARCHS,
         help="model family (default kimi_linear; qwen3_5 is the dense Qwen3.5)",
     )  # fmt: skip
 

@@ -54,7 +54,9 @@ class KVCacheSpec(NamedTuple):
             or kv_cache.shape[-1] != self.entry_dim
         ):
             found = None if kv_cache is None else tuple(kv_cache.shape)
-            raise ValueError(f"kv_cache must be [{self.num_layers}, num_blocks, block_size, {self.entry_dim}], got {found}")
+            raise ValueError(
+                f"kv_cache must be [{self.num_layers}, num_blocks, block_size, {self.entry_dim}], got {found}"
+            )
 
 
 def split_kv(layer_cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,8 +206,9 @@ class SparseMoeBlock(nn.Module):
         )
         experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size, c.hidden_act, dtype)
         num_shared = c.n_shared_experts or 0
-        shared = GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype) if num_shared else None
-        return cls(gate, experts, shared)
+        if not num_shared:
+            return cls(gate, experts)
+        return cls(gate, experts, GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype))
 
     @classmethod
     def from_qwen_config(cls, hf_config, dtype: torch.dtype | None = None) -> "SparseMoeBlock":

@@ -146,7 +146,9 @@ class HybridForCausalLM(nn.Module):
                 raise ValueError(f"the model has {name.upper()} layers but the state pool has no {name!r} group")
             group = pool.groups[name]
             if group.num_layers != len(self.linear_layer_ids):
-                raise ValueError(f"pool group {name!r} has {group.num_layers} layers, the model {len(self.linear_layer_ids)}")
+                raise ValueError(
+                    f"pool group {name!r} has {group.num_layers} layers, the model {len(self.linear_layer_ids)}"
+                )
             for k, i in enumerate(self.linear_layer_ids):
                 layers[i].mixer.bind_state(pool.layer_state(name, k), group.layout)
         if self.attn_layer_ids:

@@ -63,7 +63,9 @@ class Qwen3NextForCausalLM(HybridForCausalLM):
     def __init__(self, hf_config, dtype: torch.dtype = torch.bfloat16):
         super().__init__(hf_config, dtype)
         c = self.config
-        layers = [QwenDecoderLayer(c, i, dtype, self.projection, self.make_mlp(c, i, dtype)) for i in range(c.num_hidden_layers)]
+        layers = [
+            QwenDecoderLayer(c, i, dtype, self.projection, self.make_mlp(c, i, dtype)) for i in range(c.num_hidden_layers)
+        ]
         norm = ZeroCenteredRMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
         self.build_text_model(HybridModel(c.vocab_size, c.hidden_size, layers, norm, dtype))
         self._finish(c.hidden_size, c.vocab_size, getattr(c, "tie_word_embeddings", False))

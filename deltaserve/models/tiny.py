@@ -3,7 +3,8 @@
 ``make_tiny(dir)`` writes config.json (the layout of moonshotai/Kimi-Linear-48B-A3B's, tiny sizes),
 model.safetensors (checkpoint names, float32) and a byte-level BPE tokenizer that
 ``AutoTokenizer.from_pretrained`` loads; ``arch="qwen3_next" | "qwen3_5" | "qwen3_5_moe"`` writes a
-tiny Qwen3-Next / Qwen3.5 checkpoint instead (:mod:`deltaserve.models.tiny_qwen`), with the same tokenizer. The tensors are listed here from the config dict itself, not
+tiny Qwen3-Next / Qwen3.5 checkpoint instead (:mod:`deltaserve.models.tiny_qwen`), with the same
+tokenizer. The tensors are listed here from the config dict itself, not
 from the model class, so loading it checks the model's names independently.
 """
 

@@ -46,7 +46,9 @@ CONFIGS = {
         "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", **_COMMON, **_MOE,
         "intermediate_size": 96, "decoder_sparse_step": 1, "mlp_only_layers": [0], "norm_topk_prob": True,
     },
-    "qwen3_5": {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", **_COMMON, "intermediate_size": 96},
+    "qwen3_5": {
+        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", **_COMMON, "intermediate_size": 96,
+    },
     "qwen3_5_moe": {"architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", **_COMMON, **_MOE},
 }  # fmt: skip
 
