@@ -196,3 +196,15 @@ def test_bfloat16_model_keeps_gdn_decay_and_norm_in_float32_and_stays_close(tiny
     ids = prompt(12, seed=3)
     err = rel_err(ModelRunner(ours).step([("a", ids)])[0], reference_logits(ref, ids))
     assert err < 2e-2, (arch, err)
+
+
+def test_tied_word_embeddings_load_without_an_lm_head_tensor(tmp_path):
+    path = make_checkpoint(tmp_path, arch="qwen3_5", tie_word_embeddings=True)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    model = load_model(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = reference_model(path)
+    ids = prompt(8, seed=13)
+    assert rel_err(ModelRunner(model).step([("a", ids)])[0], reference_logits(ref, ids)) < BOUND
