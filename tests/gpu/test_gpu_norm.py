@@ -50,12 +50,13 @@ def test_rms_norm_matches_reference(dtype, bound, dim):
     assert rel_err(out.cpu(), rms_norm_ref(x, weight, 1e-6)) < bound
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "silu"])
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_gated_rms_norm_matches_reference_per_head(dtype, bound):
-    # KDA's output norm: o [T, H, D] normalised per head, gate [T, H, D]
+def test_gated_rms_norm_matches_reference_per_head(dtype, bound, activation):
+    # KDA's (sigmoid) and GDN's (SiLU) output norm: o [T, H, D] normalised per head, gate [T, H, D]
     x = torch.randn(29, 4, 128).to(dtype)
     gate = torch.randn(29, 4, 128).to(dtype)
     weight = (1 + 0.1 * torch.randn(128)).float()
-    out = gated_rms_norm(x.cuda(), gate.cuda(), weight.cuda(), 1e-5)
+    out = gated_rms_norm(x.cuda(), gate.cuda(), weight.cuda(), 1e-5, activation)
     assert out.dtype == dtype and out.shape == x.shape
-    assert rel_err(out.cpu(), gated_rms_norm_ref(x, gate, weight, 1e-5)) < bound
+    assert rel_err(out.cpu(), gated_rms_norm_ref(x, gate, weight, 1e-5, activation)) < bound
