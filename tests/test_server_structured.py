@@ -106,8 +106,7 @@ def test_guided_regex_and_choice_on_completions(client, stream):
 
 
 def test_json_object_chat(client):
-    content, finish, _ = _chat(client, False, response_format={"type": "json_object"}, max_tokens=200, seed=3,
-                               extra_body={"structured_outputs": None})
+    content, finish, _ = _chat(client, False, response_format={"type": "json_object"}, max_tokens=200, seed=3)
     assert finish in ("stop", "length") and content.lstrip().startswith("{")
     if finish == "stop":
         assert isinstance(json.loads(content), dict)
