@@ -36,6 +36,7 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
     "additionalProperties": False}}}
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 SEEDS = range(6)
+TOOL_SEEDS = range(4)  # NOTE: fewer: the tools' system prompt is ~900 tokens to prefill
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,10 @@ def client(server):
     return openai.OpenAI(base_url=server.openai_base_url, api_key="unused", max_retries=0, timeout=120)
 
 
-def _each_seed(fn) -> list:
+def _each_seed(fn, seeds=SEEDS) -> list:
     """``fn(seed)`` for every seed, sent at once (they share the engine's batches)."""
-    with ThreadPoolExecutor(len(SEEDS)) as pool:
-        return list(pool.map(fn, SEEDS))
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        return list(pool.map(fn, seeds))
 
 
 def _chat(client, stream: bool, **kwargs) -> tuple[str, str, list]:
@@ -143,7 +144,7 @@ def _check_calls(calls, names):
 def test_named_tool_choice_returns_a_valid_call(client, stream):
     choice = {"type": "function", "function": {"name": "get_weather"}}
     for content, finish, calls in _each_seed(lambda seed: _chat(client, stream, tools=[CLOCK, WEATHER], seed=seed,
-                                                                 tool_choice=choice, max_tokens=200)):
+                                                                 tool_choice=choice, max_tokens=200), TOOL_SEEDS):
         assert finish == "tool_calls" and content == ""
         _check_calls(calls, ["get_weather"])
 
@@ -151,7 +152,7 @@ def test_named_tool_choice_returns_a_valid_call(client, stream):
 def test_required_tool_choice_calls_one_of_the_tools(client):
     for _, finish, calls in _each_seed(lambda seed: _chat(client, False, tools=[CLOCK, WEATHER], seed=seed,
                                                            tool_choice="required", max_tokens=300,
-                                                           parallel_tool_calls=False)):
+                                                           parallel_tool_calls=False), TOOL_SEEDS):
         assert finish == "tool_calls", calls
         assert len(calls) == 1
         _check_calls(calls, [calls[0]["function"]["name"]])
@@ -163,6 +164,21 @@ def test_auto_and_none_leave_the_random_model_free(client):
         content, finish, calls = _chat(client, False, tools=[WEATHER], tool_choice=tool_choice, max_tokens=16,
                                        seed=1)
         assert calls == [] and finish in ("stop", "length") and content
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_parses_a_call_and_returns_a_malformed_one_as_content(client, stream):
+    """A grammar makes the random model write a given text under tool_choice="auto"."""
+    good = 'Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 3}}\n</tool_call>'
+    bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os\n</tool_call>'
+    content, finish, calls = _chat(client, stream, tools=[WEATHER], max_tokens=120,
+                                   extra_body={"guided_choice": [good]})
+    assert finish == "tool_calls" and content == "Sure."
+    _check_calls(calls, ["get_weather"])
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo", "days": 3}
+    content, finish, calls = _chat(client, stream, tools=[WEATHER], max_tokens=120,
+                                   extra_body={"guided_choice": [bad]})
+    assert (content, finish, calls) == (bad, "stop", [])
 
 
 def test_tool_history_renders_through_the_template(client):
@@ -209,9 +225,10 @@ def test_kimi_format_forced_call(model_dir):
     """The same forced call with the kimi_k2 parser: the grammar writes Kimi's markers, the parser reads them."""
     with serve_in_thread(model_dir, max_model_len=2048, max_num_seqs=4, tool_call_parser="kimi_k2") as running:
         client = openai.OpenAI(base_url=running.openai_base_url, api_key="unused", max_retries=0, timeout=120)
-        for stream in (False, True):
-            content, finish, calls = _chat(client, stream, tools=[WEATHER], seed=4, max_tokens=600,
-                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        choice = {"type": "function", "function": {"name": "get_weather"}}
+        for content, finish, calls in _each_seed(lambda stream: _chat(client, stream, tools=[WEATHER], seed=4,
+                                                                      max_tokens=600, tool_choice=choice),
+                                                 (False, True)):
             assert finish == "tool_calls" and content == ""
             _check_calls(calls, ["get_weather"])
             assert calls[0]["id"] == "functions.get_weather:" + calls[0]["id"].rsplit(":", 1)[1]

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from deltaserve import LLM, SamplingParams, StructuredOutputsParams
+from deltaserve.engine.sampler import Sampler
 from deltaserve.models.tiny import make_tokenizer
 from deltaserve.structured import GrammarCompiler, StructuredMatcher, apply_structured_outputs
 
@@ -111,6 +112,27 @@ def test_a_constraint_that_does_not_compile_is_a_value_error(llm, spec, field, p
         llm.generate("x", SamplingParams(structured_outputs=spec), use_tqdm=False)
     assert problem in str(info.value)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_n_sequences_each_follow_the_grammar(llm):
+    out = llm.generate("x", SamplingParams(n=4, seed=1, max_tokens=40, structured_outputs={"regex": REGEX}),
+                       use_tqdm=False)[0]
+    assert len(out.outputs) == 4 and all(re.fullmatch(REGEX, o.text) for o in out.outputs)
+
+
+def test_sampler_rows_without_a_grammar_are_bit_identical(compiler):
+    logits = torch.randn(2, VOCAB)
+    params = [SamplingParams(temperature=0.8, seed=3, logprobs=3), SamplingParams(temperature=0.8, seed=4)]
+    matcher = StructuredMatcher(compiler.compile(StructuredOutputsParams(regex="[0-9]+")))
+
+    def sample(rows, structured):
+        gens = [torch.Generator().manual_seed(params[r].seed) for r in rows]
+        return Sampler()(logits[rows], [params[r] for r in rows], gens, structured)
+
+    alone = sample([0], None)[0]
+    mixed = sample([0, 1], [None, matcher])
+    assert mixed[0] == alone
+    assert chr(mixed[1].token_id).isdigit()
 
 
 def test_params_need_exactly_one_constraint():
