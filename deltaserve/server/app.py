@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
@@ -167,18 +166,10 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
             raise RequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
         plan = structured.tool_plan(body, tool_parser)
-        constraint = structured.structured_outputs_of(body)
-        if plan.grammar is not None:
-            if constraint is not None:
-                raise RequestError(f"{constraint[0]}: cannot be combined with a forced tool call (tool_choice)",
-                                   constraint[0])
-            constraint = ("tool_choice", plan.grammar)
         prompt_ids = serving.chat_prompt(body, engine.tokenizer, tools=plan.tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = serving.sampling_params(body, max_tokens, len(prompt_ids), context_len, top, "messages")
-        params = await structured.constrain(engine, params, constraint)
-        if plan.parse and tool_parser.needs_special_tokens:
-            params = dataclasses.replace(params, skip_special_tokens=False)
+        params = await structured.constrain(engine, params, structured.chat_constraint(body, plan), plan)
         builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, True, top, engine.tokenizer,
                                   tool_parser=tool_parser if plan.parse else None)
         return await run(request, body, prompt_ids, params, builder, arrival)

@@ -51,9 +51,14 @@ def structured_outputs_of(body: StructuredOutputFields) -> Constraint | None:
         raise RequestError(f"{field}: {exc}", field) from None
 
 
-async def constrain(engine: Any, params: Any, constraint: Constraint | None) -> Any:
+async def constrain(engine: Any, params: Any, constraint: Constraint | None, plan: "ToolPlan | None" = None) -> Any:
     """``params`` with the constraint, its grammar compiled in a worker thread (so the engine's
-    ``add_request`` finds it cached); a grammar that does not compile is a 400 naming the field."""
+    ``add_request`` finds it cached); a grammar that does not compile is a 400 naming the field.
+
+    With a ``plan`` whose calls are parsed in a format of special tokens, those stay in the text.
+    """
+    if plan is not None and plan.parse and plan.parser.needs_special_tokens:
+        params = dataclasses.replace(params, skip_special_tokens=False)
     if constraint is None:
         return params
     field, structured = constraint
@@ -92,6 +97,17 @@ class ToolPlan:
     tools: list[dict] | None
     parse: bool
     grammar: StructuredOutputsParams | None
+    parser: ToolParser
+
+
+def chat_constraint(body: StructuredOutputFields, plan: ToolPlan) -> Constraint | None:
+    """The chat request's one constraint: its structured output, or the forced tool call's grammar."""
+    constraint = structured_outputs_of(body)
+    if plan.grammar is None:
+        return constraint
+    if constraint is not None:
+        raise RequestError(f"{constraint[0]}: cannot be combined with a forced tool call (tool_choice)", constraint[0])
+    return "tool_choice", plan.grammar
 
 
 def tool_plan(body: ToolFields, parser: ToolParser) -> ToolPlan:
@@ -114,10 +130,10 @@ def tool_plan(body: ToolFields, parser: ToolParser) -> ToolPlan:
     elif choice != "none" and not tools:
         raise RequestError(f"tool_choice: {choice!r} needs a non-empty tools list", "tool_choice")
     if choice == "none" or not tools:
-        return ToolPlan(tools, False, None)
+        return ToolPlan(tools, False, None, parser)
     if choice == "auto":
-        return ToolPlan(tools, True, None)
-    return ToolPlan(tools, True, _tool_grammar(tools, choice, parser, body.parallel_tool_calls))
+        return ToolPlan(tools, True, None, parser)
+    return ToolPlan(tools, True, _tool_grammar(tools, choice, parser, body.parallel_tool_calls), parser)
 
 
 def _tool_name(index: int, tool: Any) -> str:
