@@ -7,9 +7,11 @@ no constraint (the baseline of the same run), every row constrained by a small E
 use ``ignore_eos`` and grammars that cannot end within the timed steps, so the batch stays full
 (the last column checks it).
 
-The model is ``make_kimi_shaped``'s (48B dimensions, 32 experts, random bf16 weights) with the
-tiny checkpoint's byte-level tokenizer (so grammars see real token strings; tokens past it are
-never allowed), or with ``--tiny`` the built-in tiny checkpoint.
+The model is ``make_kimi_shaped``'s (48B dimensions, 32 experts, random bf16 weights) with a
+byte-level tokenizer of the model's vocabulary size: the 256 bytes plus random word pieces (letters,
+digits, JSON punctuation, half with a leading space), so that the grammar's mask is computed over a
+vocabulary as large as Kimi's (``--tokenizer bytes``: the 259 tokens of the tiny checkpoint, tokens
+past them never allowed). ``--tiny``: the built-in tiny checkpoint.
 
     python benchmarks/bench_structured.py                      # Kimi-shaped, one GPU
     python benchmarks/bench_structured.py --tiny --device cpu  # dry runs
@@ -20,7 +22,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import random
 import statistics
+import string
 import sys
 import tempfile
 import time
@@ -50,7 +55,10 @@ def build(args) -> LLM:
 
     overrides = make_kimi_shaped.SMALL_OVERRIDES if args.small else None
     config_dir = make_kimi_shaped.write_config(Path(tempfile.mkdtemp()) / "kimi-shaped", args.num_experts, overrides)
-    make_tokenizer().save_pretrained(str(config_dir))
+    vocab_size = json.loads((config_dir / "config.json").read_text())["vocab_size"]
+    tokenizer = make_tokenizer() if args.tokenizer == "bytes" else word_piece_tokenizer(vocab_size)
+    tokenizer.save_pretrained(str(config_dir))
+    print(f"tokenizer: {len(tokenizer)} tokens ({args.tokenizer}), model vocab {vocab_size}")
     model = make_kimi_shaped.make_model(config_dir, torch.bfloat16, args.device)
     from deltaserve.models import loader
 
@@ -60,6 +68,28 @@ def build(args) -> LLM:
                    **common)
     finally:
         loader.load_model = original
+
+
+def word_piece_tokenizer(vocab_size: int, seed: int = 0):
+    """Byte-level BPE (no merges: only the ids matter here) with random word pieces up to ``vocab_size``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from deltaserve.models.tiny import SPECIAL_TOKENS, _bytes_to_unicode
+
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + '_.,:;"{}[]-'
+    # NOTE: "Ġ" is the byte-level stand-in for a space.
+    while len(vocab) < vocab_size - len(SPECIAL_TOKENS):
+        piece = ("Ġ" if rng.random() < 0.5 else "") + "".join(rng.choices(alphabet, k=rng.randint(2, 8)))
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    bos, eos, pad = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
 
 
 def sync() -> None:
@@ -99,6 +129,7 @@ def main() -> None:
     p.add_argument("--num-experts", type=int, default=32)
     p.add_argument("--tiny", action="store_true", help="the built-in tiny checkpoint instead of the Kimi-shaped one")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--tokenizer", choices=("word-pieces", "bytes"), default="word-pieces")
     p.add_argument("--small", action="store_true", help="make_kimi_shaped's small dimensions (a CPU dry run)")
     args = p.parse_args()
     card = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
