@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from deltaserve.models.tiny_tokenizer import NUM_BYTE_TOKENS, make_tokenizer
 
-TINY_VERSION = 1  # bump when the tiny checkpoint changes, so cached copies are rebuilt
+TINY_VERSION = 2  # bump when the tiny checkpoint changes, so cached copies are rebuilt
 VOCAB_SIZE = 320  # 256 bytes + 3 special tokens, rounded up to a multiple of 64
 
 _TINY_CONFIG = {
