@@ -16,9 +16,10 @@ from helpers_engine import GreedyReference, assert_all_free, random_prompts
 from helpers_model import make_checkpoint, reference_model
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("disagg_engine"))
+# NOTE: the hand-over is generic over state groups and KV-cache specs: KDA + MLA and GDN + GQA alike.
+@pytest.fixture(scope="module", params=["kimi_linear", "qwen3_next"])
+def checkpoint(tmp_path_factory, request):
+    return make_checkpoint(tmp_path_factory.mktemp(f"disagg_engine_{request.param}"), arch=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -123,5 +124,5 @@ def test_descriptors_are_the_slot_and_block_views_of_every_region(pair):
                 expected.append((view.data_ptr(), view.numel() * view.element_size()))
     assert sorted((a, n) for a, n, _ in rows) == sorted(expected)
     assert request_bytes(regions, 2) == sum(n for _, n in expected)
-    kinds = {r.name for r in regions}
-    assert kinds == {"kda.conv", "kda.recurrent", "kv"}
+    groups = engine.runner.state_pool.groups
+    assert {r.name for r in regions} == {f"{g}.{t}" for g in groups for t in ("conv", "recurrent")} | {"kv"}

@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    parser.add_argument("--tool-call-parser", default=None, choices=("hermes", "kimi_k2"),
+                        help="the model's tool-call format (default: the one its chat template writes, else "
+                             "the architecture's: kimi_k2 for Kimi Linear, hermes for Qwen)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests may set their own)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -41,7 +44,7 @@ def build_server(args: argparse.Namespace) -> "GracefulServer":
     config = EngineConfig(**kwargs, seed=args.seed, enable_prefix_caching=not args.no_prefix_caching)
     engine = LLMEngine(config)
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "deltaserve-tiny")
-    app = create_app(engine, served_model_name=name, max_queue=args.max_queue)
+    app = create_app(engine, served_model_name=name, max_queue=args.max_queue, tool_call_parser=args.tool_call_parser)
     if args.role is not None:
         from deltaserve.disagg.roles import install
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from deltaserve.disagg.connector import KVConnector
 from deltaserve.disagg.ledger import KVLedger
-from deltaserve.server import serving
+from deltaserve.server import serving, structured
 from deltaserve.server.engine_loop import EngineStoppedError, RequestStream
 from deltaserve.server.engine_stats import max_model_len, vocab_size
 from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -35,8 +35,9 @@ IDLE_POLL_S = 0.05
 EXPIRE_POLL_S = 0.25
 
 
-def _prompt_and_params(engine: Any, endpoint: Any, raw: Any) -> tuple[list[int], Any]:
-    """The prompt token ids and the sampling params (one token) of an OpenAI body, as ``serve`` reads it."""
+async def _prompt_and_params(app: FastAPI, engine: Any, endpoint: Any, raw: Any) -> tuple[list[int], Any]:
+    """The prompt token ids and the sampling params (one token) of an OpenAI body, as ``serve`` reads it
+    (chat template with tools, structured-output constraints: the first token obeys them too)."""
     models = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
     if endpoint not in models:
         raise RequestError(f"endpoint: must be one of {sorted(models)}, got {endpoint!r}", "endpoint")
@@ -48,16 +49,21 @@ def _prompt_and_params(engine: Any, endpoint: Any, raw: Any) -> tuple[list[int],
         raise RequestError(f"{where}: {error.get('msg')}", where.split(".")[0]) from None
     if body.n != 1:
         raise RequestError(f"n: a disaggregated request has one sequence (n = 1), got {body.n}", "n")
+    plan = None
     if endpoint == "completions":
         prompt = serving.completion_prompt(body, engine.tokenizer, vocab_size(engine))
-        logprobs, field = body.logprobs, "prompt"
+        logprobs, field, max_tokens = body.logprobs, "prompt", body.max_tokens
+        constraint = structured.structured_outputs_of(body)
     else:
-        prompt = serving.chat_prompt(body, engine.tokenizer)
+        plan = structured.tool_plan(body, app.state.tool_parser)
+        prompt = serving.chat_prompt(body, engine.tokenizer, tools=plan.tools)
         logprobs, field = ((body.top_logprobs or 0) if body.logprobs else None), "messages"
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        constraint = structured.chat_constraint(body, plan)
     # NOTE: the full request's length is checked here too, so that it fails before any transfer.
-    max_tokens = body.max_tokens if endpoint == "completions" else (body.max_completion_tokens or body.max_tokens)
     serving.sampling_params(body, max_tokens, len(prompt), max_model_len(engine), logprobs, field)
-    return prompt, serving.sampling_params(body, 1, len(prompt), max_model_len(engine), logprobs, field)
+    params = serving.sampling_params(body, 1, len(prompt), max_model_len(engine), logprobs, field)
+    return prompt, await structured.constrain(engine, params, constraint, plan)
 
 
 def add_prefill_routes(app: FastAPI, engine: Any, connector: KVConnector, ledger: KVLedger) -> None:
@@ -65,7 +71,7 @@ def add_prefill_routes(app: FastAPI, engine: Any, connector: KVConnector, ledger
 
     @app.post("/disagg/prefill")
     async def prefill(raw: dict, request: Request) -> JSONResponse:
-        prompt, params = _prompt_and_params(engine, raw.get("endpoint"), raw.get("body"))
+        prompt, params = await _prompt_and_params(app, engine, raw.get("endpoint"), raw.get("body"))
         request_id = f"pd-{uuid.uuid4().hex}"
         stream = RequestStream(request_id, asyncio.get_running_loop())
         ledger.expect(request_id)
