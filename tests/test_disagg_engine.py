@@ -126,3 +126,17 @@ def test_descriptors_are_the_slot_and_block_views_of_every_region(pair):
     assert request_bytes(regions, 2) == sum(n for _, n in expected)
     groups = engine.runner.state_pool.groups
     assert {r.name for r in regions} == {f"{g}.{t}" for g in groups for t in ("conv", "recurrent")} | {"kv"}
+
+
+def test_decode_side_checkpoints_the_finished_turn_and_the_next_turn_hits(pair, reference):
+    """The decode engine's prefix cache keeps the handed-over request's final state; the next turn
+    (prompt + answer + new text), run locally there, hits it and still gives the reference tokens."""
+    (prompt,) = random_prompts([14], seed=41)
+    answer = _hand_over(*pair, "turn-1", prompt, 5)
+    engine, _ = pair[1]
+    hits = engine.stats()["prefix_cache_hits"]
+    turn = prompt + answer + [3, 1, 4]
+    engine.add_request("turn-2", turn, SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert _run(engine)["turn-2"].outputs[0].token_ids == reference(turn, 5)
+    assert engine.stats()["prefix_cache_hits"] == hits + 1
+    assert_all_free(engine.stats())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-from deltaserve.engine.sequence import Sequence
+from deltaserve.engine.sequence import Sequence, SequenceStatus
 
 
 class PrefilledPrompt(NamedTuple):
@@ -46,3 +46,31 @@ class NoKVConnector:
 
     def stats(self) -> dict:
         return {}
+
+
+def check_prefilled(prefilled: PrefilledPrompt, params, block_manager) -> None:
+    """ValueError unless ``prefilled`` can be admitted: one sequence, exactly the prompt's blocks."""
+    if params.n != 1:
+        raise ValueError(f"n must be 1 for a request prefilled by another instance, got {params.n}")
+    need = block_manager.num_blocks_for(len(prefilled.token_ids))
+    if len(prefilled.block_ids) != need:
+        raise ValueError(f"a prefilled prompt of {len(prefilled.token_ids)} tokens needs {need} KV blocks, "
+                         f"got {len(prefilled.block_ids)}")
+
+
+def admit_prefilled(seq: Sequence, prefilled: PrefilledPrompt, scheduler, check_stop) -> bool:
+    """Queue ``seq`` as a decode (prompt computed, first token appended); True if that token ended it,
+    in which case its slot and blocks are already freed and it is not queued."""
+    seq.state_slot = prefilled.state_slot
+    seq.block_table = list(prefilled.block_ids)
+    seq.num_computed_tokens = seq.num_prompt_tokens
+    seq.append_token(*prefilled.first_token)
+    check_stop(seq)
+    if seq.finish_reason is None:
+        scheduler.add(seq)
+        return False
+    scheduler.state_pool.free([seq.state_slot])
+    seq.state_slot = None
+    scheduler.block_manager.free(seq)
+    seq.status = SequenceStatus.FINISHED
+    return True

@@ -18,14 +18,14 @@ import torch
 from deltaserve.config import EngineConfig
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
-from deltaserve.engine.kv_hooks import PrefilledPrompt
+from deltaserve.engine.kv_hooks import PrefilledPrompt, admit_prefilled, check_prefilled
 from deltaserve.engine.prefix_hooks import NoPrefixCache
 from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.warmup import run_warmup
-from deltaserve.engine.sequence import Sequence, SequenceStatus
+from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
 from deltaserve.structured import GrammarCompiler, StructuredMatcher, StructuredOutputsParams
@@ -162,7 +162,7 @@ class LLMEngine:
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         if prefilled is not None:
-            self._check_prefilled(prefilled, params)
+            check_prefilled(prefilled, params, self.block_manager)
         grammar = self.compile_grammar(params.structured_outputs) if params.structured_outputs is not None else None
         seqs = []
         for index in range(params.n):
@@ -176,34 +176,11 @@ class LLMEngine:
         self.metrics.num_requests += 1
         self.metrics.prompt_tokens += len(token_ids) * params.n
         if prefilled is not None:
-            self._admit_prefilled(seqs[0], prefilled)
+            if admit_prefilled(seqs[0], prefilled, self.scheduler, self.stop_checker):
+                self._finished_on_arrival.append(request_id)
             return
         for seq in seqs:
             self.scheduler.add(seq)
-
-    def _check_prefilled(self, prefilled: PrefilledPrompt, params: SamplingParams) -> None:
-        if params.n != 1:
-            raise ValueError(f"n must be 1 for a request prefilled by another instance, got {params.n}")
-        need = self.block_manager.num_blocks_for(len(prefilled.token_ids))
-        if len(prefilled.block_ids) != need:
-            raise ValueError(f"a prefilled prompt of {len(prefilled.token_ids)} tokens needs {need} KV blocks, "
-                             f"got {len(prefilled.block_ids)}")
-
-    def _admit_prefilled(self, seq: Sequence, prefilled: PrefilledPrompt) -> None:
-        """Queue ``seq`` as a decode: its prompt is computed, its first token sampled by the peer."""
-        seq.state_slot = prefilled.state_slot
-        seq.block_table = list(prefilled.block_ids)
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        seq.append_token(*prefilled.first_token)
-        self.stop_checker(seq)
-        if seq.finish_reason is None:
-            self.scheduler.add(seq)
-            return
-        self.scheduler.state_pool.free([seq.state_slot])
-        seq.state_slot = None
-        self.block_manager.free(seq)
-        seq.status = SequenceStatus.FINISHED
-        self._finished_on_arrival.append(seq.request_id)
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
