@@ -60,7 +60,8 @@ def check_prefilled(prefilled: PrefilledPrompt, params, block_manager) -> None:
 
 def admit_prefilled(seq: Sequence, prefilled: PrefilledPrompt, scheduler, check_stop) -> bool:
     """Queue ``seq`` as a decode (prompt computed, first token appended); True if that token ended it,
-    in which case its slot and blocks are already freed and it is not queued."""
+    in which case its slot and blocks are already freed and it is not queued. The engine reports the
+    first token at its next ``step()``, before any forward."""
     seq.state_slot = prefilled.state_slot
     seq.block_table = list(prefilled.block_ids)
     seq.num_computed_tokens = seq.num_prompt_tokens

@@ -118,8 +118,8 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
-        # Requests that finished on arrival (a prefilled prompt whose first token ends it): step() returns them.
-        self._finished_on_arrival: list[str] = []
+        # Prefilled requests whose first token (sampled by the prefill instance) is not reported yet.
+        self._arrived: list[str] = []
         self._grammar_compiler = None
         self._grammar_lock = threading.Lock()
         # NOTE: on the GPU by default: Triton compiles and autotunes fla's prefill kernels on the
@@ -176,8 +176,8 @@ class LLMEngine:
         self.metrics.num_requests += 1
         self.metrics.prompt_tokens += len(token_ids) * params.n
         if prefilled is not None:
-            if admit_prefilled(seqs[0], prefilled, self.scheduler, self.stop_checker):
-                self._finished_on_arrival.append(request_id)
+            admit_prefilled(seqs[0], prefilled, self.scheduler, self.stop_checker)
+            self._arrived.append(request_id)
             return
         for seq in seqs:
             self.scheduler.add(seq)
@@ -229,7 +229,7 @@ class LLMEngine:
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._finished_on_arrival)
+        return self.scheduler.has_unfinished() or bool(self._arrived)
 
     @property
     def num_running(self) -> int:
@@ -243,30 +243,28 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward; returns outputs (cumulative) of the requests that gained a token or finished."""
-        outputs = [self._finish(request_id) for request_id in self._finished_on_arrival if request_id in self.requests]
-        self._finished_on_arrival.clear()
+        if self._arrived:
+            # NOTE: a prefilled request's first token goes out at once, not after its first decode step.
+            arrived, self._arrived = self._arrived, []
+            return [self._report(self.requests[rid]) for rid in arrived if rid in self.requests]
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            if self.scheduler.has_unfinished() and not outputs:
+            if self.scheduler.has_unfinished():
                 raise RuntimeError(f"nothing could be scheduled with work pending: {self.stats()}")
-            return outputs
+            return []
         start = time.perf_counter()
         sampled = self.runner.run(batch)
         progressed = self.scheduler.postprocess(batch, sampled)
         self.metrics.record_step(
             batch.num_prefill_tokens, batch.num_decode_tokens, len(progressed), time.perf_counter() - start
         )
-        for request_id in dict.fromkeys(seq.request_id for seq in progressed):
-            request = self.requests[request_id]
-            outputs.append(self._output(request))
-            if request.finished:
-                del self.requests[request_id]
-                self.metrics.num_finished_requests += 1
-        return outputs
+        return [self._report(self.requests[rid]) for rid in dict.fromkeys(seq.request_id for seq in progressed)]
 
-    def _finish(self, request_id: str) -> RequestOutput:
-        request = self.requests.pop(request_id)
-        self.metrics.num_finished_requests += 1
+    def _report(self, request: _Request) -> RequestOutput:
+        """The request's output; a finished request is forgotten here."""
+        if request.finished:
+            del self.requests[request.request_id]
+            self.metrics.num_finished_requests += 1
         return self._output(request)
 
     def warmup(self) -> float:
