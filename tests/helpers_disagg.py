@@ -54,9 +54,10 @@ def spawn(name: str, args: list[str], log_dir: Path, port: int | None = None, en
     return Proc(name, f"http://127.0.0.1:{port}", port, popen, log)
 
 
-def serve(name: str, role: str, model: Path, log_dir: Path, env: dict | None = None, extra: list[str] = ()) -> Proc:
+def serve(name: str, role: str, model: Path, log_dir: Path, env: dict | None = None, extra: list[str] = (),
+          port: int | None = None) -> Proc:
     return spawn(name, ["serve", "--role", role, "--model", str(model), "--dtype", "float32",
-                        "--served-model-name", "tiny", *extra], log_dir, env=env)
+                        "--served-model-name", "tiny", *extra], log_dir, port=port, env=env)
 
 
 def router(name: str, prefill: list[Proc], decode: list[Proc], log_dir: Path, port: int | None = None) -> Proc:

@@ -66,7 +66,8 @@ def cluster(tmp_path_factory):
     try:
         with serve_in_thread(model) as single:
             wait_ready(procs)
-            yield dict(P1=p1, P2=p2, D1=d1, D2=d2, single=single, logs=logs, pause=pause, **routers)
+            yield dict(P1=p1, P2=p2, D1=d1, D2=d2, single=single, logs=logs, pause=pause, model=model,
+                       procs=procs, **routers)
     finally:
         for proc in procs:
             proc.kill(signal.SIGTERM)
@@ -213,6 +214,26 @@ def test_prefill_killed_after_a_hand_over(cluster):
         assert status == 200, result
     for name in ("P1", "D2"):
         assert_nothing_held(cluster[name])
+
+
+def test_restarted_prefill_is_read_with_fresh_agent_metadata(cluster):
+    """P2 comes back on its port with a new NIXL agent: D2, which cached the old one, hand-shakes again."""
+    before = cluster["D2"].stats()  # D2 has read from the old P2 (the 32 streams)
+    p2 = serve("P2b", "prefill", cluster["model"], cluster["logs"], extra=["--kv-hold-timeout", "4"],
+               port=cluster["P2"].port)
+    cluster["procs"].append(p2)
+    wait_ready([p2])
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{cluster['C'].url}/health").status_code != 200:  # C's next health check
+        assert time.monotonic() < deadline, "router C never saw P2 again"
+        time.sleep(0.1)
+    body = {"prompt": "after a prefill restart", "max_tokens": 6, "temperature": 0}
+    status, result = complete(cluster["C"].url, body)
+    assert status == 200, result
+    assert answer(result) == _reference(cluster, [(False, body)])[0]
+    assert cluster["D2"].stats()["kv_transfer_loaded"] > before["kv_transfer_loaded"]
+    cluster["P2"] = p2
+    assert_nothing_held(p2)
 
 
 def _stream_texts(lines: list[str]):
