@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import functools
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -27,6 +27,9 @@ class ForwardContext:
     - ``block_tables``: ``[B, max_blocks]`` int32 KV block ids (``-1`` padding) for full-attention layers.
     - ``slot_mapping``: ``[T]`` int64, flat KV cache position (``block * block_size + offset``) of each
       new token, ``-1`` where nothing is written.
+    - ``spec_decode``: the verify rows of a speculative step (a ``deltaserve.spec_decode.VerifyBatch``,
+      the first rows of the batch), else None: linear layers then read their states without writing
+      them and keep their inputs for the commit.
     """
 
     cu_seqlens: torch.Tensor
@@ -37,6 +40,7 @@ class ForwardContext:
     block_tables: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
     block_size: int = 16
+    spec_decode: Any = None
 
     # NOTE: cached: every KDA/MLA layer reads these once per forward, and the host lists they
     # derive from are not changed after the context is built.

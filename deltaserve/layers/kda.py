@@ -122,7 +122,11 @@ class KimiDeltaAttention(nn.Module):
         mixed_qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [T, 3*H*D]
         conv_weight = self.fuse_conv_weights()
         decode = ctx.is_decode_only
-        if decode:
+        # NOTE: a speculative verify step reads the states and keeps its inputs; the commit writes them.
+        verify = ctx.spec_decode
+        if verify is not None:
+            mixed_qkv = verify.conv(mixed_qkv, conv_weight, self.conv_state, "silu")
+        elif decode:
             mixed_qkv = causal_conv1d_update(mixed_qkv, conv_weight, self.conv_state, ctx.state_indices, "silu")
         else:
             mixed_qkv = causal_conv1d_fn(
@@ -134,7 +138,9 @@ class KimiDeltaAttention(nn.Module):
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias)  # [T, H, D] float32
         # NOTE: sigmoid in float32 (as vLLM), the same as transformers' at fp32.
         beta = torch.sigmoid(self.b_proj(x).float())  # [T, H]
-        if decode:
+        if verify is not None:
+            o = verify.delta_rule(chunk_kda, (q, k, v, g, beta), self.recurrent_state)
+        elif decode:
             o = fused_recurrent_kda(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         else:
             o = chunk_kda(
