@@ -18,6 +18,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
+    parser.add_argument(
+        "--speculative-config", type=_json_dict, default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'',
+    )  # fmt: skip
+
+
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -29,6 +45,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         trust_remote_code=args.trust_remote_code,
+        speculative_config=args.speculative_config,
     )
 
 

@@ -16,6 +16,8 @@ from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.spec_decode.speculator import Speculator
+from deltaserve.spec_decode.verify import VerifyBatch
 from deltaserve.state.pool import StatePool
 
 # NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
@@ -102,16 +104,28 @@ class ModelRunner:
         )
         model.bind_caches(self.state_pool, self.kv_cache)
         self.sampler = Sampler(generator)
+        self.speculator = None
+        if self.config.speculative_config is not None:
+            self.speculator = Speculator(
+                self.config.speculative_config, self.sampler,
+                max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len, runner=self,
+            )  # fmt: skip
+        self._pending_verify: VerifyBatch | None = None
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
         self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
+        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``.
+
+        A verify row's tokens are its last sampled token and its drafts (``seq.spec_token_ids``).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        drafts = batch.num_draft_tokens or [0] * len(batch)
+        for seq, num_new, num_drafts in zip(batch.seqs, batch.num_new_tokens, drafts):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + num_new])
+            input_ids.extend(seq.token_ids[start : start + num_new - num_drafts])
+            input_ids.extend(seq.spec_token_ids[:num_drafts])
             positions.extend(range(start, start + num_new))
         ctx = make_forward_context(
             list(batch.num_new_tokens),
@@ -128,10 +142,13 @@ class ModelRunner:
         return to_device(input_ids), to_device(positions), ctx
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
-        """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
+        """Forward ``batch``; returns a sampled token per sequence that samples (a verify row: its
+        accepted drafts and the target's next token), else None."""
         input_ids, positions, ctx = self.prepare(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        if batch.num_verify_seqs:
+            return self._run_verify(batch, input_ids, positions, ctx, rows)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
             logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
         else:
@@ -146,6 +163,49 @@ class ModelRunner:
         for i, token in zip(rows, sampled):
             out[i] = token
         return out
+
+
+    def _run_verify(self, batch, input_ids, positions, ctx, rows) -> list:
+        """A step with verify rows (the first ``num_verify_seqs``): logits at every verify position,
+        drafts checked by the rejection sampler; the states wait for :meth:`commit_verified`."""
+        num_verify = batch.num_verify_seqs
+        if any(n > 0 for n in batch.num_draft_tokens[num_verify:]):
+            raise ValueError("verify rows (sequences with drafts) must be the first rows of the batch")
+        ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        verify_tokens = ctx.spec_decode.num_tokens
+        others = [i for i in rows if i >= num_verify]
+        last = [end - 1 for end in _ends(batch, others)]
+        logits = self.model.compute_logits(hidden[torch.tensor(list(range(verify_tokens)) + last, device=self.device)])
+        seqs = batch.seqs
+        out: list = [None] * len(batch)
+        verify_rows = range(num_verify)
+        emitted = self.speculator.verify(
+            logits[:verify_tokens],
+            [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows],
+            [seqs[i].params for i in verify_rows],
+            [seqs[i].generator for i in verify_rows],
+        )
+        for i, tokens in zip(verify_rows, emitted):
+            out[i] = tokens
+        if others:
+            sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others], [seqs[i].generator for i in others])
+            for i, token in zip(others, sampled):
+                out[i] = token
+        return out
+
+    def commit_verified(self, num_accepted_tokens: list[int]) -> None:
+        """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens."""
+        verify, self._pending_verify = self._pending_verify, None
+        if verify is None:
+            raise RuntimeError("commit_verified without a verify step")
+        verify.commit(num_accepted_tokens)
+
+    def propose_drafts(self, seqs: list) -> None:
+        """Drafts for the next step of each sequence that decodes (nothing without speculative_config)."""
+        if self.speculator is not None:
+            self.speculator.propose(seqs)
 
 
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:

@@ -22,6 +22,12 @@ GAUGES = {
     "prefix_cache_hit_tokens": ("prefix_cache_hit_tokens", "Prompt tokens restored from the prefix cache."),
     "checkpoints_stored": ("prefix_cache_checkpoints_stored", "State checkpoints stored by the prefix cache."),
     "checkpoints_evicted": ("prefix_cache_checkpoints_evicted", "State checkpoints evicted from the prefix cache."),
+    # Speculative decoding, vLLM's names (present only with a speculative_config).
+    "spec_decode_num_drafts": ("spec_decode_num_drafts", "Verify rows with drafts (one per sequence and step)."),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified."),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+    "spec_decode_mean_acceptance_length": (
+        "spec_decode_mean_acceptance_length", "Tokens emitted per verify row (1 + accepted / drafts)."),
 }
 
 
