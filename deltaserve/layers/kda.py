@@ -139,7 +139,7 @@ class KimiDeltaAttention(nn.Module):
         # NOTE: sigmoid in float32 (as vLLM), the same as transformers' at fp32.
         beta = torch.sigmoid(self.b_proj(x).float())  # [T, H]
         if verify is not None:
-            o = verify.delta_rule(chunk_kda, (q, k, v, g, beta), self.recurrent_state)
+            o = verify.delta_rule(chunk_kda, (q, k, v, g, beta), self.recurrent_state, step_op=fused_recurrent_kda)
         elif decode:
             o = fused_recurrent_kda(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         else:
