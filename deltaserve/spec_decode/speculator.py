@@ -55,9 +55,14 @@ class Speculator:
         self.synthetic = (
             SyntheticAcceptance(config.synthetic_acceptance_length, config.seed) if config.method == "synthetic" else None
         )
-        self.metrics = SpecDecodeMetrics(num_accepted_tokens_per_pos=[0] * config.num_speculative_tokens)
         self._recent_accepted: float | None = None  # accepted drafts per verify row, smoothed
         self._off_steps = 0
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        """Counters and the acceptance history back to their start (after the engine warm-up)."""
+        self.metrics = SpecDecodeMetrics(num_accepted_tokens_per_pos=[0] * self.num_speculative_tokens)
+        self._recent_accepted, self._off_steps = None, 0
 
     # ---- between steps -----------------------------------------------------------------------
 
