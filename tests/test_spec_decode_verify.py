@@ -62,11 +62,11 @@ def run_verify(layer, hidden, query_lens, num_computed, slots, num_verify) -> tu
         return layer(positions, torch.cat(hidden)), ctx.spec_decode
 
 
-@pytest.mark.parametrize("path", ["steps", "chunked"])
+@pytest.mark.parametrize("path", ["steps", "varlen"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_commit_leaves_the_states_of_a_run_without_the_rejected_tokens(kind, path, monkeypatch):
-    # NOTE: "chunked" is the GPU's path (one chunked op per layer), run here with the torch reference.
-    monkeypatch.setattr(verify_module, "_use_steps", lambda x: path == "steps")
+    # NOTE: "varlen" is the GPU's conv path (one varlen call per layer), run here with the torch reference.
+    monkeypatch.setattr(verify_module, "_conv_steps", lambda x: path == "steps")
     layer, make_pool, hidden, group = make_layer(kind)
     prompts = [torch.randn(n, hidden) for n in (5, 70, 6)]  # the second spans two 64-token chunks
     verify = [torch.randn(4, hidden), torch.randn(3, hidden)]  # last sampled token + 3 (2) drafts

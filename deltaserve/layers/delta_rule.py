@@ -106,9 +106,7 @@ class DeltaRuleMixer(nn.Module):
         In a speculative verify step the verify rows read their states only and keep their inputs for the commit.
         """
         if ctx.spec_decode is not None:
-            return ctx.spec_decode.delta_rule(
-                chunk_delta_rule, (q, k, v, g, beta), self.recurrent_state, step_op=fused_recurrent_delta_rule
-            )
+            return ctx.spec_decode.delta_rule(chunk_delta_rule, (q, k, v, g, beta), self.recurrent_state)
         if ctx.is_decode_only:
             return fused_recurrent_delta_rule(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         return chunk_delta_rule(

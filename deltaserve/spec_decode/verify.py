@@ -2,11 +2,12 @@
 
 A verify row runs ``1 + k`` tokens (the last sampled token and ``k`` drafts) from the state after
 its computed tokens. Its linear layers (KDA, GDN: any short conv + delta-rule layer) compute their
-outputs for all ``1 + k`` positions from a *copy* of the slot's states and leave the slot as it was;
-they keep the step's inputs (the conv inputs and the delta-rule's q, k, v, g, beta). Once the
-sampler knows how many tokens ``n`` of each row are accepted, :meth:`VerifyBatch.commit` replays the
-first ``n`` inputs into the slot with the ordinary ops, so the slot holds exactly the state of a run
-that never saw the rejected tokens (conv window included: no ``num_spec`` widening is needed).
+outputs for all ``1 + k`` positions and leave the slot as it was: the delta rule runs token by token
+from the slot without storing (``recurrent_delta_rule_varlen``), the conv from a copy of the window.
+They keep the step's inputs (the conv inputs and the delta rule's q, k, v, g, beta). Once the sampler
+knows how many tokens ``n`` of each row are accepted, :meth:`VerifyBatch.commit` replays the first
+``n`` inputs into the slot, so it holds exactly the state of a run that never saw the rejected tokens
+(conv window included: no ``num_spec`` widening is needed).
 
 Rows that do not verify (prefill chunks, decodes without drafts) run in the same calls and update
 their slots in place as without speculation. Verify rows are the first rows of the batch.
@@ -21,17 +22,17 @@ from typing import Callable
 import torch
 
 from deltaserve.ops.conv1d import causal_conv1d_fn, causal_conv1d_update
+from deltaserve.ops.delta_rule_varlen import recurrent_delta_rule_varlen
 
-# Chunked: op(*inputs, recurrent_state, cu_seqlens, state_indices, has_initial_state, **kwargs) -> o;
-# one token per sequence: step_op(*inputs, recurrent_state, state_indices, **kwargs) -> o.
-DeltaRuleOp = Callable[..., torch.Tensor]
+# op(*inputs, recurrent_state, cu_seqlens, state_indices, has_initial_state, **kwargs) -> o
+ChunkedOp = Callable[..., torch.Tensor]
 
 
-def _use_steps(x: torch.Tensor) -> bool:
-    """Run the 1 + k tokens as vectorised one-token steps (CPU) rather than the chunked op (GPU).
+def _conv_steps(x: torch.Tensor) -> bool:
+    """Run a verify row's conv as one-token updates batched over rows (CPU) rather than one varlen call.
 
-    NOTE: the chunked op's torch reference loops over sequences in Python, ten times slower than
-    ``1 + k`` steps batched over sequences; on the GPU one chunked launch reads each state once.
+    NOTE: the varlen conv's torch reference loops over sequences in Python, several times slower for
+    ``1 + k`` tokens than ``1 + k`` batched updates; on the GPU one varlen launch beats ``1 + k``.
     """
     return not x.is_cuda
 
@@ -45,28 +46,20 @@ class _ConvRecord:
 
 @dataclass
 class _DeltaRuleRecord:
-    op: DeltaRuleOp
-    step_op: DeltaRuleOp | None
-    recurrent_state: torch.Tensor  # [slots+1, ...] the pool view
-    inputs: tuple[torch.Tensor, ...]  # per-token tensors [num_verify_tokens, ...]
+    recurrent_state: torch.Tensor  # [slots+1, Hv, Dv, Dk] the pool view
+    inputs: tuple[torch.Tensor, ...]  # q, k, v, g, beta of the verify tokens
     kwargs: dict
 
 
 @dataclass
-class _Steps:
-    """Token ``t`` of every row that has one: flat token indices and the rows' state indices, per ``t``."""
+class _Rows:
+    """A varlen selection of the verify tokens: flat token indices, ``cu_seqlens``, state slots."""
 
-    tokens: list[torch.Tensor]
-    states: list[torch.Tensor]
-
-    @classmethod
-    def build(cls, starts: list[int], lengths: list[int], state_ids: list[int], device) -> "_Steps":
-        tokens, states = [], []
-        for t in range(max(lengths, default=0)):
-            rows = [i for i, n in enumerate(lengths) if n > t]
-            tokens.append(torch.tensor([starts[i] + t for i in rows], device=device))
-            states.append(torch.tensor([state_ids[i] for i in rows], dtype=torch.int32, device=device))
-        return cls(tokens, states)
+    tokens: torch.Tensor
+    cu_seqlens: torch.Tensor
+    state_indices: torch.Tensor
+    lengths: list[int]
+    starts: list[int]  # of each selected row in ``tokens``
 
 
 class VerifyBatch:
@@ -81,13 +74,15 @@ class VerifyBatch:
             raise ValueError(f"num_seqs must be in 1..{ctx.num_seqs} (the batch's sequences), got {num_seqs}")
         if not all(c > 0 for c in ctx.num_computed_tokens[:num_seqs]):
             raise ValueError("verify rows must continue a computed sequence (num_computed_tokens > 0)")
-        device = ctx.cu_seqlens.device
         self.num_seqs = num_seqs
         self.query_lens = list(ctx.query_lens[:num_seqs])
         self.num_tokens = sum(self.query_lens)
         self.cu_seqlens = ctx.cu_seqlens[: num_seqs + 1]
         self.state_indices = ctx.state_indices[:num_seqs]
-        self._index = self.state_indices.long()
+        self._starts = [0]
+        for n in self.query_lens[:-1]:
+            self._starts.append(self._starts[-1] + n)
+        device = self.cu_seqlens.device
         self._local = torch.arange(num_seqs, dtype=torch.int32, device=device)
         self._ones = torch.ones(num_seqs, dtype=torch.bool, device=device)
         self.has_rest = num_seqs < ctx.num_seqs
@@ -96,26 +91,16 @@ class VerifyBatch:
             self.rest_state_indices = ctx.state_indices[num_seqs:]
             self.rest_has_initial_state = ctx.has_initial_state[num_seqs:]
         self._records: list[_ConvRecord | _DeltaRuleRecord] = []
-        self._starts = [0]
-        for n in self.query_lens[:-1]:
-            self._starts.append(self._starts[-1] + n)
-        self._steps: _Steps | None = None  # token t of each row, on the local (scratch) indices
-
-    def _verify_steps(self) -> _Steps:
-        if self._steps is None:
-            self._steps = _Steps.build(self._starts, self.query_lens, list(range(self.num_seqs)), self._index.device)
-        return self._steps
 
     # ---- layer hooks -------------------------------------------------------------------------
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, activation: str | None) -> torch.Tensor:
         """``causal_conv1d_fn`` over the batch; verify rows read their window without writing it."""
         n = self.num_tokens
-        window = conv_state.index_select(0, self._index)  # [V, L, D], a copy
-        if _use_steps(x):
+        window = conv_state.index_select(0, self.state_indices.long())  # [V, L, D], a copy
+        if _conv_steps(x):
             y = x.new_empty((n, x.shape[1]))
-            steps = self._verify_steps()
-            for tokens, rows in zip(steps.tokens, steps.states):
+            for tokens, rows in self._steps(self.query_lens, self._local):
                 y[tokens] = causal_conv1d_update(x[tokens], weight, window, rows, activation)
         else:
             y = causal_conv1d_fn(x[:n], weight, window, self.cu_seqlens, self._local, self._ones, activation)
@@ -129,32 +114,19 @@ class VerifyBatch:
         return torch.cat([y, rest])
 
     def delta_rule(
-        self,
-        op: DeltaRuleOp,
-        inputs: tuple[torch.Tensor, ...],
-        recurrent_state: torch.Tensor,
-        step_op: DeltaRuleOp | None = None,
-        **kwargs,
+        self, chunked_op: ChunkedOp, inputs: tuple[torch.Tensor, ...], recurrent_state: torch.Tensor, **kwargs
     ) -> torch.Tensor:
-        """``op(*inputs, recurrent_state, cu_seqlens, state_indices, has_initial_state, **kwargs)`` over the
-        batch (a chunked delta-rule op; ``step_op`` its one-token form); verify rows start from a copy
-        of their state, the slot stays."""
+        """The delta rule over the batch: verify rows from their slots without storing, the other rows
+        through ``chunked_op(*inputs, recurrent_state, cu_seqlens, state_indices, has_initial_state)``."""
         n = self.num_tokens
         verify_inputs = tuple(t[:n] for t in inputs)
-        states = recurrent_state.index_select(0, self._index)  # [V, ...], a copy
-        if step_op is not None and _use_steps(inputs[0]):
-            steps = self._verify_steps()
-            outs = [step_op(*(t[tokens] for t in verify_inputs), states, rows, **kwargs)
-                    for tokens, rows in zip(steps.tokens, steps.states)]  # fmt: skip
-            o = outs[0].new_empty((n, *outs[0].shape[1:]))
-            for tokens, out in zip(steps.tokens, outs):
-                o[tokens] = out
-        else:
-            o = op(*verify_inputs, states, self.cu_seqlens, self._local, self._ones, **kwargs)
-        self._records.append(_DeltaRuleRecord(op, step_op, recurrent_state, verify_inputs, kwargs))
+        o = recurrent_delta_rule_varlen(
+            *verify_inputs, recurrent_state, self.cu_seqlens, self.state_indices, store_final_state=False, **kwargs
+        )
+        self._records.append(_DeltaRuleRecord(recurrent_state, verify_inputs, kwargs))
         if not self.has_rest:
             return o
-        rest = op(
+        rest = chunked_op(
             *(t[n:] for t in inputs), recurrent_state,
             self.rest_cu_seqlens, self.rest_state_indices, self.rest_has_initial_state, **kwargs,
         )  # fmt: skip
@@ -169,52 +141,52 @@ class VerifyBatch:
         """
         if len(num_accepted_tokens) != self.num_seqs:
             raise ValueError(f"num_accepted_tokens has {len(num_accepted_tokens)} entries, expected {self.num_seqs}")
-        keep, cu, rows = [], [0], []
-        for i, (n, length, start) in enumerate(zip(num_accepted_tokens, self.query_lens, self._starts)):
+        for i, (n, length) in enumerate(zip(num_accepted_tokens, self.query_lens)):
             if not 0 <= n <= length:
                 raise ValueError(f"num_accepted_tokens[{i}] = {n} must be in 0..{length} (the row's verify tokens)")
-            if n:
-                keep.extend(range(start, start + n))
-                cu.append(cu[-1] + n)
-                rows.append(i)
         records, self._records = self._records, []
-        if not rows:
+        rows = self._select(num_accepted_tokens)
+        if rows is None:
             return
-        device = self._index.device
-        if _use_steps(self._index):
-            self._commit_steps(records, num_accepted_tokens)
-            return
-        keep_index = torch.tensor(keep, device=device)
-        cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-        slots = self.state_indices[torch.tensor(rows, device=device)] if len(rows) < self.num_seqs else self.state_indices
-        ones = self._ones[: len(rows)]
+        ones = self._ones[: len(rows.lengths)]
         for record in records:
-            if isinstance(record, _ConvRecord):
-                causal_conv1d_fn(record.inputs[keep_index], record.weight, record.conv_state, cu_seqlens, slots, ones, None)
+            if isinstance(record, _DeltaRuleRecord):
+                inputs = tuple(t[rows.tokens] for t in record.inputs)
+                recurrent_delta_rule_varlen(*inputs, record.recurrent_state, rows.cu_seqlens, rows.state_indices,
+                                            store_final_state=True, **record.kwargs)  # fmt: skip
+            elif _conv_steps(record.inputs):
+                for tokens, slots in self._steps(rows.lengths, rows.state_indices):
+                    causal_conv1d_update(record.inputs[rows.tokens[tokens]], record.weight, record.conv_state, slots, None)
             else:
-                inputs = tuple(t[keep_index] for t in record.inputs)
-                record.op(*inputs, record.recurrent_state, cu_seqlens, slots, ones, **record.kwargs)
+                causal_conv1d_fn(record.inputs[rows.tokens], record.weight, record.conv_state, rows.cu_seqlens,
+                                 rows.state_indices, ones, None)  # fmt: skip
 
-    def _commit_steps(self, records: list, num_accepted_tokens: list[int]) -> None:
-        """:meth:`commit` as one-token steps batched over rows (the CPU path of :func:`_use_steps`)."""
-        steps = _Steps.build(self._starts, num_accepted_tokens, self.state_indices.tolist(), self._index.device)
-        for record in records:
-            for tokens, slots in zip(steps.tokens, steps.states):
-                if isinstance(record, _ConvRecord):
-                    causal_conv1d_update(record.inputs[tokens], record.weight, record.conv_state, slots, None)
-                elif record.step_op is not None:
-                    record.step_op(*(t[tokens] for t in record.inputs), record.recurrent_state, slots, **record.kwargs)
-            if isinstance(record, _DeltaRuleRecord) and record.step_op is None:
-                self._commit_chunked(record, num_accepted_tokens)
+    def _select(self, num_tokens: list[int]) -> _Rows | None:
+        """The first ``num_tokens[i]`` tokens of each row that keeps any."""
+        keep = [i for i, n in enumerate(num_tokens) if n]
+        if not keep:
+            return None
+        device = self.cu_seqlens.device
+        tokens, cu, lengths, starts = [], [0], [], []
+        for i in keep:
+            starts.append(len(tokens))
+            tokens.extend(range(self._starts[i], self._starts[i] + num_tokens[i]))
+            cu.append(len(tokens))
+            lengths.append(num_tokens[i])
+        slots = self.state_indices if len(keep) == self.num_seqs else self.state_indices[torch.tensor(keep, device=device)]
+        return _Rows(torch.tensor(tokens, device=device), torch.tensor(cu, dtype=torch.int32, device=device), slots,
+                     lengths, starts)  # fmt: skip
 
-    def _commit_chunked(self, record: _DeltaRuleRecord, num_accepted_tokens: list[int]) -> None:
-        rows = [i for i, n in enumerate(num_accepted_tokens) if n]
-        keep = torch.tensor([self._starts[i] + t for i in rows for t in range(num_accepted_tokens[i])],
-                            device=self._index.device)  # fmt: skip
-        cu = [0]
-        for i in rows:
-            cu.append(cu[-1] + num_accepted_tokens[i])
-        slots = self.state_indices[torch.tensor(rows, device=self._index.device)]
-        record.op(*(t[keep] for t in record.inputs), record.recurrent_state,
-                  torch.tensor(cu, dtype=torch.int32, device=slots.device), slots, self._ones[: len(rows)],
-                  **record.kwargs)  # fmt: skip
+    def _steps(self, lengths: list[int], state_ids: torch.Tensor):
+        """Per position ``t``: (indices of token ``t`` of each row that has one, those rows' ``state_ids``).
+
+        Token indices count within the rows given (``lengths``), from 0, rows laid out back to back.
+        """
+        device = state_ids.device
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        for t in range(max(lengths, default=0)):
+            rows = [i for i, n in enumerate(lengths) if n > t]
+            yield (torch.tensor([starts[i] + t for i in rows], device=device),
+                   state_ids[torch.tensor(rows, device=device)])  # fmt: skip
