@@ -17,6 +17,7 @@ from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
 from deltaserve.spec_decode.speculator import Speculator
+from deltaserve.spec_decode.structured import mask_verify_logits
 from deltaserve.spec_decode.verify import VerifyBatch
 from deltaserve.state.pool import StatePool
 
@@ -158,12 +159,12 @@ class ModelRunner:
                 return [None] * len(batch)
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
-        sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
+        seqs = [batch.seqs[i] for i in rows]
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.structured for s in seqs])
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):
             out[i] = token
         return out
-
 
     def _run_verify(self, batch, input_ids, positions, ctx, rows) -> list:
         """A step with verify rows (the first ``num_verify_seqs``): logits at every verify position,
@@ -181,16 +182,16 @@ class ModelRunner:
         seqs = batch.seqs
         out: list = [None] * len(batch)
         verify_rows = range(num_verify)
+        drafts = [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows]
+        verify_logits = mask_verify_logits(logits[:verify_tokens], [seqs[i].structured for i in verify_rows], drafts)
         emitted = self.speculator.verify(
-            logits[:verify_tokens],
-            [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows],
-            [seqs[i].params for i in verify_rows],
-            [seqs[i].generator for i in verify_rows],
+            verify_logits, drafts, [seqs[i].params for i in verify_rows], [seqs[i].generator for i in verify_rows]
         )
         for i, tokens in zip(verify_rows, emitted):
             out[i] = tokens
         if others:
-            sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others], [seqs[i].generator for i in others])
+            sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others],
+                                   [seqs[i].generator for i in others], [seqs[i].structured for i in others])  # fmt: skip
             for i, token in zip(others, sampled):
                 out[i] = token
         return out
