@@ -170,3 +170,36 @@ def test_bad_speculative_config_is_a_clear_error(checkpoint):
         spec_llm(checkpoint, {"method": "eagle9", "num_speculative_tokens": 2})
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['prompt_lookup'\]"):
         spec_llm(checkpoint, {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup": 3})
+
+
+def test_a_sequence_whose_drafts_a_chunk_end_cut_does_not_precede_verify_rows(checkpoint):
+    from deltaserve.engine.scheduler import Scheduler
+    from deltaserve.engine.sequence import Sequence, SequenceStatus
+    from deltaserve.kv.block_manager import BlockManager
+    from deltaserve.state.pool import StatePool
+
+    class ClipFirst:  # a prefix cache whose checkpoint position ends sequence 0's next chunk at once
+        def clip_chunk(self, seq, n):
+            return 1 if seq.seq_id == 0 else n
+
+        def match(self, seq):
+            return 0
+
+        def on_computed(self, seq): ...
+        def on_release(self, seq): ...
+        def make_room(self, num_slots=0, num_blocks=0): ...
+        def stats(self):
+            return {}
+
+    llm = spec_llm(checkpoint, NGRAM)
+    pool = StatePool(llm.llm_engine.runner.model.state_groups(), 4)
+    scheduler = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, state_pool=pool,
+                          block_manager=BlockManager(16, 4), check_stop=lambda s: None, prefix_cache=ClipFirst())  # fmt: skip
+    seqs = [Sequence(i, str(i), 0, [1, 2, 3, 4, 5], GREEDY, 12) for i in range(2)]
+    for seq in seqs:
+        seq.status, seq.state_slot, seq.num_computed_tokens = SequenceStatus.RUNNING, pool.allocate(1)[0], 4
+        seq.spec_token_ids = [7, 8]
+        scheduler.running.append(seq)
+    batch = scheduler.schedule()
+    assert [s.seq_id for s in batch.seqs] == [1, 0] and batch.num_draft_tokens == [2, 0]
+    assert seqs[0].spec_token_ids == []

@@ -166,7 +166,9 @@ class Scheduler:
             picks.add(seq, num_new)
 
         batch = ScheduledBatch()
-        for seq, num_new in picks.entries.values():
+        # NOTE: verify rows first; a sequence sorted among them may have lost its drafts to a clipped chunk.
+        entries = sorted(picks.entries.values(), key=lambda e: e[1] <= e[0].num_uncomputed_tokens)
+        for seq, num_new in entries:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             # NOTE: >=, as a verify row runs past its tokens (its drafts are not in token_ids yet).
@@ -175,7 +177,7 @@ class Scheduler:
             batch.is_prefill.append(seq.is_prefill or seq.num_computed_tokens < seq.num_prompt_tokens)
             num_drafts = max(0, num_new - seq.num_uncomputed_tokens)
             batch.num_draft_tokens.append(num_drafts)
-            del seq.spec_token_ids[num_drafts:]  # drafts cut by the token budget are dropped
+            del seq.spec_token_ids[num_drafts:]  # drafts cut by the token budget or a chunk end are dropped
         return batch
 
     def _reserve_blocks(self, seq: Sequence, num_new: int, picks: _Picks) -> bool:
