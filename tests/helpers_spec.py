@@ -20,9 +20,9 @@ class OracleProposer:
         self.rng = random.Random(seed)
         self.num_calls = 0
 
-    def propose(self, token_ids, num_tokens) -> list[list[int]]:
+    def propose(self, seqs, num_tokens) -> list[list[int]]:
         self.num_calls += 1
-        return [self._one(list(ids), k) for ids, k in zip(token_ids, num_tokens)]
+        return [self._one(list(seq.token_ids), k) for seq, k in zip(seqs, num_tokens)]
 
     def _one(self, ids: list[int], k: int) -> list[int]:
         if k == 0 or self.rng.random() < self.skip_rate:

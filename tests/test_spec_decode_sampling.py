@@ -45,8 +45,9 @@ class GuessProposer:
     def __init__(self, guesses: dict[int, list[int]]):
         self.guesses = guesses
 
-    def propose(self, token_ids, num_tokens):
-        return [self.guesses.get(ids[-1], [])[:k] if len(ids) == len(PROMPT) + 1 else [] for ids, k in zip(token_ids, num_tokens)]
+    def propose(self, seqs, num_tokens):
+        return [self.guesses.get(s.token_ids[-1], [])[:k] if s.num_tokens == len(PROMPT) + 1 else []
+                for s, k in zip(seqs, num_tokens)]  # fmt: skip
 
 
 def sample_pairs(checkpoint, speculative_config=None, proposer=None) -> tuple[dict, LLM]:

@@ -229,7 +229,7 @@ class LLMEngine:
         sampled = self.runner.run(batch)
         progressed = self.scheduler.postprocess(batch, sampled, commit=self.runner.commit_verified)
         # NOTE: drafts for the next step are proposed here, once this step's tokens are known.
-        self.runner.propose_drafts(self.scheduler.running)
+        self.runner.propose_drafts(self.scheduler.running, self.block_manager)
         num_sampled = sum(seq.num_tokens for seq in batch.seqs) - num_tokens_before
         self.metrics.record_step(
             batch.num_prefill_tokens, batch.num_decode_tokens, num_sampled, time.perf_counter() - start

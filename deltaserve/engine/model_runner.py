@@ -16,6 +16,7 @@ from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.spec_decode.mtp import StepOutputs
 from deltaserve.spec_decode.speculator import Speculator
 from deltaserve.spec_decode.structured import mask_verify_logits
 from deltaserve.spec_decode.verify import VerifyBatch
@@ -53,7 +54,11 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
             if config.prefix_cache_budget_bytes is not None and slot_bytes > 0:
                 num_checkpoint_slots = min(num_checkpoint_slots, config.prefix_cache_budget_bytes // slot_bytes)
         num_slots = config.max_num_seqs + num_checkpoint_slots
-    block_bytes = model.kv_cache_spec(config.cache_dtype).bytes_per_block(bs)
+    kv_spec = model.kv_cache_spec(config.cache_dtype)
+    block_bytes = kv_spec.bytes_per_block(bs)
+    spec_config = config.speculative_config
+    if spec_config is not None and spec_config.method == "mtp" and kv_spec.num_layers:
+        block_bytes += block_bytes // kv_spec.num_layers  # NOTE: the MTP head's own attention layer
     num_blocks = config.num_kv_blocks
     if num_blocks is None:
         per_block = max(1, block_bytes)
@@ -116,8 +121,12 @@ class ModelRunner:
                 max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len, runner=self,
             )  # fmt: skip
         self._pending_verify: VerifyBatch | None = None
+        # A proposer that runs on the step's hidden states (MTP) gets them after each step.
+        self._keep_hidden = self.speculator is not None and hasattr(self.speculator.proposer, "observe")
+        self._last_step: StepOutputs | None = None
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
-        self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
+        # NOTE: not with MTP drafts: a replayed graph returns logits only, the MTP head needs the hidden states.
+        self.cuda_graphs = None if self._keep_hidden else make_decode_graphs(model, self.config, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``.
@@ -152,6 +161,7 @@ class ModelRunner:
         accepted drafts and the target's next token), else None."""
         input_ids, positions, ctx = self.prepare(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        self._last_step = None
         if batch.num_verify_seqs:
             return self._run_verify(batch, input_ids, positions, ctx, rows)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
@@ -159,6 +169,7 @@ class ModelRunner:
         else:
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)  # [T, hidden]
+            self._keep(batch, hidden, ctx)
             if not rows:
                 return [None] * len(batch)
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
@@ -179,6 +190,7 @@ class ModelRunner:
         ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # [T, hidden]
+        self._keep(batch, hidden, ctx)
         verify_tokens = ctx.spec_decode.num_tokens
         others = [i for i in rows if i >= num_verify]
         last = [end - 1 for end in _ends(batch, others)]
@@ -200,6 +212,10 @@ class ModelRunner:
                 out[i] = token
         return out
 
+    def _keep(self, batch: ScheduledBatch, hidden: torch.Tensor, ctx: ForwardContext) -> None:
+        if self._keep_hidden:
+            self._last_step = StepOutputs(batch, hidden, list(ctx.num_computed_tokens))
+
     def commit_verified(self, num_accepted_tokens: list[int]) -> None:
         """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens."""
         verify, self._pending_verify = self._pending_verify, None
@@ -207,10 +223,11 @@ class ModelRunner:
             raise RuntimeError("commit_verified without a verify step")
         verify.commit(num_accepted_tokens)
 
-    def propose_drafts(self, seqs: list) -> None:
+    def propose_drafts(self, seqs: list, block_manager=None) -> None:
         """Drafts for the next step of each sequence that decodes (nothing without speculative_config)."""
         if self.speculator is not None:
-            self.speculator.propose(seqs)
+            step, self._last_step = self._last_step, None
+            self.speculator.propose(seqs, step, block_manager)
 
 
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:

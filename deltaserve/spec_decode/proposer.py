@@ -2,7 +2,8 @@
 
 A proposer sees sequences between steps (``seq.token_ids`` ends with the last sampled token, not yet
 computed) and returns up to ``num_tokens[i]`` draft tokens for each; an empty list means no drafts
-(the sequence then decodes one token as without speculation).
+(the sequence then decodes one token as without speculation). A proposer that runs a model on the
+step's hidden states (MTP) also has ``observe(step)``, called after every step.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from deltaserve.spec_decode.config import SpeculativeConfig
 
 
 class Proposer(Protocol):
-    def propose(self, token_ids: Seq[list[int]], num_tokens: Seq[int]) -> list[list[int]]:
-        """Up to ``num_tokens[i]`` drafts following ``token_ids[i]`` (any list may come back empty)."""
+    def propose(self, seqs: Seq, num_tokens: Seq[int]) -> list[list[int]]:
+        """Up to ``num_tokens[i]`` drafts following ``seqs[i].token_ids`` (any list may come back empty)."""
         ...
 
 
@@ -29,8 +30,8 @@ class NgramProposer:
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int):
         self.min_n, self.max_n = prompt_lookup_min, prompt_lookup_max
 
-    def propose(self, token_ids: Seq[list[int]], num_tokens: Seq[int]) -> list[list[int]]:
-        return [self._propose_one(ids, k) if k > 0 else [] for ids, k in zip(token_ids, num_tokens)]
+    def propose(self, seqs: Seq, num_tokens: Seq[int]) -> list[list[int]]:
+        return [self._propose_one(seq.token_ids, k) if k > 0 else [] for seq, k in zip(seqs, num_tokens)]
 
     def _propose_one(self, ids: list[int], k: int) -> list[int]:
         length = len(ids)
@@ -51,8 +52,8 @@ class SyntheticProposer:
     """Benchmark drafts: ``k`` copies of the last token. Their acceptance is forced by
     :class:`SyntheticAcceptance`, so the verify cost is real whatever the model's weights."""
 
-    def propose(self, token_ids: Seq[list[int]], num_tokens: Seq[int]) -> list[list[int]]:
-        return [[ids[-1]] * k for ids, k in zip(token_ids, num_tokens)]
+    def propose(self, seqs: Seq, num_tokens: Seq[int]) -> list[list[int]]:
+        return [[seq.token_ids[-1]] * k for seq, k in zip(seqs, num_tokens)]
 
 
 class SyntheticAcceptance:

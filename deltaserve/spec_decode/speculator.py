@@ -66,8 +66,15 @@ class Speculator:
 
     # ---- between steps -----------------------------------------------------------------------
 
-    def propose(self, seqs) -> None:
-        """Set ``spec_token_ids`` of each running sequence that decodes next (others get none)."""
+    def propose(self, seqs, step=None, block_manager=None) -> None:
+        """Set ``spec_token_ids`` of each running sequence that decodes next (others get none).
+
+        ``step``: the runner's :class:`deltaserve.spec_decode.mtp.StepOutputs` of the step just run, for a
+        proposer that observes every step (MTP), whether or not it drafts now; ``block_manager`` for one
+        that writes a KV cache at the draft positions.
+        """
+        if step is not None and hasattr(self.proposer, "observe"):
+            self.proposer.observe(step, block_manager)
         ready = []
         for seq in seqs:
             seq.spec_token_ids = []
@@ -83,7 +90,7 @@ class Speculator:
                        self.max_model_len - seq.num_tokens))
             for seq in ready
         ]  # fmt: skip
-        drafts = self.proposer.propose([seq.token_ids for seq in ready], budgets)
+        drafts = self.proposer.propose(ready, budgets)
         for seq, draft, budget in zip(ready, drafts, budgets):
             seq.spec_token_ids = list(draft[:budget])
 
