@@ -16,7 +16,6 @@ Decode tok/s = tokens generated after the first (prefill) token / time of the de
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -29,58 +28,27 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from make_kimi_shaped import SMALL_OVERRIDES, init_random_, write_config  # noqa: E402
+import make_kimi_shaped  # noqa: E402
+import make_qwen3_next_shaped  # noqa: E402
 
 from deltaserve import LLM, SamplingParams  # noqa: E402
 from deltaserve.spec_decode.config import SpeculativeConfig  # noqa: E402
 from deltaserve.spec_decode.speculator import Speculator  # noqa: E402
 
 K = 3
-# Qwen3-Next-80B-A3B's dimensions, 64 routed experts instead of 512 (to fit one card with room to spare).
-QWEN3_NEXT_CONFIG = {
-    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "vocab_size": 151936,
-    "hidden_size": 2048, "intermediate_size": 5120, "num_hidden_layers": 48, "full_attention_interval": 4,
-    "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "partial_rotary_factor": 0.25,
-    "rope_theta": 10000000, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
-    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 64, "num_experts_per_tok": 10,
-    "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "norm_topk_prob": True,
-    "decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": False, "dtype": "bfloat16",
-    "bos_token_id": 151643, "eos_token_id": 151645, "num_nextn_predict_layers": 1,
-}  # fmt: skip
-QWEN3_NEXT_SMALL = {
-    "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
-    "head_dim": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 32,
-    "linear_value_head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-    "shared_expert_intermediate_size": 64, "bos_token_id": 1000, "eos_token_id": 1001,
-}  # fmt: skip
+# The real dimensions with 32 routed experts (make_*_shaped.py), or their small CPU dry-run overrides.
+MAKERS = {"kimi": make_kimi_shaped, "qwen3_next": make_qwen3_next_shaped}
 
 
-def model_dir(name: str, tmp: Path, small: bool) -> Path:
-    if name == "kimi":
-        return write_config(tmp / name, overrides=SMALL_OVERRIDES if small else None)
-    raw = dict(QWEN3_NEXT_CONFIG, **(QWEN3_NEXT_SMALL if small else {}))
-    (tmp / name).mkdir(parents=True, exist_ok=True)
-    (tmp / name / "config.json").write_text(json.dumps(raw, indent=2))
-    return tmp / name
-
-
-def build_llm(config_dir: Path, args) -> LLM:
-    """``LLM`` over a random model of ``config_dir`` (built on the device, no checkpoint on disk)."""
+def build_llm(name: str, tmp: Path, args) -> LLM:
+    """``LLM`` over a random model of that shape (built on the device, no checkpoint on disk)."""
     from deltaserve.models import loader
-    from deltaserve.models.registry import resolve
 
+    maker = MAKERS[name]
+    config_dir = maker.write_config(tmp / name, overrides=maker.SMALL_OVERRIDES if args.small else None)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-
-    def random_model(path, *a, **k):
-        hf_config = loader.load_model_config(path)
-        with torch.device("meta"):
-            model = resolve(hf_config)(hf_config, dtype)
-        model = model.to_empty(device=args.device)
-        init_random_(model)
-        return model.eval().requires_grad_(False)
-
-    original, loader.load_model = loader.load_model, random_model
+    model = maker.make_model(config_dir, dtype=dtype, device=args.device)
+    original, loader.load_model = loader.load_model, lambda *a, **k: model
     try:
         return LLM(
             model=str(config_dir), dtype=str(dtype).removeprefix("torch."), device=args.device,
@@ -137,11 +105,7 @@ def main() -> None:
         print(f"# {props.name}, torch {torch.__version__}; k = {K}, prompt {args.prompt_len}, output {args.output_len}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            try:
-                llm = build_llm(model_dir(name, Path(tmp), args.small), args)
-            except ValueError as exc:  # e.g. an architecture this checkout does not have yet
-                print(f"{name}: skipped ({exc})")
-                continue
+            llm = build_llm(name, Path(tmp), args)
             settings = [(None, True, "off")] + [(a, True, f"{a:.1f}") for a in args.acceptance]
             if 1.0 in args.acceptance:
                 settings.append((1.0, False, "1.0 forced"))
