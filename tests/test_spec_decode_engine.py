@@ -203,3 +203,25 @@ def test_a_sequence_whose_drafts_a_chunk_end_cut_does_not_precede_verify_rows(ch
     batch = scheduler.schedule()
     assert [s.seq_id for s in batch.seqs] == [1, 0] and batch.num_draft_tokens == [2, 0]
     assert seqs[0].spec_token_ids == []
+
+
+def test_cli_speculative_config_and_server_metrics(checkpoint, reference, capsys):
+    from deltaserve.cli import main
+    from deltaserve.server.engine_stats import engine_stats
+
+    config = '{"method": "ngram", "num_speculative_tokens": 2, "auto_disable": false}'
+    assert main(["generate", "--model", str(checkpoint), "--dtype", "float32", "--max-tokens", "8",
+                 "--ignore-eos", "--speculative-config", config, "abcabcabcabc"]) == 0  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["generate", "--speculative-config", "{ngram", "hi"])
+    assert "--speculative-config: not valid JSON" in capsys.readouterr().err
+    assert main(["generate", "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 99}', "hi"]) == 2
+    assert "num_speculative_tokens must be an integer in 1..16, got 99" in capsys.readouterr().err
+
+    llm = spec_llm(checkpoint, NGRAM)
+    tokens_of(llm, [[5, 6, 7, 8] * 5, [40, 41, 42] * 6 + [40], [9, 9, 9, 9, 9, 9]])
+    stats = engine_stats(llm.llm_engine)
+    for name in ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+                 "spec_decode_mean_acceptance_length"):  # fmt: skip
+        assert name in stats, sorted(stats)
+    assert stats["spec_decode_num_draft_tokens"][1] > 0

@@ -62,9 +62,14 @@ def run_verify(layer, hidden, query_lens, num_computed, slots, num_verify) -> tu
         return layer(positions, torch.cat(hidden)), ctx.spec_decode
 
 
+# One of three drafts accepted in the first row and both in the second; or every draft.
+ACCEPTED = {"some": [2, 3], "all": [4, 3]}
+
+
+@pytest.mark.parametrize("accept", list(ACCEPTED))
 @pytest.mark.parametrize("path", ["steps", "varlen"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_commit_leaves_the_states_of_a_run_without_the_rejected_tokens(kind, path, monkeypatch):
+def test_commit_leaves_the_states_of_a_run_without_the_rejected_tokens(kind, path, accept, monkeypatch):
     # NOTE: "varlen" is the GPU's conv path (one varlen call per layer), run here with the torch reference.
     monkeypatch.setattr(verify_module, "_conv_steps", lambda x: path == "steps")
     layer, make_pool, hidden, group = make_layer(kind)
@@ -83,20 +88,21 @@ def test_commit_leaves_the_states_of_a_run_without_the_rejected_tokens(kind, pat
     out, batch = run_verify(layer, verify + [prefill], [4, 3, 9], computed, slots, num_verify=2)
     for slot, (conv, recurrent) in zip(slots[:2], before):  # verify rows only read their slots
         assert torch.equal(states(spec, group, slot)[0], conv) and torch.equal(states(spec, group, slot)[1], recurrent)
-    accepted = [2, 3]  # one of three drafts accepted in the first row, both in the second
+    accepted = ACCEPTED[accept]
     batch.commit(accepted)
 
     # Without speculation: the accepted tokens one decode step at a time, then the prompt chunk.
     layer.bind_state(plain.layer_state(group, 0), plain.groups[group].layout)
     expected = [[], []]
-    for t in range(3):
+    for t in range(max(accepted)):
         rows = [i for i in range(2) if t < accepted[i]]
         outs = run_layer(layer, [verify[i][t : t + 1] for i in rows], [1] * len(rows),
                          [computed[i] + t for i in rows], [slots[i] for i in rows])  # fmt: skip
         for j, i in enumerate(rows):
             expected[i].append(outs[j : j + 1])
     expected_prefill = run_layer(layer, [prefill], [9], [6], [slots[2]])
-    assert rel_err(out[0:2], torch.cat(expected[0])) < 1e-5 and rel_err(out[4:7], torch.cat(expected[1])) < 1e-5
+    assert rel_err(out[0 : accepted[0]], torch.cat(expected[0])) < 1e-5
+    assert rel_err(out[4:7], torch.cat(expected[1])) < 1e-5
     assert rel_err(out[7:], expected_prefill) < 1e-5
     for slot in slots:
         for got, want, what in zip(states(spec, group, slot), states(plain, group, slot), ("conv", "recurrent")):

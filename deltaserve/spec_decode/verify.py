@@ -55,7 +55,7 @@ class _DeltaRuleRecord:
 class _Rows:
     """A varlen selection of the verify tokens: flat token indices, ``cu_seqlens``, state slots."""
 
-    tokens: torch.Tensor
+    tokens: torch.Tensor | None  # None: every verify token, in order (all drafts accepted)
     cu_seqlens: torch.Tensor
     state_indices: torch.Tensor
     lengths: list[int]
@@ -149,16 +149,21 @@ class VerifyBatch:
         if rows is None:
             return
         ones = self._ones[: len(rows.lengths)]
+
+        def kept(t: torch.Tensor) -> torch.Tensor:
+            return t if rows.tokens is None else t[rows.tokens]
+
         for record in records:
             if isinstance(record, _DeltaRuleRecord):
-                inputs = tuple(t[rows.tokens] for t in record.inputs)
+                inputs = tuple(kept(t) for t in record.inputs)
                 recurrent_delta_rule_varlen(*inputs, record.recurrent_state, rows.cu_seqlens, rows.state_indices,
                                             store_final_state=True, **record.kwargs)  # fmt: skip
             elif _conv_steps(record.inputs):
+                inputs = kept(record.inputs)
                 for tokens, slots in self._steps(rows.lengths, rows.state_indices):
-                    causal_conv1d_update(record.inputs[rows.tokens[tokens]], record.weight, record.conv_state, slots, None)
+                    causal_conv1d_update(inputs[tokens], record.weight, record.conv_state, slots, None)
             else:
-                causal_conv1d_fn(record.inputs[rows.tokens], record.weight, record.conv_state, rows.cu_seqlens,
+                causal_conv1d_fn(kept(record.inputs), record.weight, record.conv_state, rows.cu_seqlens,
                                  rows.state_indices, ones, None)  # fmt: skip
 
     def _select(self, num_tokens: list[int]) -> _Rows | None:
@@ -166,6 +171,8 @@ class VerifyBatch:
         keep = [i for i, n in enumerate(num_tokens) if n]
         if not keep:
             return None
+        if list(num_tokens) == self.query_lens:  # NOTE: no gather of the inputs when every draft was accepted
+            return _Rows(None, self.cu_seqlens, self.state_indices, list(self.query_lens), list(self._starts))
         device = self.cu_seqlens.device
         tokens, cu, lengths, starts = [], [0], [], []
         for i in keep:
