@@ -4,6 +4,8 @@ run that never saw the rejected tokens (token-by-token decode of the accepted on
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import rel_err
@@ -66,12 +68,21 @@ def run_verify(layer, hidden, query_lens, num_computed, slots, num_verify) -> tu
 ACCEPTED = {"some": [2, 3], "all": [4, 3]}
 
 
+# NOTE: "varlen" is the GPU's conv path (one varlen call per layer) with the torch references; "triton"
+# adds the GPU delta-rule kernel itself, on the CPU under Triton's interpreter (TRITON_INTERPRET=1, triton
+# installed; the conv kernels use a scalar mask the interpreter refuses, so their torch references run).
+PATHS = ["steps", "varlen"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+
+
 @pytest.mark.parametrize("accept", list(ACCEPTED))
-@pytest.mark.parametrize("path", ["steps", "varlen"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_commit_leaves_the_states_of_a_run_without_the_rejected_tokens(kind, path, accept, monkeypatch):
-    # NOTE: "varlen" is the GPU's conv path (one varlen call per layer), run here with the torch reference.
     monkeypatch.setattr(verify_module, "_conv_steps", lambda x: path == "steps")
+    if path == "triton":
+        from deltaserve.ops.gpu import delta_rule_varlen
+
+        monkeypatch.setattr(verify_module, "recurrent_delta_rule_varlen", delta_rule_varlen.recurrent_delta_rule_varlen)
     layer, make_pool, hidden, group = make_layer(kind)
     prompts = [torch.randn(n, hidden) for n in (5, 70, 6)]  # the second spans two 64-token chunks
     verify = [torch.randn(4, hidden), torch.randn(3, hidden)]  # last sampled token + 3 (2) drafts
