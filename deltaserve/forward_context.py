@@ -15,6 +15,40 @@ from typing import Iterator
 import torch
 
 
+@dataclass(frozen=True)
+class StateCheckpoints:
+    """States to save inside one forward, without ending a chunk (prefix-cache checkpoints).
+
+    Entry ``i``: after the first ``offsets[i]`` new tokens of sequence ``seq_indices[i]`` of the
+    batch, copy the layer's two states into pool slot ``slots[i]``: the recurrent state, and as
+    conv state the last ``state_len`` conv inputs before that position. Host lists; ``offsets``
+    are positive multiples of the chunked kernel's chunk size, below the sequence's query length.
+    """
+
+    seq_indices: list[int]
+    offsets: list[int]
+    slots: list[int]
+    token_indices: list[int]  # flat batch index of the first token after each checkpoint
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @classmethod
+    def from_batch(cls, per_seq: list[list[tuple[int, int]]], query_lens: list[int]) -> "StateCheckpoints | None":
+        """From ``(offset, slot)`` pairs per sequence (the scheduler's); None when there are none."""
+        rows, start = [], 0
+        for b, (pairs, n) in enumerate(zip(per_seq, query_lens)):
+            rows += [(b, offset, slot, start + offset) for offset, slot in sorted(pairs)]
+            start += n
+        if not rows:
+            return None
+        return cls(*(list(column) for column in zip(*rows)))
+
+    def for_sequence(self, b: int) -> list[tuple[int, int]]:
+        """``(offset, slot)`` pairs of sequence ``b``, ascending."""
+        return [(o, s) for i, o, s in zip(self.seq_indices, self.offsets, self.slots) if i == b]
+
+
 @dataclass
 class ForwardContext:
     """One flat token batch of ``B`` sequences and ``T`` tokens.
@@ -27,6 +61,7 @@ class ForwardContext:
     - ``block_tables``: ``[B, max_blocks]`` int32 KV block ids (``-1`` padding) for full-attention layers.
     - ``slot_mapping``: ``[T]`` int64, flat KV cache position (``block * block_size + offset``) of each
       new token, ``-1`` where nothing is written.
+    - ``checkpoints``: states the linear layers save inside this forward, or None.
     """
 
     cu_seqlens: torch.Tensor
@@ -37,6 +72,7 @@ class ForwardContext:
     block_tables: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
     block_size: int = 16
+    checkpoints: StateCheckpoints | None = None
 
     # NOTE: cached: every KDA/MLA layer reads these once per forward, and the host lists they
     # derive from are not changed after the context is built.
@@ -87,12 +123,14 @@ def make_forward_context(
     *,
     block_tables: list[list[int]] | None = None,
     block_size: int = 16,
+    checkpoints: list[list[tuple[int, int]]] | None = None,
     device: torch.device | str = "cpu",
 ) -> ForwardContext:
     """Build a context from host lists: the model runner's one way to do it (tests use it too).
 
     Each list becomes one tensor and one host-to-device copy; ``block_tables`` rows are padded
-    with ``-1`` and ``slot_mapping`` is derived from them.
+    with ``-1`` and ``slot_mapping`` is derived from them. ``checkpoints``: ``(offset, slot)`` pairs
+    per sequence (see :class:`StateCheckpoints`).
     """
     cu = [0]
     for n in query_lens:
@@ -118,6 +156,7 @@ def make_forward_context(
         block_tables=tables,
         slot_mapping=slots,
         block_size=block_size,
+        checkpoints=StateCheckpoints.from_batch(checkpoints, query_lens) if checkpoints else None,
     )
 
 

@@ -127,7 +127,7 @@ class KimiDeltaAttention(nn.Module):
         else:
             mixed_qkv = causal_conv1d_fn(
                 mixed_qkv, conv_weight, self.conv_state,
-                ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, "silu",
+                ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, "silu", ctx.checkpoints,
             )  # fmt: skip
         q, k, v = (t.reshape(shape) for t in mixed_qkv.split(self.num_heads * self.head_dim, dim=-1))
 
@@ -138,7 +138,8 @@ class KimiDeltaAttention(nn.Module):
             o = fused_recurrent_kda(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         else:
             o = chunk_kda(
-                q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state
+                q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state,
+                checkpoints=ctx.checkpoints,
             )
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(shape)
         o = self.o_norm(o, gate).reshape(num_tokens, -1)

@@ -7,12 +7,20 @@ Per head, with ``q^ = l2norm(q) * scale`` and ``k^ = l2norm(k)``:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from deltaserve.ops import dispatch
+from deltaserve.ops.state_checkpoints import check_checkpoints
+
+if TYPE_CHECKING:
+    from deltaserve.forward_context import StateCheckpoints
 
 L2NORM_EPS = 1e-6
+# Tokens per chunk of the chunked kernels; states exist at every chunk boundary of a prefill.
+CHUNK_SIZE = 64
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
@@ -49,8 +57,10 @@ def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
     return q * scale, k, v, g, beta
 
 
-def _chunk_sequence(q, k, v, g, beta, state, chunk_size):
+def _chunk_sequence(q, k, v, g, beta, state, chunk_size, save=None):
     """One sequence, heads first: ``q,k,g [H,n,K]``, ``v [H,n,V]``, ``beta [H,n]``, ``state [H,K,V]`` (math order).
+
+    ``save(offset, state)`` is called with the state after each chunk boundary ``offset`` (a checkpoint).
 
     WY / UT-transform form (as transformers' ``chunk_kimi_delta_attention``): within a chunk with
     cumulative log-decay ``G``, ``T = (I - A)^-1`` with ``A[i,j] = -b_i (k_i * exp(G_i - G_j)) . k_j``
@@ -79,6 +89,8 @@ def _chunk_sequence(q, k, v, g, beta, state, chunk_size):
         out[:, start:end] = (q_c * G.exp()) @ state + qk @ v_new
         G_last = G[:, -1:]  # [H, 1, K]
         state = state * G_last.transpose(1, 2).exp() + (k_c * (G_last - G).exp()).transpose(1, 2) @ v_new
+        if save is not None and end < length:
+            save(end, state)
     return out, state
 
 
@@ -95,7 +107,8 @@ def chunk_kda_ref(
     *,
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
+    checkpoints: "StateCheckpoints | None" = None,
 ) -> torch.Tensor:
     """Torch reference of :func:`chunk_kda` (loops over sequences and chunks, vectorised inside a chunk)."""
     heads, v_dim, k_dim = recurrent_state.shape[1:]
@@ -108,6 +121,9 @@ def chunk_kda_ref(
     out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
     bounds = cu_seqlens.tolist()
     initial = has_initial_state.tolist()
+    if checkpoints is not None:
+        query_lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+        check_checkpoints(checkpoints, query_lens, recurrent_state.shape[0] - 1, chunk_size)
     for b, slot in enumerate(state_indices.tolist()):
         start, end = bounds[b], bounds[b + 1]
         if end == start:
@@ -117,7 +133,14 @@ def chunk_kda_ref(
         else:
             state = qf.new_zeros((heads, k_dim, v_dim))
         seq = [t[start:end].transpose(0, 1) for t in (qf, kf, vf, gf, bf)]  # heads first
-        o, state = _chunk_sequence(*seq, state, chunk_size)
+        save = None
+        if checkpoints is not None and (targets := dict(checkpoints.for_sequence(b))):
+
+            def save(offset: int, state: torch.Tensor, targets=targets) -> None:
+                if offset in targets:
+                    recurrent_state[targets[offset]] = state.transpose(-1, -2).to(recurrent_state.dtype)
+
+        o, state = _chunk_sequence(*seq, state, chunk_size, save)
         out[start:end] = o.transpose(0, 1).to(q.dtype)
         recurrent_state[slot] = state.transpose(-1, -2).to(recurrent_state.dtype)
     return out
@@ -170,19 +193,22 @@ def chunk_kda(
     *,
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
+    checkpoints: "StateCheckpoints | None" = None,
 ) -> torch.Tensor:
     """KDA over a flat varlen batch; reads and writes each sequence's slot in place.
 
     ``q, k [T, H, K]``, ``v [T, H, V]``, ``g [T, H, K]`` float32 log-decay, ``beta [T, H]``,
     ``recurrent_state [num_slots+1, H, V, K]`` float32 (stored ``(Dv, Dk)``). A sequence starts from
     its slot when ``has_initial_state`` else zeros; its final state is written back. Returns
-    ``o [T, H, V]`` in ``q.dtype``.
+    ``o [T, H, V]`` in ``q.dtype``. ``checkpoints``: the state after chunk boundary ``offset`` of a
+    sequence is also written, in float32, to the checkpoint's slot (the chunk is not cut).
     """
     impl = dispatch("kda", "chunk_kda", q, chunk_kda_ref)
     return impl(
         q, k, v, g, beta, recurrent_state, cu_seqlens, state_indices, has_initial_state,
         scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
+        checkpoints=checkpoints,
     )  # fmt: skip
 
 
