@@ -26,7 +26,7 @@ from deltaserve.engine.scheduler import Scheduler
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
-from deltaserve.ops.kda import CHUNK_SIZE
+from deltaserve.ops.delta_rule import CHUNK_SIZE
 
 logger = logging.getLogger(__name__)
 
