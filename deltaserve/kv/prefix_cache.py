@@ -259,7 +259,9 @@ class PrefixCache:
     def _plan(self, seq: Sequence, live: _Live) -> None:
         """Choose the checkpoint positions of ``seq``: chunk ends it stops at (promised), in-forward targets."""
         bs, end, hashes = self.block_size, seq.num_tokens, live.hashes
-        first = (live.num_cached // self.interval + 1) * self.interval
+        # NOTE: with in-forward capture the interval counts from the restored prefix, whose grid the
+        # forward's chunks are on; chunk ends fall anywhere, so there it counts from 0 (shared by all).
+        first = live.num_cached + self.interval if self.grid else (live.num_cached // self.interval + 1) * self.interval
         positions = {pos: "interval" for pos in range(first, end, self.interval)}
         shared = 0
         while shared < len(hashes) and (hashes[shared] in self.bm.hash_to_block_id or hashes[shared] in self._pending):

@@ -1,0 +1,167 @@
+"""States saved inside a prefill (prefix-cache checkpoints), KDA and GDN, at op and layer level.
+
+A checkpoint after ``p`` new tokens must hold the states a prefill of only those ``p`` tokens ends
+with (the "uncut" states of the same forward): the recurrent state from the shared chunked delta
+rule (per-channel gate for KDA, per-head gate with GVA for GDN) and the conv window. Checked against
+prefills cut at ``p`` and against a float64 token-by-token recurrence; the outputs of the forward
+must not change; the round-splitting wrapper of the GPU path must agree with the in-chunk capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import rel_err
+
+from deltaserve.forward_context import StateCheckpoints, forward_context, make_forward_context
+from deltaserve.ops.conv1d import causal_conv1d_fn
+from deltaserve.ops.delta_rule import chunk_delta_rule, chunk_delta_rule_ref, l2norm
+from deltaserve.ops.state_checkpoints import chunk_in_rounds
+
+HK, HV, DK, DV, NUM_SLOTS = 2, 4, 16, 8, 12
+LENGTHS = [200, 70, 300]  # three sequences; checkpoints below at chunk boundaries 64, 128, 192, 256
+CUTS = [[(64, 5), (192, 6)], [], [(128, 7), (256, 8)]]
+
+
+def inputs(gate: str, seed: int = 0):
+    torch.manual_seed(seed)
+    n = sum(LENGTHS)
+    q, k = torch.randn(n, HK, DK), torch.randn(n, HK, DK)
+    v, beta = torch.randn(n, HV, DV), torch.rand(n, HV)
+    # NOTE: a mild decay, so that terms far back (across several chunks) matter
+    g = -0.05 * torch.rand(n, HV, DK) if gate == "kda" else -0.05 * torch.rand(n, HV)
+    return q, k, v, g, beta
+
+
+def cu_of(lengths: list[int]) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def pool_with(initial: dict[int, bool]) -> torch.Tensor:
+    pool = torch.full((NUM_SLOTS + 1, HV, DV, DK), float("nan"))
+    for slot, random_state in initial.items():
+        pool[slot] = 0.1 * torch.randn(HV, DV, DK) if random_state else 0.0
+    return pool
+
+
+def naive_state(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """float64 token-by-token delta rule of one sequence; ``state [Hv, V, K]`` (pool order) -> same."""
+    group = HV // HK
+    q, k = l2norm(q.double()).repeat_interleave(group, 1), l2norm(k.double()).repeat_interleave(group, 1)
+    s = state.double().transpose(-1, -2)  # [Hv, K, V]
+    for t in range(q.shape[0]):
+        decay = g[t].double().exp()
+        s = s * (decay.unsqueeze(-1) if decay.dim() == 2 else decay.view(-1, 1, 1))
+        delta = (v[t].double() - torch.einsum("hk,hkv->hv", k[t], s)) * beta[t].double().unsqueeze(-1)
+        s = s + torch.einsum("hk,hv->hkv", k[t], delta)
+    return s.transpose(-1, -2)
+
+
+@pytest.mark.parametrize("gate", ["kda", "gdn"])
+def test_checkpoint_states_equal_a_prefill_cut_there_and_a_float64_recurrence(gate):
+    q, k, v, g, beta = inputs(gate)
+    cu, slots = cu_of(LENGTHS), torch.tensor([1, 2, 3], dtype=torch.int32)
+    initial = torch.tensor([True, False, True])
+    pool = pool_with({1: True, 2: True, 3: True})
+    start_states = pool.clone()
+    plain = pool.clone()
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    out = chunk_delta_rule(q, k, v, g, beta, pool, cu, slots, initial, checkpoints=checkpoints)
+    out_plain = chunk_delta_rule(q, k, v, g, beta, plain, cu, slots, initial)
+    assert torch.equal(out, out_plain) and torch.equal(pool[1:4], plain[1:4])  # the forward is unchanged
+    bounds = cu.tolist()
+    for b, cuts in enumerate(CUTS):
+        for offset, target in cuts:
+            rows = slice(bounds[b], bounds[b] + offset)
+            cut = start_states.clone()
+            chunk_delta_rule(q[rows], k[rows], v[rows], g[rows], beta[rows], cut, cu_of([offset]),
+                             slots[b : b + 1], initial[b : b + 1])  # fmt: skip
+            assert rel_err(pool[target], cut[b + 1]) < 1e-6
+            start = start_states[b + 1] if initial[b] else torch.zeros(HV, DV, DK)
+            expected = naive_state(q[rows], k[rows], v[rows], g[rows], beta[rows], start)
+            assert rel_err(pool[target].double(), expected) < 1e-5
+    untouched = [s for s in range(4, NUM_SLOTS + 1) if s not in (5, 6, 7, 8)]
+    assert pool[untouched].isnan().all()
+
+
+@pytest.mark.parametrize("gate", ["kda", "gdn"])
+def test_rounds_split_at_checkpoints_equal_the_in_chunk_capture(gate):
+    """The GPU path's wrapper (fla keeps only final states) over the reference, without its capture."""
+    q, k, v, g, beta = inputs(gate, seed=1)
+    cu, slots = cu_of(LENGTHS), torch.tensor([3, 1, 2], dtype=torch.int32)
+    initial = torch.tensor([False, True, True])
+    pool = pool_with({1: True, 2: True, 3: False})
+    rounds = pool.clone()
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    out = chunk_delta_rule_ref(q, k, v, g, beta, pool, cu, slots, initial, checkpoints=checkpoints)
+    out_rounds = chunk_in_rounds(chunk_delta_rule_ref, q, k, v, g, beta, rounds, cu, slots, initial, checkpoints)
+    assert rel_err(out_rounds, out) < 1e-6
+    written = [1, 2, 3, 5, 6, 7, 8]
+    assert rel_err(rounds[written], pool[written]) < 1e-6 and rounds[9:].isnan().all() and rounds[4].isnan().all()
+
+
+def test_conv_windows_at_checkpoints_are_the_inputs_before_them():
+    dim, kernel, state_len = 6, 4, 5  # state_len = kernel - 1 + 2 speculative tokens
+    x = torch.randn(sum(LENGTHS), dim)
+    weight = torch.randn(dim, kernel)
+    conv = torch.full((NUM_SLOTS + 1, state_len, dim), float("nan"))
+    conv[1:4] = torch.randn(3, state_len, dim)
+    start_states = conv.clone()
+    cu, slots, initial = cu_of(LENGTHS), torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([True, False, True])
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    causal_conv1d_fn(x, weight, conv, cu, slots, initial, "silu", checkpoints)
+    bounds = cu.tolist()
+    for b, cuts in enumerate(CUTS):
+        for offset, target in cuts:
+            rows = slice(bounds[b], bounds[b] + offset)
+            cut = start_states.clone()
+            causal_conv1d_fn(x[rows], weight, cut, cu_of([offset]), slots[b : b + 1], initial[b : b + 1], "silu")
+            assert torch.equal(conv[target], cut[b + 1])
+            assert torch.equal(conv[target], x[bounds[b] + offset - state_len : bounds[b] + offset])
+
+
+def test_kda_layer_checkpoints_hold_the_states_of_a_forward_cut_there(layers_kda):
+    """Both states of a KDA layer (conv windows of q, k, v and the recurrent state) at 64 and 128."""
+    layer, pool = layers_kda
+    torch.manual_seed(3)
+    hidden = torch.randn(150, layer.hidden_size)
+    conv, recurrent = pool.conv["kda"][0], pool.recurrent["kda"][0]
+
+    def run(num_tokens: int, checkpoints=None) -> torch.Tensor:
+        ctx = make_forward_context([num_tokens], [0], [1], checkpoints=checkpoints)
+        with forward_context(ctx):
+            return layer(torch.arange(num_tokens), hidden[:num_tokens])
+
+    out = run(150, [[(64, 2), (128, 3)]])
+    assert rel_err(out, run(150)) < 1e-6
+    for offset, target in ((64, 2), (128, 3)):
+        run(offset)  # slot 1 now holds the state after the first `offset` tokens
+        assert rel_err(recurrent[target], recurrent[1]) < 1e-6
+        assert torch.equal(conv[target], conv[1])
+
+
+def test_bad_checkpoints_are_clear_errors():
+    q, k, v, g, beta = (t[:100] for t in inputs("kda"))
+    pool, cu = pool_with({1: False}), cu_of([100])
+    slots, initial = torch.tensor([1], dtype=torch.int32), torch.tensor([False])
+    for cuts, field in (([(32, 2)], "offsets"), ([(128, 2)], "offsets"), ([(64, NUM_SLOTS + 1)], "slots")):
+        with pytest.raises(ValueError, match=f"checkpoints.{field}"):
+            chunk_delta_rule(q, k, v, g, beta, pool, cu, slots, initial,
+                             checkpoints=StateCheckpoints.from_batch([cuts], [100]))  # fmt: skip
+
+
+@pytest.fixture
+def layers_kda():
+    from deltaserve.layers.kda import KimiDeltaAttention
+    from deltaserve.state.layout import kda_layout
+    from deltaserve.state.pool import StateGroup, StatePool
+
+    torch.manual_seed(2)
+    layer = KimiDeltaAttention(32, 2, 16, conv_kernel_size=4).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.3)
+        layer.A_log.fill_(-1.0)
+    pool = StatePool({"kda": StateGroup(kda_layout(2, 16, model_dtype=torch.float32), 1)}, 4)
+    layer.bind_state(pool.layer_state("kda", 0), pool.groups["kda"].layout)
+    return layer, pool
