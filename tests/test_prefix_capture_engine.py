@@ -103,3 +103,19 @@ def test_hits_inside_a_chunk_at_a_chunk_end_and_off_the_block_grid_match_transfo
         (out,) = generate(llm, [prompt])
         assert out.outputs[0].token_ids == reference(prompt, MAX_TOKENS) and out.num_cached_tokens == hit
     assert_all_free_after_reset(llm)
+
+
+def test_small_budget_evicts_keeps_within_it_and_tokens_stay_identical(checkpoint, plain):
+    # Room for 3 checkpoints' states and a few blocks; 2 requests at a time, chunks of 128 tokens.
+    probe = make_llm(checkpoint, max_num_seqs=2).llm_engine.prefix_cache.index
+    budget = 3 * probe.slot_bytes + 12 * probe.block_bytes
+    llm = make_llm(checkpoint, max_num_seqs=2, max_num_batched_tokens=128, block_size=16,
+                   prefix_cache_budget_bytes=budget)
+    systems = random_prompts([150, 90, 70], seed=54)
+    suffixes = random_prompts([3, 20, 7, 1, 12, 9, 30, 5, 14], seed=55)
+    prompts = [systems[i // 3] + suffix for i, suffix in enumerate(suffixes)]
+    assert tokens_of(generate(llm, prompts)) == tokens_of(generate(plain, prompts))
+    stats = llm.get_metrics()
+    assert stats["checkpoints_evicted"] > 0 and stats["prefix_cache_hits"] > 0 and stats["checkpoints_captured"] > 0
+    assert stats["prefix_cache_bytes"] <= budget and stats["num_slot_waits"] == 0
+    assert_all_free_after_reset(llm)

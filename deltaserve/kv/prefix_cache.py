@@ -315,8 +315,12 @@ class PrefixCache:
         key = checkpoint_key(seq.token_ids, hashes, self.block_size, pos)
         existing = self.index.get(key)
         if existing is not None:
-            if existing.ready and existing.num_tokens == pos and self._blocks_match(seq, existing, pos // self.block_size):
-                self.index.touch(existing)
+            if existing.num_tokens == pos and self._blocks_match(seq, existing, pos // self.block_size):
+                # NOTE: taken again: where a second sequence branches off, an interval entry becomes a branch point.
+                if PRIOR[kind] > PRIOR[existing.kind]:
+                    existing.kind = kind
+                if existing.ready:
+                    self.index.touch(existing)
             return None  # NOTE: a hash collision keeps the older entry: a miss later, never a wrong hit
         block_ids = seq.block_table[: -(-pos // self.block_size)]
         priority = self.index.new_priority(pos, kind, block_ids)
