@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
+from helpers_layer import nan_pool, slot_states
 
 from deltaserve.forward_context import StateCheckpoints, forward_context, make_forward_context
 from deltaserve.ops.conv1d import causal_conv1d_fn
@@ -120,24 +121,19 @@ def test_conv_windows_at_checkpoints_are_the_inputs_before_them():
             assert torch.equal(conv[target], x[bounds[b] + offset - state_len : bounds[b] + offset])
 
 
-def test_kda_layer_checkpoints_hold_the_states_of_a_forward_cut_there(layers_kda):
-    """Both states of a KDA layer (conv windows of q, k, v and the recurrent state) at 64 and 128."""
-    layer, pool = layers_kda
+@pytest.mark.parametrize("kind", ["kda", "gdn"])
+def test_layer_checkpoints_hold_both_states_of_a_forward_cut_there(kind):
+    """A KDA and a GDN layer (the shared mixer code): conv windows of q|k|v and the recurrent state
+    at 64 and 128 equal what a forward of only those tokens leaves in its slot (DS conv pool for GDN)."""
+    layer, pool = make_layer(kind)
     torch.manual_seed(3)
     hidden = torch.randn(150, layer.hidden_size)
-    conv, recurrent = pool.conv["kda"][0], pool.recurrent["kda"][0]
-
-    def run(num_tokens: int, checkpoints=None) -> torch.Tensor:
-        ctx = make_forward_context([num_tokens], [0], [1], checkpoints=checkpoints)
-        with forward_context(ctx):
-            return layer(torch.arange(num_tokens), hidden[:num_tokens])
-
-    out = run(150, [[(64, 2), (128, 3)]])
-    assert rel_err(out, run(150)) < 1e-6
+    out = run_layer(layer, [hidden], [150], [0], [1], checkpoints=[[(64, 2), (128, 3)]])
+    assert rel_err(out, run_layer(layer, [hidden], [150], [0], [1])) < 1e-6
     for offset, target in ((64, 2), (128, 3)):
-        run(offset)  # slot 1 now holds the state after the first `offset` tokens
-        assert rel_err(recurrent[target], recurrent[1]) < 1e-6
-        assert torch.equal(conv[target], conv[1])
+        run_layer(layer, [hidden[:offset]], [offset], [0], [1])  # slot 1: the state after `offset` tokens
+        (conv, recurrent), (conv_cut, recurrent_cut) = slot_states(pool, kind, target), slot_states(pool, kind, 1)
+        assert rel_err(recurrent, recurrent_cut) < 1e-6 and torch.equal(conv, conv_cut)
 
 
 def test_bad_checkpoints_are_clear_errors():
@@ -150,18 +146,36 @@ def test_bad_checkpoints_are_clear_errors():
                              checkpoints=StateCheckpoints.from_batch([cuts], [100]))  # fmt: skip
 
 
-@pytest.fixture
-def layers_kda():
+def run_layer(layer, hidden, query_lens, num_computed, slots, checkpoints=None) -> torch.Tensor:
+    ctx = make_forward_context(query_lens, num_computed, slots, checkpoints=checkpoints)
+    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)])
+    with torch.no_grad(), forward_context(ctx):
+        return layer(positions, torch.cat(hidden))
+
+
+def make_layer(kind: str):
+    """A layer with random weights bound to a NaN-filled one-layer pool of 6 slots."""
+    from transformers import Qwen3NextConfig
+
+    from deltaserve.layers.gdn import GatedDeltaNet
     from deltaserve.layers.kda import KimiDeltaAttention
-    from deltaserve.state.layout import kda_layout
-    from deltaserve.state.pool import StateGroup, StatePool
+    from deltaserve.state.layout import gdn_layout, kda_layout
 
     torch.manual_seed(2)
-    layer = KimiDeltaAttention(32, 2, 16, conv_kernel_size=4).eval()
+    if kind == "kda":
+        layer, layout = KimiDeltaAttention(32, 2, 16, conv_kernel_size=4), kda_layout(2, 16, model_dtype=torch.float32)
+    else:
+        config = Qwen3NextConfig(hidden_size=32, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+                                 linear_num_key_heads=HK, linear_num_value_heads=HV, linear_key_head_dim=DK,
+                                 linear_value_head_dim=DV, linear_conv_kernel_dim=4, num_attention_heads=2,
+                                 num_key_value_heads=1, head_dim=16, vocab_size=64)  # fmt: skip
+        layer = GatedDeltaNet.from_config(config, layer_idx=0, projection="qkvz")
+        layout = gdn_layout(HK, HV, DK, DV, conv_kernel_size=4, conv_layout="DS", model_dtype=torch.float32,
+                            ssm_dtype="float32")  # fmt: skip
     with torch.no_grad():
-        for p in layer.parameters():
-            p.normal_(0, 0.3)
+        for param in layer.parameters():
+            param.normal_(0, 0.3)
         layer.A_log.fill_(-1.0)
-    pool = StatePool({"kda": StateGroup(kda_layout(2, 16, model_dtype=torch.float32), 1)}, 4)
-    layer.bind_state(pool.layer_state("kda", 0), pool.groups["kda"].layout)
+    pool = nan_pool(kind, layout)
+    layer.eval().bind_state(pool.layer_state(kind, 0), layout)
     return layer, pool
