@@ -80,9 +80,17 @@ def test_shared_system_prompt_then_burst_then_chat_saves_40_percent(checkpoint, 
     assert_all_free_after_reset(llm)
 
 
-def test_hits_inside_a_chunk_at_a_chunk_end_and_off_the_block_grid_match_transformers(checkpoint, reference):
+@pytest.fixture(scope="module", params=["kimi_linear", "qwen3_next", "qwen3_5"])
+def model_and_reference(request, tmp_path_factory):
+    """A tiny KDA (Kimi-Linear) or GDN (Qwen3-Next, Qwen3.5) checkpoint and transformers' greedy reference."""
+    path = make_checkpoint(tmp_path_factory.mktemp(f"capture_{request.param}"), arch=request.param)
+    return path, GreedyReference(reference_model(path))
+
+
+def test_hits_inside_a_chunk_at_a_chunk_end_and_off_the_block_grid_match_transformers(model_and_reference):
     # Chunks of at most 128 tokens: a's checkpoint at 64 is taken inside its first chunk, 128 is that
     # chunk's end, 192 is inside the second chunk (which starts at 128).
+    checkpoint, reference = model_and_reference
     llm = make_llm(checkpoint, max_num_batched_tokens=128, block_size=16)
     (a,) = random_prompts([200], seed=52)
     x, y, z, w = random_prompts([9, 70, 5, 80], seed=53)
@@ -105,8 +113,10 @@ def test_hits_inside_a_chunk_at_a_chunk_end_and_off_the_block_grid_match_transfo
     assert_all_free_after_reset(llm)
 
 
-def test_small_budget_evicts_keeps_within_it_and_tokens_stay_identical(checkpoint, plain):
+def test_small_budget_evicts_keeps_within_it_and_tokens_stay_identical(model_and_reference):
     # Room for 3 checkpoints' states and a few blocks; 2 requests at a time, chunks of 128 tokens.
+    checkpoint, _ = model_and_reference
+    plain = LLM(model=str(checkpoint), dtype="float32", enable_prefix_caching=False, max_num_batched_tokens=512)
     probe = make_llm(checkpoint, max_num_seqs=2).llm_engine.prefix_cache.index
     budget = 3 * probe.slot_bytes + 12 * probe.block_bytes
     llm = make_llm(checkpoint, max_num_seqs=2, max_num_batched_tokens=128, block_size=16,
