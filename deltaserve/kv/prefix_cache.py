@@ -31,6 +31,7 @@ A position already cached, or promised by another running sequence, is not taken
 Retention is by value per byte under ``budget_bytes``
 (:mod:`deltaserve.kv.checkpoint_index`); whenever a sequence needs a slot or blocks
 (``make_room``) the lowest-valued entries go, so running requests always win over cached ones.
+Slots, blocks and the budget: :mod:`deltaserve.kv.checkpoint_store`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import torch
 
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
-from deltaserve.kv.checkpoint_index import PRIOR, Checkpoint, CheckpointIndex, chain_hashes, checkpoint_key, decrement
+from deltaserve.kv.checkpoint_index import PRIOR, Checkpoint, chain_hashes, checkpoint_key, decrement
+from deltaserve.kv.checkpoint_store import CheckpointStore
 from deltaserve.state.copy import copy_slots
 from deltaserve.state.pool import StatePool
 
@@ -87,19 +89,31 @@ class PrefixCache:
             )
         self.bm = block_manager
         self.pool = state_pool
-        self.kv_cache = kv_cache
+        self.store = CheckpointStore(block_manager, state_pool, kv_cache, budget_bytes)
+        self.index = self.store.index
         self.block_size = block_manager.block_size
         self.interval = checkpoint_interval
-        self.budget_bytes = budget_bytes
         self.grid = capture_grid
-        slot_bytes = state_pool.bytes_total // (state_pool.num_slots + 1)
-        block_bytes = 0 if kv_cache is None else kv_cache[:, 0].numel() * kv_cache.element_size()
-        self.index = CheckpointIndex(slot_bytes, block_bytes)
         self._pending: Counter[int] = Counter()  # block hashes of running sequences' tokens
         self._promised: set[tuple] = set()
         self._live: dict[int, _Live] = {}
-        self.num_queries = self.num_hits = self.num_hit_tokens = self.num_miss_tokens = 0
-        self.num_stored = self.num_captured = self.num_evicted = 0
+        self.num_queries = self.num_hits = self.num_hit_tokens = self.num_miss_tokens = self.num_captured = 0
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.store.budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        self.store.budget_bytes = value
+
+    @property
+    def num_stored(self) -> int:
+        return self.store.num_stored
+
+    @property
+    def num_evicted(self) -> int:
+        return self.store.num_evicted
 
     def describe(self) -> str:
         """Where checkpoints are taken and the budget, in one line (logged at start)."""
@@ -117,9 +131,10 @@ class PrefixCache:
         live = self._live[seq.seq_id] = _Live()
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size, live.hashes)
         hit = self.index.lookup(
-            seq.token_ids, hashes, self.block_size, seq.num_tokens - 1, lambda e, k: self._blocks_match(seq, e, k)
+            seq.token_ids, hashes, self.block_size, seq.num_tokens - 1,
+            lambda e, k: self.store.blocks_match(seq.token_ids, e, k),
         )
-        if hit is not None and self._restore(seq, hit):
+        if hit is not None and self.store.restore(seq, hit):
             live.num_cached = hit.num_tokens
             self.num_hits += 1
             self.num_hit_tokens += hit.num_tokens
@@ -154,7 +169,7 @@ class PrefixCache:
                 chosen[grid_pos] = kind
         out = []
         for pos, kind in sorted(chosen.items()):
-            entry = self._admit(seq, live, pos, kind, slot=None)
+            entry = self.store.admit(seq, self._key(seq, live, pos), pos, kind, slot=None)
             if entry is not None:
                 entry.ready = False
                 live.captures.append(entry)
@@ -188,7 +203,7 @@ class PrefixCache:
         if live is None:
             return
         for entry in live.captures:  # NOTE: released before its forward ran: nothing was written
-            self._drop(entry)
+            self.store.drop(entry)
         self._promised.difference_update(live.promised)
         decrement(self._pending, live.pending)
         if not live.ran:
@@ -203,13 +218,11 @@ class PrefixCache:
 
     def make_room(self, num_slots: int = 0, num_blocks: int = 0) -> None:
         """Evict the lowest-valued checkpoints until the pools have these many free slots and blocks."""
-        while self.pool.num_free_slots < num_slots or self.bm.num_free_blocks < num_blocks:
-            if not self._evict():
-                return
+        self.store.make_room(num_slots, num_blocks)
 
     def reset(self) -> None:
         """Drop every checkpoint and forget the hashes of free blocks; running sequences keep theirs."""
-        while self._evict():
+        while self.store.evict():
             pass
         self.bm.forget_free_hashes()
 
@@ -228,33 +241,7 @@ class PrefixCache:
             prefix_cache_budget_bytes=self.budget_bytes,
         )
 
-    # ---- restore and plan --------------------------------------------------------------------
-
-    def _blocks_match(self, seq: Sequence, entry: Checkpoint, num_full: int) -> bool:
-        """The token check of a hit: ``entry``'s first ``num_full`` blocks hold ``seq``'s tokens."""
-        bs = self.block_size
-        return all(
-            self.bm.blocks[b].token_ids == seq.token_ids[i * bs : (i + 1) * bs]
-            for i, b in enumerate(entry.block_ids[:num_full])
-        )
-
-    def _restore(self, seq: Sequence, entry: Checkpoint) -> bool:
-        """Share ``entry``'s full blocks, copy its partial block and states; False (nothing kept) if no block."""
-        num_full, rows = divmod(entry.num_tokens, self.block_size)
-        self.index.touch(entry, hit=True)
-        for block_id in entry.block_ids[:num_full]:
-            self.bm.share(seq, block_id)
-        if rows:
-            self.make_room(num_blocks=1)  # NOTE: entry was just hit, so it is among the last to go
-            if entry not in self.index or not self.bm.can_allocate(1):
-                self.bm.free(seq)
-                return False
-            self.bm.allocate(seq, entry.num_tokens)
-            if self.kv_cache is not None:
-                # [attn_layers, rows, entry_dim]: the tokens of the block before the sequence's first new one.
-                self.kv_cache[:, seq.block_table[num_full], :rows] = self.kv_cache[:, entry.block_ids[num_full], :rows]
-        copy_slots(self.pool, [entry.slot], [seq.state_slot])
-        return True
+    # ---- plan, register, store ----------------------------------------------------------------
 
     def _plan(self, seq: Sequence, live: _Live) -> None:
         """Choose the checkpoint positions of ``seq``: chunk ends it stops at (promised), in-forward targets."""
@@ -282,8 +269,6 @@ class PrefixCache:
         live.pending = list(hashes)
         self._pending.update(live.pending)
 
-    # ---- register, store, evict --------------------------------------------------------------
-
     def _register(self, seq: Sequence, live: _Live) -> None:
         """Hash the blocks of ``seq`` that became full, so that other sequences find and check them."""
         bs = self.block_size
@@ -295,58 +280,16 @@ class PrefixCache:
                 self.bm.register(block_id, hashes[i], seq.token_ids[i * bs : (i + 1) * bs])
         live.num_registered = max(live.num_registered, num_full)
 
+    def _key(self, seq: Sequence, live: _Live, pos: int) -> tuple:
+        hashes = chain_hashes(seq.token_ids, self.block_size, pos // self.block_size, live.hashes)
+        return checkpoint_key(seq.token_ids, hashes, self.block_size, pos)
+
     def _store(self, seq: Sequence, live: _Live, pos: int, kind: str, adopt: bool) -> None:
         """Checkpoint ``seq``'s states after ``pos`` computed tokens: a copy, or its slot itself (``adopt``)."""
-        entry = self._admit(seq, live, pos, kind, slot=seq.state_slot if adopt else None)
+        entry = self.store.admit(seq, self._key(seq, live, pos), pos, kind, slot=seq.state_slot if adopt else None)
         if entry is None:
             return
         if adopt:
             seq.state_slot = None
         else:
             copy_slots(self.pool, [seq.state_slot], [entry.slot])
-
-    def _admit(self, seq: Sequence, live: _Live, pos: int, kind: str, slot: int | None) -> Checkpoint | None:
-        """Add the entry of ``seq``'s first ``pos`` tokens in ``slot`` (None: a fresh one), if new and worth its bytes.
-
-        Entries of lower priority are evicted to make it fit the budget (and free a slot); None when
-        it is cached already or would be worth less than what it has to evict.
-        """
-        hashes = chain_hashes(seq.token_ids, self.block_size, pos // self.block_size, live.hashes)
-        key = checkpoint_key(seq.token_ids, hashes, self.block_size, pos)
-        existing = self.index.get(key)
-        if existing is not None:
-            if existing.num_tokens == pos and self._blocks_match(seq, existing, pos // self.block_size):
-                # NOTE: taken again: where a second sequence branches off, an interval entry becomes a branch point.
-                if PRIOR[kind] > PRIOR[existing.kind]:
-                    existing.kind = kind
-                if existing.ready:
-                    self.index.touch(existing)
-            return None  # NOTE: a hash collision keeps the older entry: a miss later, never a wrong hit
-        block_ids = seq.block_table[: -(-pos // self.block_size)]
-        priority = self.index.new_priority(pos, kind, block_ids)
-        while self.index.bytes_held(block_ids) > self.budget_bytes or (slot is None and self.pool.num_free_slots == 0):
-            if not self._evict(below=priority):
-                return None
-        if slot is None:
-            slot = self.pool.allocate(1)[0]
-        self.bm.hold(block_ids)
-        entry = Checkpoint(pos, key[0], key[1], slot, list(block_ids), kind)
-        self.index.add(entry)
-        self.num_stored += 1
-        return entry
-
-    def _evict(self, below: float = float("inf")) -> bool:
-        entry = self.index.evict(below)
-        if entry is None:
-            return False
-        self._drop(entry)
-        self.num_evicted += 1
-        return True
-
-    def _drop(self, entry: Checkpoint) -> None:
-        """Give ``entry``'s slot and block references back (``entry`` is no longer indexed after)."""
-        if entry in self.index:
-            self.index.remove(entry)
-        self.pool.free([entry.slot])
-        # NOTE: tail first, as BlockManager.free: a chain's head stays longest among the free blocks.
-        self.bm.release(list(reversed(entry.block_ids)))
