@@ -8,7 +8,6 @@ forward step, and the shared-prompt scenario must skip at least 40% of the promp
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deltaserve import LLM, SamplingParams
 from helpers_engine import GreedyReference, assert_all_free_after_reset, random_prompts
@@ -129,3 +128,12 @@ def test_small_budget_evicts_keeps_within_it_and_tokens_stay_identical(model_and
     assert stats["checkpoints_evicted"] > 0 and stats["prefix_cache_hits"] > 0 and stats["checkpoints_captured"] > 0
     assert stats["prefix_cache_bytes"] <= budget and stats["num_slot_waits"] == 0
     assert_all_free_after_reset(llm)
+
+
+def test_start_logs_where_checkpoints_are_taken_and_a_bad_interval_is_a_clear_error(checkpoint, caplog):
+    with caplog.at_level("INFO", logger="deltaserve.engine.llm_engine"):
+        make_llm(checkpoint, prefix_cache_budget_bytes=3 << 20)
+    (line,) = [r.getMessage() for r in caplog.records if "prefix caching" in r.getMessage()]
+    assert "inside the forward every 64 tokens" in line and "budget 3.0 MiB" in line
+    with pytest.raises(ValueError, match="checkpoint_interval = 100 must be a multiple of 64"):
+        make_llm(checkpoint, checkpoint_interval=100)
