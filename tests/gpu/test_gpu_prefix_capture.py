@@ -119,7 +119,7 @@ def test_gpu_bf16_hits_vs_misses_over_many_prompts(arch, tmp_path):
     checkpoint = make_checkpoint(tmp_path, arch=arch)
     kwargs = dict(model=str(checkpoint), dtype="bfloat16", device="cuda", max_num_batched_tokens=512, block_size=16)
     cached, plain = LLM(checkpoint_interval=64, **kwargs), LLM(enable_prefix_caching=False, **kwargs)
-    assert cached.llm_engine.runner.state_pool.recurrent[next(iter(cached.llm_engine.runner.state_pool.recurrent))].dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in cached.llm_engine.runner.state_pool.recurrent.values())
     systems = random_prompts([150, 260, 400], seed=62)
     prompts = [systems[i % 3] + s for i, s in enumerate(random_prompts([3 + (7 * i) % 40 for i in range(48)], seed=63))]
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
