@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -29,12 +29,24 @@ class StateCheckpoints:
     offsets: list[int]
     slots: list[int]
     token_indices: list[int]  # flat batch index of the first token after each checkpoint
+    # NOTE: host copies of the batch's query lengths and state slots, so no op reads them back from the device.
+    query_lens: list[int]
+    seq_slots: list[int]
+    _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.slots)
 
+    def on_device(self, key: tuple, make) -> object:
+        """``make()`` once per forward for ``key`` (device tensors every layer reuses: one copy, not one per layer)."""
+        if key not in self._device_cache:
+            self._device_cache[key] = make()
+        return self._device_cache[key]
+
     @classmethod
-    def from_batch(cls, per_seq: list[list[tuple[int, int]]], query_lens: list[int]) -> "StateCheckpoints | None":
+    def from_batch(
+        cls, per_seq: list[list[tuple[int, int]]], query_lens: list[int], seq_slots: list[int]
+    ) -> "StateCheckpoints | None":
         """From ``(offset, slot)`` pairs per sequence (the scheduler's); None when there are none."""
         rows, start = [], 0
         for b, (pairs, n) in enumerate(zip(per_seq, query_lens)):
@@ -42,7 +54,7 @@ class StateCheckpoints:
             start += n
         if not rows:
             return None
-        return cls(*(list(column) for column in zip(*rows)))
+        return cls(*(list(column) for column in zip(*rows)), list(query_lens), list(seq_slots))
 
     def for_sequence(self, b: int) -> list[tuple[int, int]]:
         """``(offset, slot)`` pairs of sequence ``b``, ascending."""
@@ -156,7 +168,7 @@ def make_forward_context(
         block_tables=tables,
         slot_mapping=slots,
         block_size=block_size,
-        checkpoints=StateCheckpoints.from_batch(checkpoints, query_lens) if checkpoints else None,
+        checkpoints=StateCheckpoints.from_batch(checkpoints, query_lens, state_indices) if checkpoints else None,
     )
 
 

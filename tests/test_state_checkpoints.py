@@ -66,7 +66,7 @@ def test_checkpoint_states_equal_a_prefill_cut_there_and_a_float64_recurrence(ga
     pool = pool_with({1: True, 2: True, 3: True})
     start_states = pool.clone()
     plain = pool.clone()
-    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS, [1, 2, 3])
     out = chunk_delta_rule(q, k, v, g, beta, pool, cu, slots, initial, checkpoints=checkpoints)
     out_plain = chunk_delta_rule(q, k, v, g, beta, plain, cu, slots, initial)
     assert torch.equal(out, out_plain) and torch.equal(pool[1:4], plain[1:4])  # the forward is unchanged
@@ -93,7 +93,7 @@ def test_rounds_split_at_checkpoints_equal_the_in_chunk_capture(gate):
     initial = torch.tensor([False, True, True])
     pool = pool_with({1: True, 2: True, 3: False})
     rounds = pool.clone()
-    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS, [3, 1, 2])
     out = chunk_delta_rule_ref(q, k, v, g, beta, pool, cu, slots, initial, checkpoints=checkpoints)
     out_rounds = chunk_in_rounds(chunk_delta_rule_ref, q, k, v, g, beta, rounds, cu, slots, initial, checkpoints)
     assert rel_err(out_rounds, out) < 1e-6
@@ -109,7 +109,7 @@ def test_conv_windows_at_checkpoints_are_the_inputs_before_them():
     conv[1:4] = torch.randn(3, state_len, dim)
     start_states = conv.clone()
     cu, slots, initial = cu_of(LENGTHS), torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([True, False, True])
-    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS, [1, 2, 3])
     causal_conv1d_fn(x, weight, conv, cu, slots, initial, "silu", checkpoints)
     bounds = cu.tolist()
     for b, cuts in enumerate(CUTS):
@@ -143,7 +143,7 @@ def test_bad_checkpoints_are_clear_errors():
     for cuts, field in (([(32, 2)], "offsets"), ([(128, 2)], "offsets"), ([(64, NUM_SLOTS + 1)], "slots")):
         with pytest.raises(ValueError, match=f"checkpoints.{field}"):
             chunk_delta_rule(q, k, v, g, beta, pool, cu, slots, initial,
-                             checkpoints=StateCheckpoints.from_batch([cuts], [100]))  # fmt: skip
+                             checkpoints=StateCheckpoints.from_batch([cuts], [100], [1]))  # fmt: skip
 
 
 def run_layer(layer, hidden, query_lens, num_computed, slots, checkpoints=None) -> torch.Tensor:

@@ -42,9 +42,12 @@ def save_conv_windows(x: torch.Tensor, conv_state: torch.Tensor, checkpoints: "S
     state_len = conv_state.shape[1]
     if min(checkpoints.offsets) < state_len:
         raise ValueError(f"checkpoints.offsets must be >= the conv state length {state_len}, got {checkpoints.offsets}")
-    starts = torch.tensor(checkpoints.token_indices, device=x.device) - state_len
-    rows = starts[:, None] + torch.arange(state_len, device=x.device)  # [N, L]
-    slots = torch.tensor(checkpoints.slots, device=x.device)
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [list(range(t - state_len, t)) for t in checkpoints.token_indices]  # [N, L]
+        return torch.tensor(rows, device=x.device), torch.tensor(checkpoints.slots, device=x.device)
+
+    rows, slots = checkpoints.on_device(("conv", x.device, state_len), make)
     conv_state[slots] = x[rows].to(conv_state.dtype)
 
 
@@ -73,7 +76,7 @@ def chunk_in_rounds(
     ``chunk_fn`` has :func:`deltaserve.ops.delta_rule.chunk_delta_rule`'s signature.
     """
     out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
-    for r, plan in enumerate(_round_plans(cu_seqlens, state_indices, checkpoints)):
+    for r, plan in enumerate(_round_plans(q.device, checkpoints)):
         part = [t.index_select(0, plan.tokens) for t in (q, k, v, g, beta)]
         first = has_initial_state.index_select(0, plan.rows) if r == 0 else plan.all_initial
         slots = state_indices.index_select(0, plan.rows)
@@ -92,20 +95,21 @@ class _Round(NamedTuple):
     copy_to: torch.Tensor | None  # the checkpoint slots
 
 
-_plan_cache: list = [None, None, None]  # [checkpoints, cu_seqlens, plans]: the forward's, for all its layers
+def _round_plans(device: torch.device, checkpoints: "StateCheckpoints") -> list[_Round]:
+    """The rounds of :func:`chunk_in_rounds`, built once per forward from host lists (the same tensors
+    for every layer, and no read-back from the device).
 
-
-def _round_plans(cu_seqlens: torch.Tensor, state_indices: torch.Tensor, checkpoints: "StateCheckpoints") -> list[_Round]:
-    """The rounds of :func:`chunk_in_rounds`, built once per forward (the same tensors for every layer).
-
-    NOTE: the same objects for every layer keep fla's identity cache of chunk indices hitting (it
-    syncs with the host on a miss); keyed by identity, as fla's cache, so a forward's tensors must
-    not be rewritten in place.
+    NOTE: the same objects for every layer also keep fla's identity cache of chunk indices hitting
+    (a miss syncs with the host).
     """
-    if _plan_cache[0] is checkpoints and _plan_cache[1] is cu_seqlens:
-        return _plan_cache[2]
-    device = cu_seqlens.device
-    bounds, seq_slots = cu_seqlens.tolist(), state_indices.tolist()
+    return checkpoints.on_device(("rounds", device), lambda: _make_round_plans(device, checkpoints))
+
+
+def _make_round_plans(device: torch.device, checkpoints: "StateCheckpoints") -> list[_Round]:
+    bounds = [0]
+    for n in checkpoints.query_lens:
+        bounds.append(bounds[-1] + n)
+    seq_slots = checkpoints.seq_slots
     cuts: dict[int, list[tuple[int, int]]] = {}
     for b, offset, slot in zip(checkpoints.seq_indices, checkpoints.offsets, checkpoints.slots):
         cuts.setdefault(b, []).append((offset, slot))
@@ -129,5 +133,4 @@ def _round_plans(cu_seqlens: torch.Tensor, state_indices: torch.Tensor, checkpoi
             torch.tensor(cu, dtype=torch.int64, device=device), torch.ones(len(rows), dtype=torch.bool, device=device),
             copy_from, copy_to,
         ))
-    _plan_cache[:] = [checkpoints, cu_seqlens, plans]
     return plans

@@ -49,7 +49,7 @@ def test_gpu_checkpoints_equal_a_gpu_prefill_cut_there_and_the_reference(gate, d
     start = pool.clone()
     cu, slots = cu_of(LENGTHS), torch.tensor([1, 2, 3], dtype=torch.int32, device="cuda")
     initial = torch.tensor([True, False, True], device="cuda")
-    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS)
+    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS, [1, 2, 3])
     out = chunk_delta_rule(q, k, v, g, beta, pool, cu, slots, initial, checkpoints=checkpoints)
     plain = start.clone()
     out_plain = chunk_delta_rule(q, k, v, g, beta, plain, cu, slots, initial)
@@ -76,7 +76,7 @@ def test_gpu_conv_windows_at_checkpoints():
     conv = torch.zeros(NUM_SLOTS + 1, 48, 3, device="cuda", dtype=torch.bfloat16).transpose(-1, -2)  # DS pool
     cu, slots = cu_of(LENGTHS), torch.tensor([1, 2, 3], dtype=torch.int32, device="cuda")
     causal_conv1d_fn(x, weight, conv, cu, slots, torch.zeros(3, dtype=torch.bool, device="cuda"), "silu",
-                     StateCheckpoints.from_batch(CUTS, LENGTHS))  # fmt: skip
+                     StateCheckpoints.from_batch(CUTS, LENGTHS, [1, 2, 3]))  # fmt: skip
     bounds = cu.tolist()
     for b, cuts in enumerate(CUTS):
         for offset, target in cuts:
