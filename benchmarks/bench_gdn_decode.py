@@ -21,7 +21,8 @@ from deltaserve.ops.delta_rule import gdn_gate
 from deltaserve.ops.gpu import delta_rule as gpu_delta_rule
 
 HK, HV, D = 16, 32, 128  # Qwen3-Next-80B-A3B
-SWEEP = ((4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 4), (32, 8))
+SWEEP = ((2, 1), (4, 1), (4, 2), (8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 4), (32, 8))
+SHORT_SWEEP = ((4, 1), (8, 1), (16, 2), (32, 8))
 
 
 def make_step(batch: int, layers: int, device: str = "cuda"):
@@ -41,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--layers", type=int, default=8, help="calls on distinct pools in the multi-layer graph")
-    parser.add_argument("--no-sweep", action="store_true", help="only the default block config and fla")
+    parser.add_argument("--sweep", choices=["full", "short", "none"], default="short", help="block configs to time")
     args = parser.parse_args()
     header(f"GDN decode, recurrent delta rule, Hk={HK} Hv={HV} Dk=Dv={D} fp32 state (Qwen3-Next-80B)")
     bw = copy_bandwidth()
@@ -56,17 +57,32 @@ def main() -> None:
         dense = [p[1:].clone() for p in pools]
         state_bytes = 2 * batch * HV * D * D * 4
         bv, warps = gpu_delta_rule.decode_config(batch, HV, D)
-        variants = {f"ours, in place (default BV={bv}, {warps}w)": (None, None)}
-        if not args.no_sweep:
-            variants.update({f"ours, in place (BV={b}, {w}w)": (b, w) for b, w in SWEEP})
+        sorted_index = torch.arange(1, batch + 1, device="cuda", dtype=torch.int32)
+        variants = {f"ours, in place (default BV={bv}, {warps}w)": {}}
+        sweep = {"full": SWEEP, "short": SHORT_SWEEP, "none": ()}[args.sweep]
+        variants.update({f"ours, in place (BV={b}, {w}w)": {"block_v": b, "num_warps": w} for b, w in sweep})
+        variants["ours, default, evict_first state"] = {"evict_first": True}
+        variants["ours, default, launch_pdl"] = {"launch_pdl": True}
         fns = {}
-        for name, (b, w) in variants.items():
-            fns[name] = lambda pool, b=b, w=w: gpu_delta_rule.fused_recurrent_delta_rule(
-                q, k, v, g, beta, pool, index, block_v=b, num_warps=w)  # fmt: skip
-        fns["fla fused_recurrent_gated_delta_rule (out of place)"] = lambda state: gpu_delta_rule.fused_recurrent_gdn_fla(
-            q, k, v, g, beta, state)  # fmt: skip
+        for name, options in variants.items():
+            fns[name] = lambda pool, options=options: gpu_delta_rule.fused_recurrent_delta_rule(
+                q, k, v, g, beta, pool, index, **options)  # fmt: skip
+        fns["ours, default, slots in order (diagnostic)"] = lambda pool: gpu_delta_rule.fused_recurrent_delta_rule(
+            q, k, v, g, beta, pool, sorted_index)  # fmt: skip
+        # one destination per layer, so that no layer's writes land on lines another layer left in L2
+        copy_dst = {id(d): torch.empty_like(d) for d in dense}
+        fns["floor: torch copy of the same bytes"] = lambda state: copy_dst[id(state)].copy_(state)
+        # NOTE: fla needs contiguous [B, 1, H, *] inputs: made here, outside the timing (ours reads the views)
+        fla_inputs = [t.contiguous().unsqueeze(1) for t in (q, k, v, g, beta)]
+
+        def fla_step(state, inputs=fla_inputs):
+            return gpu_delta_rule.fla_fused_recurrent_gated_delta_rule(
+                *inputs[:4], beta=inputs[4], initial_state=state, output_final_state=True,
+                use_qk_l2norm_in_kernel=True, state_v_first=True)  # fmt: skip
+
+        fns["fla fused_recurrent_gated_delta_rule (out of place)"] = fla_step
         for name, fn in fns.items():
-            states = dense if name.startswith("fla") else pools
+            states = dense if name.startswith(("fla", "floor")) else pools
             one = lambda fn=fn, s=states[0]: fn(s)  # noqa: E731
             many = lambda fn=fn, states=states: [fn(s) for s in states]  # noqa: E731
             one()

@@ -87,6 +87,7 @@ def make_model(
     with torch.device("meta"):
         model = resolve(hf_config)(hf_config, dtype)
     model = model.to_empty(device=device)
+    model.tie_weights()
     (init or init_random_)(model, seed)
     return model.eval().requires_grad_(False)
 

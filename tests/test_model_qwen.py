@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from deltaserve.models.loader import load_model
 
-BOUND = 1e-4
+BOUND = 1e-5  # measured: about 3e-7 (the issue asks for 1e-4)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -164,3 +164,47 @@ def test_impossible_configs_are_named(tmp_path, field, value, names):
 
     with pytest.raises(ValueError, match=names):
         load_model_config(make_checkpoint(tmp_path, arch="qwen3_next", **{field: value}))
+
+
+def test_published_80b_config_passes_and_gives_its_cache_sizes(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from deltaserve.models.loader import load_model_config
+    from deltaserve.models.qwen3_next import Qwen3NextForCausalLM
+
+    shutil.copy(Path(__file__).parent / "data" / "qwen3-next-80b-a3b-config.json", tmp_path / "config.json")
+    config = load_model_config(tmp_path)
+    with torch.device("meta"):
+        model = Qwen3NextForCausalLM(config, torch.bfloat16)
+    attention = model.model.layers[3].self_attn
+    assert (attention.num_heads, attention.num_kv_heads, attention.rotary_emb.rotary_dim) == (16, 2, 64)
+    assert attention.rotary_emb.rope_theta == 1e7
+    spec = model.kv_cache_spec()
+    assert (spec.num_layers, spec.bytes_per_token) == (12, 2048)
+    group = model.state_groups()["gdn"]
+    assert group.num_layers == 36 and group.layout.bytes_per_slot == 49_152 + 2_097_152
+
+
+def test_bfloat16_model_keeps_gdn_decay_and_norm_in_float32_and_stays_close(tiny):
+    arch, path, _, ref = tiny
+    ours = load_model(path, dtype="bfloat16")
+    fp32 = {n for n, p in ours.named_parameters() if p.dtype == torch.float32}
+    assert fp32 and all(n.endswith(("A_log", "dt_bias", "linear_attn.norm.weight")) for n in fp32), fp32
+    # NOTE: a prompt without near-ties in routing: on others (seed 1) an expert choice flips in bfloat16,
+    # for transformers' own bfloat16 model as for ours (both then ~5% off the float32 logits).
+    ids = prompt(12, seed=3)
+    err = rel_err(ModelRunner(ours).step([("a", ids)])[0], reference_logits(ref, ids))
+    assert err < 2e-2, (arch, err)
+
+
+def test_tied_word_embeddings_load_without_an_lm_head_tensor(tmp_path):
+    path = make_checkpoint(tmp_path, arch="qwen3_5", tie_word_embeddings=True)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["lm_head.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    model = load_model(path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = reference_model(path)
+    ids = prompt(8, seed=13)
+    assert rel_err(ModelRunner(model).step([("a", ids)])[0], reference_logits(ref, ids)) < BOUND

@@ -19,8 +19,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
     parser.add_argument(
-        "--mamba-ssm-cache-dtype", default="auto",
-        help="GDN recurrent-state dtype: auto (= the config's mamba_ssm_dtype, else float32) or a name, e.g. bfloat16",
+        "--mamba-ssm-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+        help="GDN recurrent-state dtype (default auto: the config's mamba_ssm_dtype, else float32)",
     )  # fmt: skip
 
 

@@ -98,10 +98,16 @@ class HybridForCausalLM(nn.Module):
     def _finish(self, hidden_size: int, vocab_size: int, tie_word_embeddings: bool) -> None:
         """Add the lm head (tied to the embedding when the config says so); eval mode, no grad."""
         self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=self.dtype)
-        if tie_word_embeddings:
-            self.lm_head.weight = self.text_model.embed_tokens.weight
+        self.tie_word_embeddings = tie_word_embeddings
+        self.tie_weights()
         self.requires_grad_(False)
         self.eval()
+
+    def tie_weights(self) -> None:
+        """Make the lm head share the embedding when the config ties them (again after ``to_empty()``,
+        which gives each parameter its own storage)."""
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.text_model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.text_model(input_ids, positions)

@@ -227,5 +227,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     with torch.device("meta"):
         model = model_class(config, torch_dtype)
     model = model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     load_weights(model, path)
     return model.eval().requires_grad_(False)

@@ -128,6 +128,23 @@ def test_fused_recurrent_gdn_low_precision_matches_reference(dtype, state_dtype,
     assert untouched(gpu_pool, slots)
 
 
+@pytest.mark.parametrize("options", [{"launch_pdl": True}, {"evict_first": True}])
+def test_fused_recurrent_launch_options_match_reference(options):
+    # a chain of launches on distinct pools, as the layers of one decode step
+    slots = [3, 1, 6]
+    pools = [nan_pool({s: True for s in slots}) for _ in range(3)]
+    inputs = [make_inputs(len(slots), torch.bfloat16) for _ in pools]
+    index = torch.tensor(slots, dtype=torch.int32)
+    gpu_pools = [p.cuda() for p in pools]
+    outs = [gpu_delta_rule.fused_recurrent_delta_rule(*cuda(*x), p, index.cuda(), **options)
+            for x, p in zip(inputs, gpu_pools)]  # fmt: skip
+    for x, pool, gpu_pool, out in zip(inputs, pools, gpu_pools, outs):
+        expected = fused_recurrent_delta_rule_ref(*x, pool, index)
+        assert rel_err(out.cpu().float(), expected.float()) < 1e-2
+        assert rel_err(gpu_pool[slots].cpu(), pool[slots]) < 1e-5
+        assert untouched(gpu_pool, slots)
+
+
 def test_fla_fused_recurrent_baseline_matches_reference():
     q, k, v, g, beta = make_inputs(3, torch.float32)
     state = 0.05 * torch.randn(3, HV, D, D)
