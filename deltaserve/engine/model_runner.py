@@ -141,7 +141,8 @@ class ModelRunner:
                 return [None] * len(batch)
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
-        sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
+        seqs = [batch.seqs[i] for i in rows]
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.structured for s in seqs])
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):
             out[i] = token
