@@ -1,13 +1,14 @@
 """Prefix caching on a Kimi-Linear-shaped model, one GPU: what checkpoints cost, and what they save.
 
-One engine (bf16 weights, float32 recurrent states), four settings of its prefix cache, the same
+One engine (bf16 weights, float32 recurrent states), six settings of its prefix cache, the same
 prompts and greedy sampling in each, the cache emptied before each run:
 
 - ``off``: no prefix cache (the baseline of the cost case);
 - ``chunk-end chunk``: checkpoints end prefill chunks, every ``max_num_batched_tokens`` (before
   in-forward capture: the default then);
 - ``chunk-end 256``: the same every 256 tokens (one forward step per checkpoint: the +64% case);
-- ``in-forward 256``: checkpoints every 256 tokens saved inside the forward (now the default).
+- ``in-forward 256``: checkpoints every 256 tokens saved inside the forward (now the default);
+  ``in-forward 512`` and ``1024`` the same, coarser.
 
 Cost case: ``--num-unique`` unique prompts of ``--min-len``..``--max-len`` tokens submitted at
 once, and one lone prompt; mean TTFT per setting and its overhead over ``off`` (target: within 5%).
@@ -44,6 +45,10 @@ SETTINGS = {  # name -> (prefix cache on, capture grid, interval; None = max_num
     "chunk-end chunk": (True, None, None),
     "chunk-end 256": (True, None, 256),
     "in-forward 256": (True, CHUNK_SIZE, 256),
+    # NOTE: on the GPU a forward with checkpoints runs fla's chunked kernel once per checkpoint of its
+    # most-checkpointed sequence (rounds); coarser intervals show what fewer rounds cost.
+    "in-forward 512": (True, CHUNK_SIZE, 512),
+    "in-forward 1024": (True, CHUNK_SIZE, 1024),
 }
 
 
