@@ -178,18 +178,11 @@ def test_a_sequence_whose_drafts_a_chunk_end_cut_does_not_precede_verify_rows(ch
     from deltaserve.kv.block_manager import BlockManager
     from deltaserve.state.pool import StatePool
 
-    class ClipFirst:  # a prefix cache whose checkpoint position ends sequence 0's next chunk at once
+    from deltaserve.engine.prefix_hooks import NoPrefixCache
+
+    class ClipFirst(NoPrefixCache):  # a prefix cache whose checkpoint position ends sequence 0's next chunk at once
         def clip_chunk(self, seq, n):
             return 1 if seq.seq_id == 0 else n
-
-        def match(self, seq):
-            return 0
-
-        def on_computed(self, seq): ...
-        def on_release(self, seq): ...
-        def make_room(self, num_slots=0, num_blocks=0): ...
-        def stats(self):
-            return {}
 
     llm = spec_llm(checkpoint, NGRAM)
     pool = StatePool(llm.llm_engine.runner.model.state_groups(), 4)
@@ -225,3 +218,30 @@ def test_cli_speculative_config_and_server_metrics(checkpoint, reference, capsys
                  "spec_decode_mean_acceptance_length"):  # fmt: skip
         assert name in stats, sorted(stats)
     assert stats["spec_decode_num_draft_tokens"][1] > 0
+
+
+def test_checkpoints_saved_inside_a_prefill_beside_verify_rows_give_exact_hits(checkpoint, reference):
+    (short,) = random_prompts([6], seed=31)
+    (long,) = random_prompts([150], seed=32)
+    later = long[:140] + [1, 2, 3]  # hits the checkpoint at 128 that long's prefill saved in the forward
+    sequences = [p + reference(p, 12) for p in (short, long, later)]
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4, checkpoint_interval=64,
+                       speculative_config=oracle_config())  # fmt: skip
+    engine.runner.speculator.proposer = OracleProposer(sequences, skip_rate=0.0, seed=2)
+    finished = {}
+
+    def run_until_done():
+        while engine.has_unfinished_requests():
+            finished.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+
+    engine.add_request("short", short, GREEDY)
+    engine.step()
+    engine.step()  # "short" verifies drafts from here on
+    engine.add_request("long", long, GREEDY)  # its prefill runs beside the verify rows
+    run_until_done()
+    engine.add_request("later", later, GREEDY)
+    run_until_done()
+    assert [finished[r] for r in ("short", "long", "later")] == [reference(p, 12) for p in (short, long, later)]
+    stats = engine.stats()
+    assert stats["checkpoints_captured"] >= 2 and stats["prefix_cache_hit_tokens"] >= 128
+    assert stats["mixed_steps"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0

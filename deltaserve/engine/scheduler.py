@@ -31,6 +31,8 @@ class ScheduledBatch:
     # Per sequence: draft tokens verified after the last sampled token (the last of num_new_tokens).
     # NOTE: sequences with drafts come first, so the verify rows are the batch's first rows.
     num_draft_tokens: list[int] = field(default_factory=list)
+    # Per sequence: (offset, slot) pairs, states to save inside the forward (prefix-cache checkpoints).
+    checkpoints: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @property
     def num_verify_seqs(self) -> int:
@@ -160,6 +162,8 @@ class Scheduler:
                 self._release(seq)
                 break
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed_tokens  # NOTE: the first admission's, as vLLM
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -178,6 +182,8 @@ class Scheduler:
             num_drafts = max(0, num_new - seq.num_uncomputed_tokens)
             batch.num_draft_tokens.append(num_drafts)
             del seq.spec_token_ids[num_drafts:]  # drafts cut by the token budget or a chunk end are dropped
+            # NOTE: asked last, once no sequence of the batch can be preempted any more.
+            batch.checkpoints.append(self.prefix_cache.checkpoint_slots(seq, num_new) if batch.is_prefill[-1] else [])
         return batch
 
     def _reserve_blocks(self, seq: Sequence, num_new: int, picks: _Picks) -> bool:

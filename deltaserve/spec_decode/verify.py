@@ -21,10 +21,11 @@ from typing import Callable
 
 import torch
 
+from deltaserve.forward_context import StateCheckpoints
 from deltaserve.ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from deltaserve.ops.delta_rule_varlen import recurrent_delta_rule_varlen
 
-# op(*inputs, recurrent_state, cu_seqlens, state_indices, has_initial_state, **kwargs) -> o
+# op(*inputs, recurrent_state, cu_seqlens, state_indices, has_initial_state, checkpoints=..., **kwargs) -> o
 ChunkedOp = Callable[..., torch.Tensor]
 
 
@@ -86,10 +87,18 @@ class VerifyBatch:
         self._local = torch.arange(num_seqs, dtype=torch.int32, device=device)
         self._ones = torch.ones(num_seqs, dtype=torch.bool, device=device)
         self.has_rest = num_seqs < ctx.num_seqs
+        self.rest_checkpoints = None
         if self.has_rest:
             self.rest_cu_seqlens = ctx.cu_seqlens[num_seqs:] - self.num_tokens
             self.rest_state_indices = ctx.state_indices[num_seqs:]
             self.rest_has_initial_state = ctx.has_initial_state[num_seqs:]
+            if ctx.checkpoints is not None:
+                # Prefix-cache checkpoints inside the other rows' prefill chunks, indexed within those rows.
+                rest = range(num_seqs, ctx.num_seqs)
+                self.rest_checkpoints = StateCheckpoints.from_batch(
+                    [ctx.checkpoints.for_sequence(b) for b in rest], ctx.query_lens[num_seqs:],
+                    ctx.checkpoints.seq_slots[num_seqs:],
+                )  # fmt: skip
         self._records: list[_ConvRecord | _DeltaRuleRecord] = []
 
     # ---- layer hooks -------------------------------------------------------------------------
@@ -109,7 +118,7 @@ class VerifyBatch:
             return y
         rest = causal_conv1d_fn(
             x[n:], weight, conv_state, self.rest_cu_seqlens, self.rest_state_indices, self.rest_has_initial_state,
-            activation,
+            activation, self.rest_checkpoints,
         )  # fmt: skip
         return torch.cat([y, rest])
 
@@ -128,7 +137,8 @@ class VerifyBatch:
             return o
         rest = chunked_op(
             *(t[n:] for t in inputs), recurrent_state,
-            self.rest_cu_seqlens, self.rest_state_indices, self.rest_has_initial_state, **kwargs,
+            self.rest_cu_seqlens, self.rest_state_indices, self.rest_has_initial_state,
+            checkpoints=self.rest_checkpoints, **kwargs,
         )  # fmt: skip
         return torch.cat([o, rest])
 
