@@ -57,9 +57,10 @@ def states(pool, group: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_verify(layer, hidden, query_lens, num_computed, slots, num_verify) -> tuple[torch.Tensor, VerifyBatch]:
-    ctx = make_forward_context(query_lens, num_computed, slots)
+    device = hidden[0].device
+    ctx = make_forward_context(query_lens, num_computed, slots, device=device)
     ctx.spec_decode = VerifyBatch(ctx, num_verify)
-    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)])
+    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)]).to(device)
     with torch.no_grad(), forward_context(ctx):
         return layer(positions, torch.cat(hidden)), ctx.spec_decode
 
