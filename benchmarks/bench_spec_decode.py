@@ -86,7 +86,8 @@ def decode_rate(llm: LLM, batch: int, args, output_len: int) -> tuple[float, dic
     after = engine.stats()
     tokens = after["generation_tokens"] - before["generation_tokens"] - batch  # minus each first token
     seconds = after["decode_only_time_s"] - before["decode_only_time_s"]
-    return tokens / max(seconds, 1e-9), after
+    steps = after["decode_only_steps"] - before["decode_only_steps"]
+    return tokens / max(seconds, 1e-9), 1e3 * seconds / max(steps, 1)
 
 
 def main() -> None:
@@ -115,23 +116,24 @@ def main() -> None:
                     set_speculation(llm, acceptance, auto_disable)
                     decode_rate(llm, batch, args, output_len=min(16, args.output_len))  # warm-up of the shapes
                     start = time.perf_counter()
-                    rate, stats = decode_rate(llm, batch, args, args.output_len)
+                    rate, step_ms = decode_rate(llm, batch, args, args.output_len)
                     wall = time.perf_counter() - start
                     base = rate if acceptance is None else base
                     spec = llm.llm_engine.runner.speculator
                     measured = spec.metrics.mean_acceptance_length if spec is not None else 1.0
                     disabled = spec.metrics.num_disabled_steps if spec is not None else 0
-                    rows.append((name, batch, label, rate, rate / base, measured, disabled, wall))
+                    rows.append((name, batch, label, rate, rate / base, measured, step_ms))
                     print(f"{name:>10} | batch {batch:>3} | spec {label:>10} | {rate:9.1f} tok/s | "
-                          f"x{rate / base:5.2f} | acceptance {measured:4.2f} | steps w/o drafts {disabled:4d} | "
-                          f"{wall:6.1f} s", flush=True)  # fmt: skip
+                          f"x{rate / base:5.2f} | acceptance {measured:4.2f} | {step_ms:7.2f} ms/step | "
+                          f"steps w/o drafts {disabled:4d} | {wall:6.1f} s", flush=True)  # fmt: skip
             del llm
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-    print("\n| model | batch | speculation (mean acceptance length) | decode tok/s | vs no speculation | measured acceptance |")
-    print("|---|---|---|---|---|---|")
-    for name, batch, label, rate, speedup, measured, _, _ in rows:
-        print(f"| {name} | {batch} | {label} | {rate:.1f} | {speedup:.2f}x | {measured:.2f} |")
+    print("\n| model | batch | speculation (mean acceptance length) | decode tok/s | vs no speculation | "
+          "measured acceptance | ms per decode step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, batch, label, rate, speedup, measured, step_ms in rows:
+        print(f"| {name} | {batch} | {label} | {rate:.1f} | {speedup:.2f}x | {measured:.2f} | {step_ms:.2f} |")
 
 
 if __name__ == "__main__":
