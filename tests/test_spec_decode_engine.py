@@ -245,3 +245,26 @@ def test_checkpoints_saved_inside_a_prefill_beside_verify_rows_give_exact_hits(c
     stats = engine.stats()
     assert stats["checkpoints_captured"] >= 2 and stats["prefix_cache_hit_tokens"] >= 128
     assert stats["mixed_steps"] > 0 and stats["spec_decode_num_accepted_tokens"] > 0
+
+
+def test_stop_strings_and_logprobs_with_drafts_equal_those_without():
+    from deltaserve import LLM
+
+    prompt = "The state of a linear layer"
+    plain = LLM(dtype="float32", max_model_len=256)
+    free = plain.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    text = free[0].outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]  # a stop string in the middle of the output
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop], logprobs=2)
+    expected = plain.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    tokenizer = plain.get_tokenizer()
+    sequences = [tokenizer.encode(prompt) + free[0].outputs[0].token_ids]
+    llm = LLM(dtype="float32", max_model_len=256, speculative_config=oracle_config())
+    llm.llm_engine.runner.speculator.proposer = OracleProposer(sequences, error_rate=0.2, skip_rate=0.0)
+    got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+        expected.text, expected.token_ids, "stop", stop)
+    for want, have in zip(expected.logprobs, got.logprobs):
+        assert want.keys() == have.keys()
+        assert all(abs(want[t].logprob - have[t].logprob) < 1e-4 and want[t].rank == have[t].rank for t in want)
+    assert llm.get_metrics()["spec_decode_num_accepted_tokens"] > 0
