@@ -16,6 +16,10 @@ from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.spec_decode.mtp import StepOutputs
+from deltaserve.spec_decode.speculator import Speculator
+from deltaserve.spec_decode.structured import mask_verify_logits
+from deltaserve.spec_decode.verify import VerifyBatch
 from deltaserve.state.pool import StatePool
 
 # NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
@@ -24,11 +28,23 @@ DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "cuda": 32768}
 # Default KV cache size when num_kv_blocks is not given (bytes, CPU) / share of free memory (GPU).
 DEFAULT_CPU_KV_BYTES = 1 << 30
 DEFAULT_GPU_KV_FRACTION = 0.8
+# Tokens between prefix-cache checkpoints taken inside the forward (a multiple of the chunk size 64).
+DEFAULT_CHECKPOINT_INTERVAL = 256
+
+
+def checkpoints_in_forward(config: EngineConfig) -> bool:
+    """Whether prefill forwards save prefix-cache checkpoints without ending a chunk.
+
+    NOTE: the one place that chooses; ``extra={"checkpoints_in_forward": False}`` ends chunks at
+    checkpoints instead (one forward step each), the behaviour before in-forward capture.
+    """
+    return bool(config.extra.get("checkpoints_in_forward", True))
 
 
 def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.device) -> EngineConfig:
     """Fill in ``max_model_len``, ``num_state_slots``, ``num_kv_blocks``, ``prefix_cache_budget_bytes``
-    and ``checkpoint_interval`` (default: ``max_num_batched_tokens``).
+    and ``checkpoint_interval`` (default: ``DEFAULT_CHECKPOINT_INTERVAL`` where the forward captures
+    checkpoints, else ``max_num_batched_tokens``, where long prompts' chunks end anyway).
 
     With prefix caching the pool holds ``max_num_seqs`` slots for requests plus up to ``max_num_seqs``
     for checkpoints (fewer if ``prefix_cache_budget_bytes`` holds fewer); the default budget is those
@@ -50,7 +66,11 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
             if config.prefix_cache_budget_bytes is not None and slot_bytes > 0:
                 num_checkpoint_slots = min(num_checkpoint_slots, config.prefix_cache_budget_bytes // slot_bytes)
         num_slots = config.max_num_seqs + num_checkpoint_slots
-    block_bytes = model.kv_cache_spec(config.cache_dtype).bytes_per_block(bs)
+    kv_spec = model.kv_cache_spec(config.cache_dtype)
+    block_bytes = kv_spec.bytes_per_block(bs)
+    spec_config = config.speculative_config
+    if spec_config is not None and spec_config.method == "mtp" and kv_spec.num_layers:
+        block_bytes += block_bytes // kv_spec.num_layers  # NOTE: the MTP head's own attention layer
     num_blocks = config.num_kv_blocks
     if num_blocks is None:
         per_block = max(1, block_bytes)
@@ -73,7 +93,9 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
     budget = config.prefix_cache_budget_bytes
     if budget is None:
         budget = max(0, num_slots - config.max_num_seqs) * slot_bytes + block_bytes * num_blocks
-    interval = config.checkpoint_interval or config.max_num_batched_tokens
+    interval = config.checkpoint_interval
+    if interval is None:
+        interval = DEFAULT_CHECKPOINT_INTERVAL if checkpoints_in_forward(config) else config.max_num_batched_tokens
     return dataclasses.replace(
         config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks,
         prefix_cache_budget_bytes=budget, checkpoint_interval=interval,
@@ -114,16 +136,32 @@ class ModelRunner:
         )
         model.bind_caches(self.state_pool, self.kv_cache)
         self.sampler = Sampler(generator)
+        self.speculator = None
+        if self.config.speculative_config is not None:
+            self.speculator = Speculator(
+                self.config.speculative_config, self.sampler,
+                max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len, runner=self,
+            )  # fmt: skip
+        self._pending_verify: VerifyBatch | None = None
+        # A proposer that runs on the step's hidden states (MTP) gets them after each step.
+        self._keep_hidden = self.speculator is not None and hasattr(self.speculator.proposer, "observe")
+        self._last_step: StepOutputs | None = None
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
-        self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
+        # NOTE: not with MTP drafts: a replayed graph returns logits only, the MTP head needs the hidden states.
+        self.cuda_graphs = None if self._keep_hidden else make_decode_graphs(model, self.config, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
+        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``.
+
+        A verify row's tokens are its last sampled token and its drafts (``seq.spec_token_ids``).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        drafts = batch.num_draft_tokens or [0] * len(batch)
+        for seq, num_new, num_drafts in zip(batch.seqs, batch.num_new_tokens, drafts):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + num_new])
+            input_ids.extend(seq.token_ids[start : start + num_new - num_drafts])
+            input_ids.extend(seq.spec_token_ids[:num_drafts])
             positions.extend(range(start, start + num_new))
         ctx = make_forward_context(
             list(batch.num_new_tokens),
@@ -131,6 +169,7 @@ class ModelRunner:
             [seq.state_slot for seq in batch.seqs],
             block_tables=[seq.block_table for seq in batch.seqs],
             block_size=self.config.block_size,
+            checkpoints=batch.checkpoints,
             device=self.device,
         )
 
@@ -140,15 +179,20 @@ class ModelRunner:
         return to_device(input_ids), to_device(positions), ctx
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
-        """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
+        """Forward ``batch``; returns a sampled token per sequence that samples (a verify row: its
+        accepted drafts and the target's next token), else None."""
         input_ids, positions, ctx = self.prepare(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        self._last_step = None
+        if batch.num_verify_seqs:
+            return self._run_verify(batch, input_ids, positions, ctx, rows)
         if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
             logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
         else:
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)  # [T, hidden]
+            self._keep(batch, hidden, ctx)
             if not rows:
                 return [None] * len(batch)
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
@@ -159,6 +203,54 @@ class ModelRunner:
         for i, token in zip(rows, sampled):
             out[i] = token
         return out
+
+    def _run_verify(self, batch, input_ids, positions, ctx, rows) -> list:
+        """A step with verify rows (the first ``num_verify_seqs``): logits at every verify position,
+        drafts checked by the rejection sampler; the states wait for :meth:`commit_verified`."""
+        num_verify = batch.num_verify_seqs
+        if any(n > 0 for n in batch.num_draft_tokens[num_verify:]):
+            raise ValueError("verify rows (sequences with drafts) must be the first rows of the batch")
+        ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        self._keep(batch, hidden, ctx)
+        verify_tokens = ctx.spec_decode.num_tokens
+        others = [i for i in rows if i >= num_verify]
+        last = [end - 1 for end in _ends(batch, others)]
+        logits = self.model.compute_logits(hidden[torch.tensor(list(range(verify_tokens)) + last, device=self.device)])
+        seqs = batch.seqs
+        out: list = [None] * len(batch)
+        verify_rows = range(num_verify)
+        drafts = [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows]
+        verify_logits = mask_verify_logits(logits[:verify_tokens], [seqs[i].structured for i in verify_rows], drafts)
+        emitted = self.speculator.verify(
+            verify_logits, drafts, [seqs[i].params for i in verify_rows], [seqs[i].generator for i in verify_rows]
+        )
+        for i, tokens in zip(verify_rows, emitted):
+            out[i] = tokens
+        if others:
+            sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others],
+                                   [seqs[i].generator for i in others], [seqs[i].structured for i in others])  # fmt: skip
+            for i, token in zip(others, sampled):
+                out[i] = token
+        return out
+
+    def _keep(self, batch: ScheduledBatch, hidden: torch.Tensor, ctx: ForwardContext) -> None:
+        if self._keep_hidden:
+            self._last_step = StepOutputs(batch, hidden, list(ctx.num_computed_tokens))
+
+    def commit_verified(self, num_accepted_tokens: list[int]) -> None:
+        """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens."""
+        verify, self._pending_verify = self._pending_verify, None
+        if verify is None:
+            raise RuntimeError("commit_verified without a verify step")
+        verify.commit(num_accepted_tokens)
+
+    def propose_drafts(self, seqs: list, block_manager=None) -> None:
+        """Drafts for the next step of each sequence that decodes (nothing without speculative_config)."""
+        if self.speculator is not None:
+            step, self._last_step = self._last_step, None
+            self.speculator.propose(seqs, step, block_manager)
 
 
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:

@@ -28,6 +28,7 @@ class DeltaRuleMixer(nn.Module):
         conv_kernel_size: int,
         layer_idx: int,
         conv_activation: str | None = "silu",
+        recurrent_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
     ):
         super().__init__()
         self.state_kind = state_kind
@@ -36,6 +37,7 @@ class DeltaRuleMixer(nn.Module):
         self.conv_kernel_size = conv_kernel_size
         self.layer_idx = layer_idx
         self.conv_activation = conv_activation
+        self.recurrent_dtypes = recurrent_dtypes
         self.conv_state: torch.Tensor | None = None  # [slots+1, L, conv_dim], SD view of the pool
         self.recurrent_state: torch.Tensor | None = None  # [slots+1, Hv, Dv, Dk]
 
@@ -50,6 +52,11 @@ class DeltaRuleMixer(nn.Module):
         for field, (want, got) in expected.items():
             if want != got:
                 raise ValueError(f"layer {self.layer_idx}: state layout {field} must be {want}, got {got}")
+        if layout.recurrent_dtype not in self.recurrent_dtypes:
+            raise ValueError(
+                f"layer {self.layer_idx}: state layout recurrent_dtype must be one of {self.recurrent_dtypes}, "
+                f"got {layout.recurrent_dtype}"
+            )
         if layer_state.recurrent_state is None or tuple(layer_state.recurrent_state.shape[1:]) != self.recurrent_shape:
             raise ValueError(f"layer {self.layer_idx}: the pool holds no recurrent state of shape {self.recurrent_shape}")
         conv = layer_state.conv_state
@@ -72,12 +79,18 @@ class DeltaRuleMixer(nn.Module):
 
     def short_conv(self, mixed_qkv: torch.Tensor, weight: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Causal depthwise conv of ``mixed_qkv [T, conv_dim]`` (``weight [conv_dim, K]``) over each sequence,
-        reading and writing the conv states in the slots; returns ``act(conv) [T, conv_dim]``."""
+        reading and writing the conv states in the slots; returns ``act(conv) [T, conv_dim]``.
+
+        In a speculative verify step the verify rows read their windows only (see ``spec_decode.verify``).
+        """
+        if ctx.spec_decode is not None:
+            return ctx.spec_decode.conv(mixed_qkv, weight, self.conv_state, self.conv_activation)
         if ctx.is_decode_only:
             return causal_conv1d_update(mixed_qkv, weight, self.conv_state, ctx.state_indices, self.conv_activation)
+        # NOTE: ctx.checkpoints: the conv windows at prefix-cache checkpoints inside the prefill, once for all kinds.
         return causal_conv1d_fn(
             mixed_qkv, weight, self.conv_state,
-            ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, self.conv_activation,
+            ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, self.conv_activation, ctx.checkpoints,
         )  # fmt: skip
 
     def split_qkv(self, mixed_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,9 +109,16 @@ class DeltaRuleMixer(nn.Module):
         beta: torch.Tensor,
         ctx: ForwardContext,
     ) -> torch.Tensor:
-        """The delta rule on the slots in place: the recurrent step when the batch is decode-only, else chunked."""
+        """The delta rule on the slots in place: the recurrent step when the batch is decode-only, else chunked
+        (which also writes the states at the forward context's prefix-cache checkpoints).
+
+        In a speculative verify step the verify rows read their states only and keep their inputs for the commit.
+        """
+        if ctx.spec_decode is not None:
+            return ctx.spec_decode.delta_rule(chunk_delta_rule, (q, k, v, g, beta), self.recurrent_state)
         if ctx.is_decode_only:
             return fused_recurrent_delta_rule(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         return chunk_delta_rule(
-            q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state
+            q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state,
+            checkpoints=ctx.checkpoints,
         )

@@ -58,8 +58,9 @@ class GatedDeltaNet(DeltaRuleMixer):
                 f"linear_num_key_heads = {num_k_heads}"
             )
         key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        # NOTE: float32 (the engine's default for GDN) or bfloat16 (opt-in) recurrent states; the kernels take both.
         super().__init__("gdn", (key_dim, key_dim, value_dim), (num_v_heads, head_v_dim, head_k_dim),
-                         conv_kernel_size, layer_idx, conv_activation)  # fmt: skip
+                         conv_kernel_size, layer_idx, conv_activation, (torch.float32, torch.bfloat16))  # fmt: skip
         self.hidden_size = hidden_size
         self.num_k_heads, self.num_v_heads = num_k_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
