@@ -125,8 +125,10 @@ def assert_nothing_held(proc: Proc, timeout: float = 30.0) -> dict:
         s = proc.stats()
         idle = (s["num_running"] == 0 and s["num_waiting"] == 0 and s["kv_transfer_held_requests"] == 0
                 and s["kv_transfer_reserved_requests"] == 0)
-        if idle and s["state_slots_used"] == s["prefix_cache_checkpoints"] \
-                and s["kv_blocks_used"] == s["prefix_cache_blocks_held"]:
+        # NOTE: *_used count running sequences; *_cached all else in use (checkpoints, holds, reservations).
+        if idle and s["state_slots_used"] == s["kv_blocks_used"] == 0 \
+                and s["state_slots_cached"] == s["prefix_cache_checkpoints"] \
+                and s["kv_blocks_cached"] == s["prefix_cache_blocks_held"]:
             return s
         if time.monotonic() > deadline:
             raise AssertionError(f"{proc.name} still holds something: {s}")

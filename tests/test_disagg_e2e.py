@@ -28,7 +28,8 @@ from helpers_server import make_model, serve_in_thread
 
 pytestmark = pytest.mark.skipif(not nixl_available(), reason="needs NIXL (pip install 'deltaserve[pd]')")
 
-SYSTEM = "You are a terse assistant for the state of linear attention. "
+# NOTE: longer than the 64-token capture grid of the prefix cache, so that its end is checkpointed.
+SYSTEM = "You are a terse assistant for the state of linear attention; answer in one short line only. " * 2
 
 
 def workload() -> list[tuple[bool, dict]]:

@@ -43,7 +43,8 @@ def test_gdn_header_describes_gdn_groups_and_a_per_head_kv_cache(gdn):
 
 
 def test_gdn_greedy_answers_match_a_single_instance(gdn):
-    prefix = "A shared system prompt about gated delta rules. "
+    # NOTE: longer than the 64-token capture grid, so that the shared prefix is checkpointed.
+    prefix = "A shared system prompt about gated delta rules, long enough to be worth a checkpoint. " * 2
     jobs = [(False, {"prompt": prefix + f"question {i}" * (1 + i), "max_tokens": 4 + i, "temperature": 0,
                      "stream": i % 2 == 0}) for i in range(6)]
     jobs.append((True, {"messages": [{"role": "user", "content": "hello gdn"}], "max_tokens": 6, "temperature": 0,
