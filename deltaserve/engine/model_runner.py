@@ -13,6 +13,7 @@ import torch
 
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import make_decode_graphs
+from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_positions
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
@@ -88,7 +89,8 @@ def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
 class ModelRunner:
     """Model plus caches on one device; ``run(batch)`` is one forward and one sampling step."""
 
-    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None):
+    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None,
+                 eos_token_ids: set[int] | None = None):
         self.device = torch.device(config.device)
         self.model = model
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
@@ -101,7 +103,7 @@ class ModelRunner:
             device=self.device,
         )
         model.bind_caches(self.state_pool, self.kv_cache)
-        self.sampler = Sampler(generator)
+        self.sampler = Sampler(generator, eos_token_ids)
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
         self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
 
@@ -129,19 +131,26 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
-        """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
+        """Forward ``batch``; returns a sampled token per sequence that samples, else None.
+
+        Sequences asking for prompt logprobs get this chunk's entries appended (``prompt_logprobs``).
+        """
         input_ids, positions, ctx = self.prepare(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
+        needs_prompt_logits = bool(prompt_positions(batch))
+        if self.cuda_graphs is not None and not needs_prompt_logits and self.cuda_graphs.can_run(ctx, len(rows)):
             logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
         else:
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)  # [T, hidden]
+            if needs_prompt_logits:
+                collect_prompt_logprobs(self.model, hidden, batch)
             if not rows:
                 return [None] * len(batch)
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
-        sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
+        seqs = [batch.seqs[i] for i in rows]
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], seqs)
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):
             out[i] = token

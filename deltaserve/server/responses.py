@@ -33,9 +33,10 @@ def sse(payload: dict | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage_of(output: Any) -> UsageInfo:
-    prompt = len(output.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in output.outputs)
+def usage_of(outputs: list[Any]) -> UsageInfo:
+    """Usage summed over a request's prompts (each an engine request's final output)."""
+    prompt = sum(len(output.prompt_token_ids) for output in outputs)
+    completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
@@ -51,74 +52,153 @@ def _token_text(token_id: int, logprob: Any, tokenizer: Any) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
 
-def _token_entries(
-    completion: Any, start: int, tokenizer: Any, top: int
-) -> list[tuple[str, float, list[tuple[str, float]]]]:
-    """``(token, logprob, [(alternative, logprob)] best first)`` for tokens ``start..`` of a sequence."""
-    entries = []
-    for token_id, candidates in zip(completion.token_ids[start:], (completion.logprobs or [])[start:]):
-        chosen = candidates.get(token_id)
-        alternatives = sorted(candidates.items(), key=lambda item: item[1].rank)[:top]
-        entries.append((
-            _token_text(token_id, chosen, tokenizer),
-            _finite(chosen.logprob if chosen is not None else None),
-            [(_token_text(tid, lp, tokenizer), _finite(lp.logprob)) for tid, lp in alternatives],
-        ))
-    return entries
+def _distinct(pairs: list[tuple[int, str, float]]) -> dict[str, float]:
+    """``{text: logprob}`` keeping every token: one whose text is already a key (two byte tokens
+    both shown as U+FFFD) is keyed ``token_id:<id>`` (vLLM's spelling), so k tokens stay k entries."""
+    out: dict[str, float] = {}
+    seen: set[int] = set()
+    for token_id, text, logprob in pairs:
+        if token_id not in seen:
+            seen.add(token_id)
+            out[text if text not in out else f"token_id:{token_id}"] = logprob
+    return out
+
+
+def _entry(token_id: int, candidates: dict, tokenizer: Any, top: int) -> tuple[str, float, list[tuple[int, str, float]]]:
+    """``(token text, logprob, [(id, text, logprob)] of the top ``top`` best first)`` at one position."""
+    chosen = candidates.get(token_id)
+    alternatives = sorted(candidates.items(), key=lambda item: item[1].rank)[:top]
+    return (_token_text(token_id, chosen, tokenizer), _finite(chosen.logprob if chosen is not None else None),
+            [(tid, _token_text(tid, lp, tokenizer), _finite(lp.logprob)) for tid, lp in alternatives])
+
+
+def text_offsets(tokenizer: Any, token_ids: list[int], text_len: int) -> list[int]:
+    """Where each token's text starts in the decoded text (incrementally, two small decodes a token),
+    clipped to ``text_len``; a token that completes a multi-byte character shares its start."""
+    offsets, length, prefix, read = [], 0, 0, 0
+    for i in range(len(token_ids)):
+        offsets.append(min(length, text_len))
+        if tokenizer is None:
+            continue
+        prefix_text = tokenizer.decode(token_ids[prefix:read])
+        full_text = tokenizer.decode(token_ids[prefix : i + 1])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            length += len(full_text) - len(prefix_text)
+            prefix, read = read, i + 1
+    return offsets
+
+
+class EchoPrompt:
+    """What ``echo`` puts before a choice: the prompt's text and, with logprobs, its tokens' entries."""
+
+    def __init__(self, text: str, token_ids: list[int]):
+        self.text, self.token_ids = text, token_ids
+
+    def logprobs(self, output: Any, tokenizer: Any, top: int) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        entries = output.prompt_logprobs or [None] * len(self.token_ids)
+        offsets = text_offsets(tokenizer, self.token_ids, len(self.text))
+        for position, (token_id, candidates) in enumerate(zip(self.token_ids, entries)):
+            if candidates is None:
+                result.tokens.append(_token_text(token_id, None, tokenizer))
+                result.token_logprobs.append(None)
+                result.top_logprobs.append(None)
+            else:
+                text, logprob, alternatives = _entry(token_id, candidates, tokenizer, top)
+                result.tokens.append(text)
+                result.token_logprobs.append(logprob)
+                result.top_logprobs.append(_distinct(alternatives + [(token_id, text, logprob)]))
+            result.text_offset.append(offsets[position])
+        return result
+
+
+def prompt_logprobs_body(output: Any) -> list[dict[str, dict[str, Any]] | None] | None:
+    """vLLM's ``prompt_logprobs`` shape: per prompt token ``{token_id: {logprob, rank, decoded_token}}``."""
+    if output.prompt_logprobs is None:
+        return None
+    return [None if entry is None else {
+        str(token_id): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+        for token_id, lp in entry.items()} for entry in output.prompt_logprobs]
 
 
 class ResponseBuilder:
-    """Builds one request's bodies; remembers, per choice, how much text and how many tokens were sent.
+    """Builds one request's bodies over its prompts (choice ``index = prompt_index * n + i``, as OpenAI
+    numbers them); remembers, per choice, how much text and how many tokens were sent.
 
     ``logprobs``: completions' int (top-k), or chat's ``top_logprobs`` when chat ``logprobs`` is true.
+    ``echo``: per prompt, the ``EchoPrompt`` to put before its choices (completions only).
     """
 
-    def __init__(self, request_id: str, model: str, chat: bool, logprobs: int | None, tokenizer: Any):
+    def __init__(self, request_id: str, model: str, chat: bool, logprobs: int | None, tokenizer: Any, n: int = 1,
+                 echo: list[EchoPrompt] | None = None, with_prompt_logprobs: bool = False):
         self.request_id, self.model, self.chat = request_id, model, chat
-        self.logprobs, self.tokenizer = logprobs, tokenizer
+        self.logprobs, self.tokenizer, self.n, self.echo = logprobs, tokenizer, n, echo
+        self.with_prompt_logprobs = with_prompt_logprobs
         self.sent_chars: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.finished: set[int] = set()
 
     # ---- logprobs in each endpoint's shape -------------------------------------------------------
 
-    def _completion_logprobs(self, completion: Any, start: int, text_offset: int) -> CompletionLogprobs | None:
+    def _completion_logprobs(self, completion: Any, start: int, end: int, shift: int) -> CompletionLogprobs | None:
+        """Tokens ``start..end`` of a choice; ``shift``: characters before its text (an echoed prompt)."""
         if self.logprobs is None or completion.logprobs is None:
             return None
         result = CompletionLogprobs()
-        for token, logprob, alternatives in _token_entries(completion, start, self.tokenizer, self.logprobs):
-            result.tokens.append(token)
+        offsets = completion.text_offsets or [len(completion.text)] * len(completion.token_ids)
+        for i in range(start, end):
+            token_id = completion.token_ids[i]
+            text, logprob, alternatives = _entry(token_id, completion.logprobs[i], self.tokenizer, self.logprobs)
+            result.tokens.append(text)
             result.token_logprobs.append(logprob)
-            result.top_logprobs.append(dict(alternatives))
-            result.text_offset.append(text_offset)
-            text_offset += len(token)
+            # NOTE: vLLM's rule: the sampled token is always there, so logprobs=0 returns it alone.
+            result.top_logprobs.append(_distinct(alternatives + [(token_id, text, logprob)]))
+            result.text_offset.append(shift + offsets[i])
         return result
 
-    def _chat_logprobs(self, completion: Any, start: int) -> ChatLogprobs | None:
+    def _chat_logprobs(self, completion: Any, start: int, end: int) -> ChatLogprobs | None:
         if self.logprobs is None or completion.logprobs is None:
             return None
         content = []
-        for token, logprob, alternatives in _token_entries(completion, start, self.tokenizer, self.logprobs):
+        for i in range(start, end):
+            text, logprob, alternatives = _entry(completion.token_ids[i], completion.logprobs[i], self.tokenizer,
+                                                 self.logprobs)
             content.append(ChatTokenLogprob(
-                token=token, logprob=logprob, bytes=list(token.encode()),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for t, lp in alternatives],
+                token=text, logprob=logprob, bytes=list(text.encode()),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode())) for _, t, lp in alternatives],
             ))
         return ChatLogprobs(content=content)
 
+    def _echoed(self, prompt_index: int, output: Any, text: str, logprobs: CompletionLogprobs | None):
+        """The echoed prompt put before a choice's first text and logprobs."""
+        echo = self.echo[prompt_index]
+        if logprobs is not None:
+            head = echo.logprobs(output, self.tokenizer, self.logprobs)
+            for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                setattr(logprobs, name, getattr(head, name) + getattr(logprobs, name))
+        return echo.text + text, logprobs
+
     # ---- whole responses -------------------------------------------------------------------------
 
-    def response(self, output: Any) -> dict:
-        """The non-streaming body from the final output."""
-        usage = usage_of(output)
+    def response(self, outputs: list[Any]) -> dict:
+        """The non-streaming body from each prompt's final output."""
+        usage = usage_of(outputs)
         if self.chat:
             choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                  logprobs=self._chat_logprobs(c, 0), finish_reason=c.finish_reason)
-                       for c in output.outputs]
+                                  logprobs=self._chat_logprobs(c, 0, len(c.token_ids)), finish_reason=c.finish_reason)
+                       for c in outputs[0].outputs]
             body = ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage)
             return body.model_dump()
-        choices = [CompletionChoice(index=c.index, text=c.text, logprobs=self._completion_logprobs(c, 0, 0),
-                                    finish_reason=c.finish_reason)
-                   for c in output.outputs]
+        choices = []
+        for prompt_index, output in enumerate(outputs):
+            for c in output.outputs:
+                shift = len(self.echo[prompt_index].text) if self.echo else 0
+                text, logprobs = c.text, self._completion_logprobs(c, 0, len(c.token_ids), shift)
+                if self.echo:
+                    text, logprobs = self._echoed(prompt_index, output, text, logprobs)
+                choices.append(CompletionChoice(
+                    index=prompt_index * self.n + c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
+                    prompt_logprobs=prompt_logprobs_body(output) if self.with_prompt_logprobs else None))
         return CompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage).model_dump()
 
     # ---- streams ---------------------------------------------------------------------------------
@@ -131,36 +211,51 @@ class ResponseBuilder:
             ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))]).model_dump())
             for i in range(n)]
 
-    def chunks(self, output: Any) -> list[str]:
-        """Events for what grew since the last call: one per choice with new text, tokens or an end."""
+    def chunks(self, output: Any, prompt_index: int = 0) -> list[str]:
+        """Events for what grew since the last call: one per choice with new text, tokens or an end.
+
+        NOTE: a token whose text has not been shown yet (an incomplete character, or text held back
+        as a possible stop string) waits for the chunk that shows it, so that every ``text_offset``
+        lies inside the text sent so far and equals the one of the non-streamed answer.
+        """
         events = []
         for c in output.outputs:
-            if c.index in self.finished:
+            index = prompt_index * self.n + c.index
+            if index in self.finished:
                 continue
-            chars, tokens = self.sent_chars.get(c.index, 0), self.sent_tokens.get(c.index, 0)
+            chars, tokens = self.sent_chars.get(index, 0), self.sent_tokens.get(index, 0)
             delta = c.text[chars:]
             finish_reason = c.finish_reason
-            new_logprobs = self.logprobs is not None and len(c.token_ids) > tokens
-            if not delta and not new_logprobs and finish_reason is None:
+            end = len(c.token_ids)
+            if finish_reason is None and c.text_offsets is not None:
+                while end > tokens and c.text_offsets[end - 1] >= len(c.text):
+                    end -= 1
+            new_logprobs = self.logprobs is not None and end > tokens
+            first = index not in self.sent_chars
+            if not delta and not new_logprobs and finish_reason is None and not (first and self.echo):
                 continue
             if self.chat:
                 # NOTE: the closing chunk of a choice has an empty delta, as OpenAI sends it.
                 chat_delta = ChatDelta(content=delta) if delta or finish_reason is None else ChatDelta()
-                choice = ChatChunkChoice(index=c.index, delta=chat_delta, logprobs=self._chat_logprobs(c, tokens),
+                choice = ChatChunkChoice(index=index, delta=chat_delta, logprobs=self._chat_logprobs(c, tokens, end),
                                          finish_reason=finish_reason)
                 body = ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
             else:
-                logprobs = self._completion_logprobs(c, tokens, chars)
-                choice = CompletionChoice(index=c.index, text=delta, logprobs=logprobs,
-                                          finish_reason=finish_reason)
+                shift = len(self.echo[prompt_index].text) if self.echo else 0
+                logprobs = self._completion_logprobs(c, tokens, end, shift)
+                if first and self.echo:
+                    delta, logprobs = self._echoed(prompt_index, output, delta, logprobs)
+                choice = CompletionChoice(index=index, text=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                          prompt_logprobs=prompt_logprobs_body(output)
+                                          if first and self.with_prompt_logprobs else None)
                 body = CompletionResponse(id=self.request_id, model=self.model, choices=[choice])
             events.append(sse(body.model_dump(exclude={"usage"})))
-            self.sent_chars[c.index], self.sent_tokens[c.index] = len(c.text), len(c.token_ids)
+            self.sent_chars[index], self.sent_tokens[index] = len(c.text), end
             if finish_reason is not None:
-                self.finished.add(c.index)
+                self.finished.add(index)
         return events
 
-    def usage_chunk(self, output: Any) -> str:
+    def usage_chunk(self, outputs: list[Any]) -> str:
         """The last chunk with ``stream_options.include_usage``: no choices, the request's usage."""
         cls = ChatCompletionChunk if self.chat else CompletionResponse
-        return sse(cls(id=self.request_id, model=self.model, choices=[], usage=usage_of(output)).model_dump())
+        return sse(cls(id=self.request_id, model=self.model, choices=[], usage=usage_of(outputs)).model_dump())
