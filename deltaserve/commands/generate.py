@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(**engine_kwargs(args), seed=args.seed or 0)
         start = time.perf_counter()
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
     for output in outputs:
         completion = output.outputs[0]
         num_tokens += len(completion.token_ids)
-        print(f"--- prompt: {output.prompt!r}")
-        print(f"{output.prompt}{completion.text}")
+        print(f"prompt:     {output.prompt!r}")
+        print(f"completion: {completion.text!r}")
         print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]")
     print(f"generated {num_tokens} tokens in {elapsed:.2f} s ({num_tokens / max(elapsed, 1e-9):.1f} tok/s)")
     return 0

@@ -48,7 +48,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many kinds for a broken file
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"the tokenizer in {path} cannot be loaded: {type(exc).__name__}: {detail}") from exc
 
 
 def eos_token_ids(hf_config, tokenizer) -> set[int]:
