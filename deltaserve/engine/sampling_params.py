@@ -90,7 +90,7 @@ class SamplingParams:
         require(_is_int(self.min_tokens) and 0 <= self.min_tokens <= MAX_INT32,
                 f"min_tokens must be an integer in [0, {MAX_INT32}], got {self.min_tokens!r}")
         require(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+                f"min_tokens must not exceed max_tokens ({self.max_tokens}), got {self.min_tokens}")
         require(len(self.stop) <= MAX_STOP_STRINGS and all(
             isinstance(s, str) and 0 < len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
             f"stop must be at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_STRING_CHARS} "
