@@ -36,7 +36,7 @@ class BodySizeLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             return await _send_error(send, 413, message, "invalid_request_error", "request_too_large")
         received = 0
-        started = False
+        state = {"started": False, "rejected": False}
 
         async def limited_receive() -> dict:
             nonlocal received
@@ -44,23 +44,22 @@ class BodySizeLimit:
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge()
+                    # NOTE: answered here (the app would turn a raised error into a 400), then the app
+                    # sees a disconnect and whatever it sends is dropped.
+                    if not state["started"]:
+                        state["started"] = True
+                        await _send_error(send, 413, message, "invalid_request_error", "request_too_large")
+                    state["rejected"] = True
+                    return {"type": "http.disconnect"}
             return event
 
         async def tracking_send(event: dict) -> None:
-            nonlocal started
-            started = started or event["type"] == "http.response.start"
+            if state["rejected"]:
+                return
+            state["started"] = state["started"] or event["type"] == "http.response.start"
             await send(event)
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
-            if not started:
-                await _send_error(send, 413, message, "invalid_request_error", "request_too_large")
-
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, limited_receive, tracking_send)
 
 
 class ApiKeyAuth:
