@@ -121,8 +121,8 @@ def test_bodies_over_the_limit_are_413(server):
     assert_still_serving(server)
 
 
-def test_a_huge_prompt_is_tokenized_off_the_event_loop(server):
-    # A 5 MB prompt takes a while to tokenize; /health must keep answering meanwhile.
+def test_a_huge_prompt_is_refused_before_tokenizing_and_tokenizing_is_off_the_event_loop(server):
+    # 5 MB of text cannot fit 64 tokens of context: refused at once, while /health keeps answering.
     result = {}
 
     def send_big():
@@ -140,6 +140,15 @@ def test_a_huge_prompt_is_tokenized_off_the_event_loop(server):
     assert result["response"].status_code == 400
     assert result["response"].json()["error"]["code"] == "context_length_exceeded"
     assert max(latencies) < 0.5, latencies
+    # A prompt that may fit is tokenized on the tokenizer thread, not on the event loop's.
+    tokenizer = server.engine.tokenizer
+    encode, threads = tokenizer.encode, []
+    tokenizer.encode = lambda *a, **k: threads.append(threading.current_thread().name) or encode(*a, **k)
+    try:
+        assert post(server, "/v1/completions", completion(prompt="abc")).status_code == 200
+    finally:
+        del tokenizer.encode
+    assert threads and all(name.startswith("deltaserve-tokenize") for name in threads), threads
     assert_still_serving(server)
 
 

@@ -82,6 +82,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
     # NOTE: tokenization runs on one worker thread, off the event loop (a 5 MB prompt once froze every
     # stream for seconds), and serially (transformers' fast tokenizers are not meant for concurrent use).
     tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltaserve-tokenize")
+    char_limit = serving.max_prompt_chars(engine.tokenizer, context_len)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -172,6 +173,9 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         serving.check_body_unicode(body)
         if body.max_tokens == 0 and not body.echo:
             raise RequestError("max_tokens: 0 is only allowed with echo (the prompt's logprobs alone)", "max_tokens")
+        for prompt in body.prompts():
+            if isinstance(prompt, str):
+                serving.check_prompt_chars(prompt, char_limit, context_len, "prompt")
         prompts = await off_loop(serving.completion_prompts, body, engine.tokenizer, vocab)
         echo_logprobs = body.logprobs if body.echo else None
         prompt_logprobs = max((k for k in (echo_logprobs, body.prompt_logprobs) if k is not None), default=None)
@@ -197,6 +201,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         if body.top_logprobs is not None and not body.logprobs:
             raise RequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
+        serving.check_prompt_chars(serving.messages_text(body), char_limit, context_len, "messages")
         prompt_ids = await off_loop(serving.chat_prompt, body, engine.tokenizer)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = serving.sampling_params(body, max_tokens, len(prompt_ids), context_len, top, "messages")
@@ -208,7 +213,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
     async def models() -> dict:
         return ModelList(data=[ModelCard(id=served_model_name, max_model_len=context_len)]).model_dump()
 
-    add_tokenizer_routes(app, engine, check_model, context_len, vocab)
+    add_tokenizer_routes(app, engine, check_model, context_len, vocab, off_loop)
 
     @app.get("/health")
     async def health() -> Response:

@@ -61,6 +61,23 @@ def check_body_unicode(body: BaseModel) -> None:
         check_unicode(value, name)
 
 
+def max_prompt_chars(tokenizer: Any, max_model_len: int) -> int:
+    """The most characters a text that fits ``max_model_len`` tokens can have: the longest token's
+    text times the context (twice, for normalisers). Longer texts are refused before tokenizing them
+    (a 5 MB prompt takes the tiny byte tokenizer 24 s)."""
+    if tokenizer is None:
+        return 0
+    vocab = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+    return 2 * max_model_len * max(1, max((len(t) for t in texts), default=1))
+
+
+def check_prompt_chars(text: str, limit: int, max_model_len: int, field: str) -> None:
+    if limit and len(text) > limit:
+        raise RequestError(f"{field}: {len(text)} characters cannot fit the model's context of {max_model_len} "
+                           f"tokens (at most {limit} characters could)", field, code="context_length_exceeded")
+
+
 def completion_prompts(body: CompletionRequest, tokenizer: Any, vocab_size: int) -> list[tuple[str | None, list[int]]]:
     """``(text or None, token ids)`` per prompt: text is tokenized as ``LLM.generate`` does (with
     ``add_special_tokens``); ids are range-checked. Runs off the event loop (a long prompt takes time)."""
@@ -89,6 +106,11 @@ def _message_text(index: int, content: Any) -> str:
                                "messages")
         parts.append(part["text"])
     return "".join(parts)
+
+
+def messages_text(body: ChatCompletionRequest) -> str:
+    """All text of the messages (for the length check before the template runs)."""
+    return "".join(_message_text(i, m.content) for i, m in enumerate(body.messages))
 
 
 def chat_prompt(body: ChatCompletionRequest, tokenizer: Any, add_generation_prompt: bool = True) -> list[int]:

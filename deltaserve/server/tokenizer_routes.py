@@ -6,8 +6,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI
 
@@ -24,7 +23,8 @@ from deltaserve.server.serving import RequestError
 
 
 def add_tokenizer_routes(app: FastAPI, engine: Any, check_model: Callable[[str | None], None], context_len: int,
-                         vocab_size: int) -> None:
+                         vocab_size: int, off_loop: Callable[..., Awaitable[Any]]) -> None:
+    """``off_loop(fn, *args)`` runs ``fn`` on the server's tokenizer thread."""
     tokenizer = engine.tokenizer
 
     def require_tokenizer(field: str) -> None:
@@ -41,9 +41,9 @@ def add_tokenizer_routes(app: FastAPI, engine: Any, check_model: Callable[[str |
         if body.messages is not None:
             serving.check_unicode([m.model_dump() for m in body.messages], "messages")
             chat = ChatCompletionRequest(messages=body.messages)
-            ids = await asyncio.to_thread(serving.chat_prompt, chat, tokenizer, body.add_generation_prompt)
+            ids = await off_loop(serving.chat_prompt, chat, tokenizer, body.add_generation_prompt)
         else:
-            ids = await asyncio.to_thread(serving.encode, tokenizer, body.prompt, body.add_special_tokens)
+            ids = await off_loop(serving.encode, tokenizer, body.prompt, body.add_special_tokens)
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=context_len, tokens=ids, token_strs=strs).model_dump()
 
@@ -54,7 +54,7 @@ def add_tokenizer_routes(app: FastAPI, engine: Any, check_model: Callable[[str |
         bad = [t for t in body.tokens if t >= vocab_size]
         if bad:
             raise RequestError(f"tokens: token ids must be in [0, {vocab_size}), got {bad[0]}", "tokens")
-        text = await asyncio.to_thread(tokenizer.decode, body.tokens)
+        text = await off_loop(tokenizer.decode, body.tokens)
         return DetokenizeResponse(prompt=text).model_dump()
 
     @app.get("/tokenizer_info")
