@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deltaserve.engine.sampling_params import MAX_N
 from deltaserve.server import serving
 from deltaserve.server.engine_loop import EngineLoop, EngineStoppedError, RequestStream
 from deltaserve.server.engine_stats import engine_stats, max_model_len, vocab_size
@@ -176,6 +177,9 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         for prompt in body.prompts():
             if isinstance(prompt, str):
                 serving.check_prompt_chars(prompt, char_limit, context_len, "prompt")
+        if body.n * len(body.prompts()) > MAX_N:
+            raise RequestError(f"n: {body.n} choices for each of {len(body.prompts())} prompts exceed {MAX_N} "
+                               f"sequences in one request", "n")
         prompts = await off_loop(serving.completion_prompts, body, engine.tokenizer, vocab)
         echo_logprobs = body.logprobs if body.echo else None
         prompt_logprobs = max((k for k in (echo_logprobs, body.prompt_logprobs) if k is not None), default=None)
