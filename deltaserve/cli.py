@@ -11,6 +11,16 @@ import sys
 COMMANDS = ("generate", "bench", "serve", "plan", "make_tiny")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltaserve", description="Serve hybrid linear-attention language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -22,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         cmd = sub.add_parser(name.replace("_", "-"), help=module.HELP, description=module.HELP,
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=HelpFormatter)
         module.add_arguments(cmd)
         cmd.set_defaults(_run=module.run)
     return parser

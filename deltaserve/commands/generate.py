@@ -12,11 +12,12 @@ HELP = "complete one or more prompts with a model (default: the built-in tiny mo
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``generate`` and ``bench`` (EngineConfig fields)."""
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, capped)")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights and activations dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, capped at 4096 on the CPU, 32768 on CUDA)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
 
 

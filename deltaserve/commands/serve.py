@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the dir's name, deltaserve-tiny without --model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; set --api-key on any non-loopback one")
-    parser.add_argument("--port", type=port_number, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on")
     parser.add_argument("--api-key", default=os.environ.get("DELTASERVE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 routes (default: $DELTASERVE_API_KEY)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests may set their own)")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level")
 
 
 def build_server(args: argparse.Namespace) -> "GracefulServer":
