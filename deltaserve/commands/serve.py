@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger request bodies get 413")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    parser.add_argument("--tool-call-parser", default=None, choices=("hermes", "kimi_k2"),
+                        help="the model's tool-call format (default: the one its chat template writes, else "
+                             "the architecture's: kimi_k2 for Kimi Linear, hermes for Qwen)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests may set their own)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="log level")
@@ -69,7 +72,8 @@ def build_server(args: argparse.Namespace) -> "GracefulServer":
         holder["server"].should_exit = True
 
     app = create_app(engine, served_model_name=name, max_queue=args.max_queue, api_key=args.api_key or None,
-                     max_body_bytes=args.max_body_bytes, on_engine_failure=on_engine_failure)
+                     max_body_bytes=args.max_body_bytes, on_engine_failure=on_engine_failure,
+                     tool_call_parser=args.tool_call_parser)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=10)
     holder["server"] = server = GracefulServer(uv_config, app.state.engine_loop)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +18,16 @@ import torch
 from deltaserve.config import EngineConfig
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
-from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.prefix_hooks import NoPrefixCache
+from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
+from deltaserve.engine.warmup import run_warmup
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
+from deltaserve.structured import GrammarCompiler, StructuredMatcher, StructuredOutputsParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
@@ -120,6 +123,8 @@ class LLMEngine:
         # Requests that failed alone in a step (see _check_stop), until pop_request_errors().
         self._request_errors: dict[str, BaseException] = {}
         self._seq_ids = itertools.count()
+        self._grammar_compiler = None
+        self._grammar_lock = threading.Lock()
         # NOTE: on the GPU by default: Triton compiles and autotunes fla's prefill kernels on the
         # first shapes it sees (about 20 s on an H200), which would otherwise hit the first request.
         if self.config.extra.get("warmup", self.runner.device.type == "cuda"):
@@ -149,6 +154,7 @@ class LLMEngine:
             )
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        grammar = self.compile_grammar(params.structured_outputs) if params.structured_outputs is not None else None
         seqs = []
         for index in range(params.n):
             generator = None
@@ -156,11 +162,31 @@ class LLMEngine:
                 # NOTE: modulo 2**64, the generator's seed range (a seed near the top must not overflow).
                 generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2**64)
             seqs.append(Sequence(next(self._seq_ids), request_id, index, token_ids, params, max_tokens, generator))
+            if grammar is not None:
+                seqs[-1].structured = StructuredMatcher(grammar)
         self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
         self.metrics.num_requests += 1
         self.metrics.prompt_tokens += len(token_ids) * params.n
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler of this tokenizer, built on first use (any thread)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.hf_config.vocab_size, sorted(self.stop_checker.eos_token_ids)
+                )
+            return self._grammar_compiler
+
+    def compile_grammar(self, params: StructuredOutputsParams):
+        """Compile (or find cached) the grammar of ``params``; ValueError naming the problem.
+
+        Thread-safe: a server calls it from a worker thread before ``add_request``, whose own call
+        then hits the cache, so compilation never stalls the step loop.
+        """
+        return self.grammar_compiler.compile(params)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -243,28 +269,13 @@ class LLMEngine:
                 self.metrics.num_finished_requests += 1
         return outputs
 
-    def warmup(self) -> None:
-        """Run one prefill of a full token budget and one decode step, then forget them.
-
-        Kernel compilation and autotuning happen here instead of in the first request. Nothing is
-        left behind: the slot and blocks are freed, the prefix cache is not used, counters restart.
-        """
-        if self.has_unfinished_requests():
-            raise ValueError("warmup needs an idle engine: requests are running or waiting")
-        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len - 2)
-        vocab = self.hf_config.vocab_size
-        prompt = [(7 * i + 1) % vocab for i in range(max(num_tokens, 1))]
-        prefix_cache, self.scheduler.prefix_cache = self.scheduler.prefix_cache, NoPrefixCache()
-        try:
-            self.add_request("__warmup__", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-            while self.has_unfinished_requests():
-                self.step()
-        finally:
-            self.scheduler.prefix_cache = prefix_cache
-            if "__warmup__" in self.requests:
-                self.abort_request("__warmup__")
+    def warmup(self) -> float:
+        """Run each shape class the scheduler produces once and forget it (see :mod:`deltaserve.engine.warmup`),
+        so kernel compilation and autotuning happen here instead of in requests. Returns its seconds."""
+        seconds = run_warmup(self)
         self.metrics = EngineMetrics()
         self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
+        return seconds
 
     def _output(self, request: _Request) -> RequestOutput:
         completions = []

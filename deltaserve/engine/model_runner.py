@@ -150,7 +150,8 @@ class ModelRunner:
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
         seqs = [batch.seqs[i] for i in rows]
-        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], seqs)
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                               structured=[s.structured for s in seqs], histories=seqs)
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):
             out[i] = token

@@ -17,6 +17,7 @@ from deltaserve.engine.logits_processors import (
 )
 from deltaserve.engine.outputs import Logprob
 from deltaserve.engine.sampling_params import SamplingParams
+from deltaserve.structured.logits import apply_structured_outputs
 
 
 class SampledToken(NamedTuple):
@@ -46,10 +47,15 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        structured: list | None = None,
         histories: list[Any] | None = None,
     ) -> list[SampledToken]:
-        """``logits``: ``[S, V]``; ``params``, ``generators`` and ``histories`` (the rows' ``Sequence``,
-        for penalties and ``min_tokens``): one per row. Does not modify ``logits``."""
+        """``logits``: ``[S, V]``; ``params`` and ``generators``: one per row. Does not modify ``logits``.
+
+        ``structured``: per row a ``StructuredMatcher`` or None; constrained rows sample only what
+        their grammar allows (greedy, sampled and logprobs alike), the other rows are untouched.
+        ``histories``: per row its ``Sequence`` (for penalties and ``min_tokens``), or None.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(generators) != len(params):
             raise ValueError(
                 f"logits must be [S, V] with S = len(params) = len(generators); got {tuple(logits.shape)}, "
@@ -58,7 +64,7 @@ class Sampler:
         num_rows, vocab = logits.shape
         device = logits.device
         tensors = SamplingTensors.build(params, histories, self.eos_token_ids, vocab, device)
-        adjusted = self.adjust_logits(logits.float(), tensors)
+        adjusted = self.adjust_logits(apply_structured_outputs(logits.float(), structured), tensors)
         processed = self.process_logits(adjusted, params)
 
         token_ids = adjusted.argmax(dim=-1)

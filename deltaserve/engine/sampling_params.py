@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from deltaserve.structured.params import StructuredOutputsParams
+
 # NOTE: the number of alternatives returned per token is capped as in vLLM's default
 # (max_logprobs = 20), so that one request cannot make every step sort the whole vocabulary.
 MAX_LOGPROBS = 20
@@ -39,6 +41,8 @@ class SamplingParams:
       output's tokens. ``logit_bias``: ``{token_id: bias in [-100, 100]}`` added to the logits.
     - ``logprobs``: ``None`` = none; ``k >= 0`` = the chosen token's logprob plus the top ``k``.
       ``prompt_logprobs``: the same for every prompt token (the first one's entry is ``None``).
+    - ``structured_outputs``: a grammar the output must match (JSON schema, regex, choice, EBNF);
+      a dict is read as ``StructuredOutputsParams(**dict)``. EOS is allowed once the grammar ends.
     """
 
     n: int = 1
@@ -60,8 +64,14 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise ValueError(f"structured_outputs: {exc}") from None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop is not None else []
@@ -116,6 +126,11 @@ class SamplingParams:
                     f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
             require(isinstance(getattr(self, name), bool), f"{name} must be a bool, got {getattr(self, name)!r}")
+        require(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+            f"structured_outputs must be a StructuredOutputsParams, a dict or None, got "
+            f"{type(self.structured_outputs).__name__}",
+        )
 
     @property
     def is_greedy(self) -> bool:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltaserve.engine.sampling_params import MAX_N
-from deltaserve.server import serving
+from deltaserve.server import serving, structured
 from deltaserve.server.engine_loop import EngineLoop, EngineStoppedError, RequestStream
 from deltaserve.server.engine_stats import engine_stats, max_model_len, vocab_size
 from deltaserve.server.middleware import DEFAULT_MAX_BODY_BYTES, ApiKeyAuth, BodySizeLimit
@@ -38,6 +38,7 @@ from deltaserve.server.responses import EchoPrompt, ResponseBuilder
 from deltaserve.server.serving import RequestError
 from deltaserve.server.streams import EngineStreamResponse, collect, stream_events
 from deltaserve.server.tokenizer_routes import add_tokenizer_routes
+from deltaserve.server.tool_parsers import default_tool_parser_name, get_tool_parser
 
 RETRY_AFTER_S = 1
 
@@ -69,13 +70,18 @@ def _without_generated(output: Any) -> Any:
 
 def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: int = 256, api_key: str | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               on_engine_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_engine_failure: Callable[[BaseException], None] | None = None,
+               tool_call_parser: str | None = None) -> FastAPI:
     """The app around ``engine`` (an ``LLMEngine``); its step loop runs while the app's lifespan does.
 
     ``api_key``: required on ``/v1`` routes when set. ``on_engine_failure``: called (on the loop
     thread) when the engine fails in a way no request can be blamed for, after every open stream got
-    its error; ``deltaserve serve`` exits with a non-zero status then.
+    its error; ``deltaserve serve`` exits with a non-zero status then. ``tool_call_parser``: vLLM's
+    name of the model's tool-call format (``hermes``, ``kimi_k2``); default: the one the chat
+    template writes, else the architecture's.
     """
+    tool_parser = get_tool_parser(tool_call_parser or default_tool_parser_name(
+        getattr(engine.hf_config, "architectures", None), getattr(engine.tokenizer, "chat_template", None)))
     engine_loop = EngineLoop(engine, on_failure=on_engine_failure)
     admission = Admission(engine.config.max_num_seqs, max_queue)
     context_len = max_model_len(engine)
@@ -186,6 +192,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         max_tokens = 1 if body.max_tokens == 0 else body.max_tokens
         params = serving.sampling_params(body, max_tokens, max(len(ids) for _, ids in prompts), context_len,
                                          body.logprobs, "prompt", prompt_logprobs)
+        params = await structured.constrain(engine, params, structured.structured_outputs_of(body))
         echo = None
         if body.echo:
             decode = engine.tokenizer.decode if engine.tokenizer is not None else (lambda ids: "")
@@ -206,11 +213,13 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
             raise RequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
         serving.check_prompt_chars(serving.messages_text(body), char_limit, context_len, "messages")
-        prompt_ids = await off_loop(serving.chat_prompt, body, engine.tokenizer)
+        plan = structured.tool_plan(body, tool_parser)
+        prompt_ids = await off_loop(lambda: serving.chat_prompt(body, engine.tokenizer, tools=plan.tools))
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = serving.sampling_params(body, max_tokens, len(prompt_ids), context_len, top, "messages")
+        params = await structured.constrain(engine, params, structured.chat_constraint(body, plan), plan)
         builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, True, top, engine.tokenizer,
-                                  n=body.n)
+                                  n=body.n, tool_parser=tool_parser if plan.parse else None)
         return await run(request, body, [prompt_ids], params, builder, arrival)
 
     @app.get("/v1/models", response_model=ModelList)

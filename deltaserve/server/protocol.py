@@ -27,6 +27,7 @@ from deltaserve.engine.sampling_params import (
     MAX_STOP_TOKEN_IDS,
     MIN_SEED,
 )
+from deltaserve.server.structured_fields import StructuredOutputFields, ToolFields
 
 MAX_PROMPTS = 64  # prompts in one /v1/completions request (lm-eval sends --batch_size of them)
 MAX_MESSAGES = 1024
@@ -35,19 +36,12 @@ MAX_MESSAGES = 1024
 # refused with 400 naming it unless absent, null, or one of its no-op values. ``scope`` is
 # "completions", "chat" or "both".
 REFUSED_FIELDS: dict[str, tuple[str, tuple]] = {
-    "response_format": ("both", ({"type": "text"},)),
-    "guided_json": ("both", ()),
-    "guided_regex": ("both", ()),
-    "guided_choice": ("both", ()),
-    "guided_grammar": ("both", ()),
-    "guided_decoding_backend": ("both", ()),
-    "guided_whitespace_pattern": ("both", ()),
-    "structured_outputs": ("both", ()),
-    "tools": ("both", ([],)),
-    "tool_choice": ("both", ("none",)),
-    "parallel_tool_calls": ("both", ()),
+    "tools": ("completions", ([],)),
+    "tool_choice": ("completions", ("none",)),
+    "parallel_tool_calls": ("completions", ()),
     "functions": ("both", ([],)),
     "function_call": ("both", ("none",)),
+    "guided_whitespace_pattern": ("both", ()),
     "suffix": ("completions", ("",)),
     "best_of": ("both", (1,)),
     "use_beam_search": ("both", (False,)),
@@ -82,7 +76,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StructuredOutputFields):
     """Fields that both endpoints share; validated ranges are OpenAI's (vLLM's for its extensions)."""
 
     model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
@@ -158,7 +152,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
@@ -214,6 +208,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] = []
 
 
 class ChatChoice(BaseModel):
@@ -235,11 +230,13 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     # NOTE: unset fields are left out, as OpenAI sends them: the closing chunk's delta is ``{}``.
     @model_serializer
     def _without_unset(self) -> dict:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

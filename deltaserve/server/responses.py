@@ -25,6 +25,8 @@ from deltaserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from deltaserve.server.tool_parsers import ToolParser
+from deltaserve.server.tool_parsers.stream import ToolCallStream
 
 
 def sse(payload: dict | str) -> str:
@@ -127,13 +129,18 @@ class ResponseBuilder:
 
     ``logprobs``: completions' int (top-k), or chat's ``top_logprobs`` when chat ``logprobs`` is true.
     ``echo``: per prompt, the ``EchoPrompt`` to put before its choices (completions only).
+    ``tool_parser``: chat outputs are read for tool calls (``message.tool_calls``, ``delta.tool_calls``,
+    ``finish_reason: "tool_calls"``); an output whose calls do not parse stays plain content.
     """
 
     def __init__(self, request_id: str, model: str, chat: bool, logprobs: int | None, tokenizer: Any, n: int = 1,
-                 echo: list[EchoPrompt] | None = None, with_prompt_logprobs: bool = False):
+                 echo: list[EchoPrompt] | None = None, with_prompt_logprobs: bool = False,
+                 tool_parser: ToolParser | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.logprobs, self.tokenizer, self.n, self.echo = logprobs, tokenizer, n, echo
         self.with_prompt_logprobs = with_prompt_logprobs
+        self.tool_parser = tool_parser
+        self.tool_streams: dict[int, ToolCallStream] = {}
         self.sent_chars: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -184,9 +191,9 @@ class ResponseBuilder:
         """The non-streaming body from each prompt's final output."""
         usage = usage_of(outputs)
         if self.chat:
-            choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                  logprobs=self._chat_logprobs(c, 0, len(c.token_ids)), finish_reason=c.finish_reason)
-                       for c in outputs[0].outputs]
+            choices = [ChatChoice(index=c.index, message=message, logprobs=self._chat_logprobs(c, 0, len(c.token_ids)),
+                                  finish_reason=finish_reason)
+                       for c in outputs[0].outputs for message, finish_reason in [self._chat_message(c)]]
             body = ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage)
             return body.model_dump()
         choices = []
@@ -200,6 +207,22 @@ class ResponseBuilder:
                     index=prompt_index * self.n + c.index, text=text, logprobs=logprobs, finish_reason=c.finish_reason,
                     prompt_logprobs=prompt_logprobs_body(output) if self.with_prompt_logprobs else None))
         return CompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage).model_dump()
+
+    def _chat_message(self, completion: Any) -> tuple[ChatResponseMessage, str | None]:
+        if self.tool_parser is None:
+            return ChatResponseMessage(content=completion.text), completion.finish_reason
+        extracted = self.tool_parser.extract(completion.text)
+        if not extracted.tool_calls:
+            return ChatResponseMessage(content=completion.text), completion.finish_reason
+        message = ChatResponseMessage(content=extracted.content, tool_calls=[t.as_dict() for t in extracted.tool_calls])
+        return message, _tool_finish_reason(completion.finish_reason)
+
+    def _tool_delta(self, completion: Any) -> tuple[str, list[dict], str | None]:
+        """This choice's new content and complete tool calls, and its finish reason."""
+        stream = self.tool_streams.setdefault(completion.index, ToolCallStream(self.tool_parser))
+        finish_reason = completion.finish_reason
+        delta, calls = stream.update(completion.text, final=finish_reason is not None)
+        return delta, calls, _tool_finish_reason(finish_reason) if stream.num_calls else finish_reason
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -230,13 +253,19 @@ class ResponseBuilder:
             if finish_reason is None and c.text_offsets is not None:
                 while end > tokens and c.text_offsets[end - 1] >= len(c.text):
                     end -= 1
+            tool_calls: list[dict] = []
+            if self.chat and self.tool_parser is not None:
+                delta, tool_calls, finish_reason = self._tool_delta(c)
             new_logprobs = self.logprobs is not None and end > tokens
             first = index not in self.sent_chars
-            if not delta and not new_logprobs and finish_reason is None and not (first and self.echo):
+            if (not delta and not tool_calls and not new_logprobs and finish_reason is None
+                    and not (first and self.echo)):
                 continue
             if self.chat:
                 # NOTE: the closing chunk of a choice has an empty delta, as OpenAI sends it.
                 chat_delta = ChatDelta(content=delta) if delta or finish_reason is None else ChatDelta()
+                if tool_calls:
+                    chat_delta = ChatDelta(content=delta or None, tool_calls=tool_calls)
                 choice = ChatChunkChoice(index=index, delta=chat_delta, logprobs=self._chat_logprobs(c, tokens, end),
                                          finish_reason=finish_reason)
                 body = ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
@@ -259,3 +288,8 @@ class ResponseBuilder:
         """The last chunk with ``stream_options.include_usage``: no choices, the request's usage."""
         cls = ChatCompletionChunk if self.chat else CompletionResponse
         return sse(cls(id=self.request_id, model=self.model, choices=[], usage=usage_of(outputs)).model_dump())
+
+
+def _tool_finish_reason(finish_reason: str | None) -> str | None:
+    # NOTE: an output that ended normally after its calls ends with "tool_calls", as OpenAI's does.
+    return "tool_calls" if finish_reason == "stop" else finish_reason

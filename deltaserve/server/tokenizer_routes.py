@@ -41,7 +41,7 @@ def add_tokenizer_routes(app: FastAPI, engine: Any, check_model: Callable[[str |
         if body.messages is not None:
             serving.check_unicode([m.model_dump() for m in body.messages], "messages")
             chat = ChatCompletionRequest(messages=body.messages)
-            ids = await off_loop(serving.chat_prompt, chat, tokenizer, body.add_generation_prompt)
+            ids = await off_loop(lambda: serving.chat_prompt(chat, tokenizer, add_generation_prompt=body.add_generation_prompt))
         else:
             ids = await off_loop(serving.encode, tokenizer, body.prompt, body.add_special_tokens)
         strs = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
