@@ -66,10 +66,11 @@ REFUSED = {
     "a 257-character stop string": (completion(stop="x" * 257), "stop"),
     # refused fields (would change the output, not implemented)
     "functions": ({"model": MODEL_NAME, "messages": CHAT, "functions": [{"name": "f"}]}, "functions"),
-    "tool_choice": ({"model": MODEL_NAME, "messages": CHAT, "tool_choice": "required"}, "tool_choice"),
-    "guided_json": (completion(guided_json={"type": "object"}), "guided_json"),
-    "response_format json": ({"model": MODEL_NAME, "messages": CHAT, "response_format": {"type": "json_object"}},
-                             "response_format"),
+    "tool_choice without tools": ({"model": MODEL_NAME, "messages": CHAT, "tool_choice": "required"}, "tool_choice"),
+    "function_call": ({"model": MODEL_NAME, "messages": CHAT, "function_call": "auto"}, "function_call"),
+    "tools on completions": (completion(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+    "guided_whitespace_pattern": (completion(guided_json={"type": "object"}, guided_whitespace_pattern=" "),
+                                  "guided_whitespace_pattern"),
     "suffix": (completion(suffix="end"), "suffix"),
     "best_of": (completion(best_of=3), "best_of"),
 }
