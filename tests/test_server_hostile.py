@@ -219,3 +219,42 @@ def test_an_engine_failure_fails_open_requests_and_reports_it(tmp_path):
         assert len(failures) == 1 and "device lost" in str(failures[0])
         assert httpx.get(f"{running.url}/health").status_code == 503
         assert post(running, "/v1/completions", completion()).status_code == 503
+
+
+def test_serve_exits_with_status_1_after_an_engine_failure(tmp_path, monkeypatch):
+    import socket
+
+    from deltaserve.cli import build_parser
+    from deltaserve.commands import serve
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    real_build = serve.build_server
+
+    def build_broken(args):
+        server = real_build(args)
+
+        def broken(batch):
+            raise RuntimeError("device lost")
+
+        server.engine_loop.engine.runner.run = broken
+        return server
+
+    monkeypatch.setattr(serve, "build_server", build_broken)
+    args = build_parser().parse_args(["serve", "--model", str(make_model(tmp_path)), "--port", str(port),
+                                      "--max-model-len", "64", "--dtype", "float32", "--log-level", "error"])
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=serve.run(args)), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    assert post(type("S", (), {"url": url}), "/v1/completions", completion()).status_code == 503
+    thread.join(30)
+    assert not thread.is_alive() and result["code"] == 1

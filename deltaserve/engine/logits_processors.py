@@ -117,25 +117,28 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits / temperature[:, None]
 
 
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Tokens whose probability is below ``min_p`` times the row's highest become ``-inf``."""
-    if not bool((min_p > 0).any()):
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:
+    """Tokens whose probability is below ``min_p`` times the row's highest become ``-inf``;
+    ``min_p`` None: no row uses it."""
+    if min_p is None:
         return logits
     probs = torch.softmax(logits, dim=-1)
     threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
     """Keep each row's ``top_k`` best (``top_k >= V`` is off), then the smallest set whose probability
-    reaches ``top_p`` (the first token always). Returns a new tensor."""
-    vocab = logits.shape[-1]
-    if bool((top_k >= vocab).all()) and bool((top_p >= 1.0).all()):
+    reaches ``top_p`` (the first token always). None: no row uses it (decided on the host, so that
+    no device sync is needed). Returns a new tensor."""
+    if top_k is None and top_p is None:
         return logits
+    vocab = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(vocab, device=logits.device)
-    sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
-    if bool((top_p < 1.0).any()):
+    if top_k is not None:
+        rank = torch.arange(vocab, device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
+    if top_p is not None:
         sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # Keep a token while the probability of the tokens before it is below top_p (the first always).
         before = sorted_probs.cumsum(dim=-1) - sorted_probs

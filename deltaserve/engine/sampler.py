@@ -103,11 +103,14 @@ class Sampler:
 
         processed = apply_temperature(logits, per_row([float(p.temperature) if s else 1.0
                                                        for p, s in zip(params, sampling)]))
-        processed = apply_min_p(processed, per_row([float(p.min_p) if s else 0.0 for p, s in zip(params, sampling)]))
+        # NOTE: whether a transformation is used at all is decided here, on host lists (no device sync).
+        min_p = [float(p.min_p) if s else 0.0 for p, s in zip(params, sampling)]
+        processed = apply_min_p(processed, per_row(min_p) if any(m > 0 for m in min_p) else None)
         top_k = [min(p.effective_top_k, vocab) if s and p.effective_top_k > 0 else vocab
                  for p, s in zip(params, sampling)]
         top_p = [float(p.top_p) if s else 1.0 for p, s in zip(params, sampling)]
-        return apply_top_k_top_p(processed, per_row(top_k, torch.int64), per_row(top_p))
+        return apply_top_k_top_p(processed, per_row(top_k, torch.int64) if any(k < vocab for k in top_k) else None,
+                                 per_row(top_p) if any(p < 1.0 for p in top_p) else None)
 
 
 def top_logprob_entries(

@@ -119,7 +119,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_message(exc.errors()).body(), status_code=400)
+        return JSONResponse(serving.validation_error(exc.errors()).body(), status_code=400)
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served_model_name:
@@ -247,21 +247,3 @@ def _version() -> str:
     import deltaserve
 
     return deltaserve.__version__
-
-
-def _validation_message(errors: list[dict]) -> RequestError:
-    """OpenAI's error shape from pydantic's first error, naming the field and what was wrong."""
-    error = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
-    if error.get("type") == "json_invalid":
-        detail = error.get("ctx", {}).get("error", error.get("msg"))
-        return RequestError(f"malformed JSON body: {detail}", None, code="json_invalid")
-    if not loc:
-        return RequestError(f"request body: {error.get('msg')}")
-    field = loc[0]
-    path = ".".join(loc[:1] + [p for p in loc[1:] if not p.startswith(("str", "list", "int", "function"))])
-    got = repr(error.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
-    if error.get("type") == "missing":
-        return RequestError(f"{path}: field required", field)
-    return RequestError(f"{path}: {error.get('msg')} (got {got})", field)

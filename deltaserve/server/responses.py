@@ -7,9 +7,9 @@ still become a stop string, and incomplete UTF-8), so a stream sends what grew s
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
+from deltaserve.server.logprobs import EchoPrompt, distinct_top_logprobs, token_entry, prompt_logprobs_body
 from deltaserve.server.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -40,87 +40,6 @@ def usage_of(outputs: list[Any]) -> UsageInfo:
     prompt = sum(len(output.prompt_token_ids) for output in outputs)
     completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-def _finite(logprob: float | None) -> float:
-    # NOTE: top-k / top-p mask tokens to -inf, which JSON cannot carry; OpenAI writes -9999.0 there.
-    return logprob if logprob is not None and math.isfinite(logprob) else -9999.0
-
-
-def _token_text(token_id: int, logprob: Any, tokenizer: Any) -> str:
-    if logprob is not None and logprob.decoded_token is not None:
-        return logprob.decoded_token
-    # NOTE: vLLM's spelling for a token that cannot be decoded (no tokenizer).
-    return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
-
-
-def _distinct(pairs: list[tuple[int, str, float]]) -> dict[str, float]:
-    """``{text: logprob}`` keeping every token: one whose text is already a key (two byte tokens
-    both shown as U+FFFD) is keyed ``token_id:<id>`` (vLLM's spelling), so k tokens stay k entries."""
-    out: dict[str, float] = {}
-    seen: set[int] = set()
-    for token_id, text, logprob in pairs:
-        if token_id not in seen:
-            seen.add(token_id)
-            out[text if text not in out else f"token_id:{token_id}"] = logprob
-    return out
-
-
-def _entry(token_id: int, candidates: dict, tokenizer: Any, top: int) -> tuple[str, float, list[tuple[int, str, float]]]:
-    """``(token text, logprob, [(id, text, logprob)] of the top ``top`` best first)`` at one position."""
-    chosen = candidates.get(token_id)
-    alternatives = sorted(candidates.items(), key=lambda item: item[1].rank)[:top]
-    return (_token_text(token_id, chosen, tokenizer), _finite(chosen.logprob if chosen is not None else None),
-            [(tid, _token_text(tid, lp, tokenizer), _finite(lp.logprob)) for tid, lp in alternatives])
-
-
-def text_offsets(tokenizer: Any, token_ids: list[int], text_len: int) -> list[int]:
-    """Where each token's text starts in the decoded text (incrementally, two small decodes a token),
-    clipped to ``text_len``; a token that completes a multi-byte character shares its start."""
-    offsets, length, prefix, read = [], 0, 0, 0
-    for i in range(len(token_ids)):
-        offsets.append(min(length, text_len))
-        if tokenizer is None:
-            continue
-        prefix_text = tokenizer.decode(token_ids[prefix:read])
-        full_text = tokenizer.decode(token_ids[prefix : i + 1])
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            length += len(full_text) - len(prefix_text)
-            prefix, read = read, i + 1
-    return offsets
-
-
-class EchoPrompt:
-    """What ``echo`` puts before a choice: the prompt's text and, with logprobs, its tokens' entries."""
-
-    def __init__(self, text: str, token_ids: list[int]):
-        self.text, self.token_ids = text, token_ids
-
-    def logprobs(self, output: Any, tokenizer: Any, top: int) -> CompletionLogprobs:
-        result = CompletionLogprobs()
-        entries = output.prompt_logprobs or [None] * len(self.token_ids)
-        offsets = text_offsets(tokenizer, self.token_ids, len(self.text))
-        for position, (token_id, candidates) in enumerate(zip(self.token_ids, entries)):
-            if candidates is None:
-                result.tokens.append(_token_text(token_id, None, tokenizer))
-                result.token_logprobs.append(None)
-                result.top_logprobs.append(None)
-            else:
-                text, logprob, alternatives = _entry(token_id, candidates, tokenizer, top)
-                result.tokens.append(text)
-                result.token_logprobs.append(logprob)
-                result.top_logprobs.append(_distinct(alternatives + [(token_id, text, logprob)]))
-            result.text_offset.append(offsets[position])
-        return result
-
-
-def prompt_logprobs_body(output: Any) -> list[dict[str, dict[str, Any]] | None] | None:
-    """vLLM's ``prompt_logprobs`` shape: per prompt token ``{token_id: {logprob, rank, decoded_token}}``."""
-    if output.prompt_logprobs is None:
-        return None
-    return [None if entry is None else {
-        str(token_id): {"logprob": _finite(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
-        for token_id, lp in entry.items()} for entry in output.prompt_logprobs]
 
 
 class ResponseBuilder:
@@ -155,11 +74,11 @@ class ResponseBuilder:
         offsets = completion.text_offsets or [len(completion.text)] * len(completion.token_ids)
         for i in range(start, end):
             token_id = completion.token_ids[i]
-            text, logprob, alternatives = _entry(token_id, completion.logprobs[i], self.tokenizer, self.logprobs)
+            text, logprob, alternatives = token_entry(token_id, completion.logprobs[i], self.tokenizer, self.logprobs)
             result.tokens.append(text)
             result.token_logprobs.append(logprob)
             # NOTE: vLLM's rule: the sampled token is always there, so logprobs=0 returns it alone.
-            result.top_logprobs.append(_distinct(alternatives + [(token_id, text, logprob)]))
+            result.top_logprobs.append(distinct_top_logprobs(alternatives + [(token_id, text, logprob)]))
             result.text_offset.append(shift + offsets[i])
         return result
 
@@ -168,7 +87,7 @@ class ResponseBuilder:
             return None
         content = []
         for i in range(start, end):
-            text, logprob, alternatives = _entry(completion.token_ids[i], completion.logprobs[i], self.tokenizer,
+            text, logprob, alternatives = token_entry(completion.token_ids[i], completion.logprobs[i], self.tokenizer,
                                                  self.logprobs)
             content.append(ChatTokenLogprob(
                 token=text, logprob=logprob, bytes=list(text.encode()),

@@ -194,3 +194,21 @@ def guess_param(message: str) -> str | None:
         if message.startswith(name) or f"'{name}'" in message or f" {name} " in message:
             return name
     return None
+
+
+def validation_error(errors: list[dict]) -> RequestError:
+    """OpenAI's error shape from pydantic's first error, naming the field and what was wrong."""
+    error = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(part) for part in error.get("loc", ()) if part != "body"]
+    if error.get("type") == "json_invalid":
+        detail = error.get("ctx", {}).get("error", error.get("msg"))
+        return RequestError(f"malformed JSON body: {detail}", None, code="json_invalid")
+    if not loc:
+        return RequestError(f"request body: {error.get('msg')}")
+    field = loc[0]
+    path = ".".join(loc[:1] + [p for p in loc[1:] if not p.startswith(("str", "list", "int", "function"))])
+    got = repr(error.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    if error.get("type") == "missing":
+        return RequestError(f"{path}: field required", field)
+    return RequestError(f"{path}: {error.get('msg')} (got {got})", field)

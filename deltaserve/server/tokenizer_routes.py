@@ -9,17 +9,43 @@ from __future__ import annotations
 from typing import Any, Awaitable, Callable
 
 from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
 
 import deltaserve
 from deltaserve.server import serving
-from deltaserve.server.protocol import (
-    ChatCompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    TokenizeRequest,
-    TokenizeResponse,
-)
+from deltaserve.server.protocol import MAX_MESSAGES, ChatCompletionRequest, ChatMessage, TokenId
 from deltaserve.server.serving import RequestError
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages``."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = Field(None, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=MAX_MESSAGES)
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = Field(None, max_length=256)
+    tokens: list[TokenId] = Field(max_length=1 << 20)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 def add_tokenizer_routes(app: FastAPI, engine: Any, check_model: Callable[[str | None], None], context_len: int,
