@@ -67,8 +67,10 @@ def max_prompt_chars(tokenizer: Any, max_model_len: int) -> int:
     (a 5 MB prompt takes the tiny byte tokenizer 24 s)."""
     if tokenizer is None:
         return 0
-    vocab = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(vocab)])
+    try:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot decode every id alone: no early check
+        return 0
     return 2 * max_model_len * max(1, max((len(t) for t in texts), default=1))
 
 
