@@ -162,3 +162,14 @@ def test_api_key_guards_every_v1_route_and_leaves_health_open(tmp_path):
         assert good.completions.create(model=MODEL_NAME, prompt="a", max_tokens=2).usage.completion_tokens >= 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=running.openai_base_url, api_key="nope", max_retries=0).models.list()
+
+
+def test_docs_list_every_request_field_implemented_or_refused():
+    from pathlib import Path
+
+    from deltaserve.server.protocol import REFUSED_FIELDS, ChatCompletionRequest, CompletionRequest
+
+    docs = (Path(__file__).parents[1] / "docs" / "server.md").read_text()
+    fields = set(CompletionRequest.model_fields) | set(ChatCompletionRequest.model_fields) | set(REFUSED_FIELDS)
+    missing = sorted(name for name in fields if f"`{name}`" not in docs)
+    assert not missing, f"docs/server.md does not list {missing}"
