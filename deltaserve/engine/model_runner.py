@@ -25,11 +25,23 @@ DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "cuda": 32768}
 # Default KV cache size when num_kv_blocks is not given (bytes, CPU) / share of free memory (GPU).
 DEFAULT_CPU_KV_BYTES = 1 << 30
 DEFAULT_GPU_KV_FRACTION = 0.8
+# Tokens between prefix-cache checkpoints taken inside the forward (a multiple of the chunk size 64).
+DEFAULT_CHECKPOINT_INTERVAL = 256
+
+
+def checkpoints_in_forward(config: EngineConfig) -> bool:
+    """Whether prefill forwards save prefix-cache checkpoints without ending a chunk.
+
+    NOTE: the one place that chooses; ``extra={"checkpoints_in_forward": False}`` ends chunks at
+    checkpoints instead (one forward step each), the behaviour before in-forward capture.
+    """
+    return bool(config.extra.get("checkpoints_in_forward", True))
 
 
 def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.device) -> EngineConfig:
     """Fill in ``max_model_len``, ``num_state_slots``, ``num_kv_blocks``, ``prefix_cache_budget_bytes``
-    and ``checkpoint_interval`` (default: ``max_num_batched_tokens``).
+    and ``checkpoint_interval`` (default: ``DEFAULT_CHECKPOINT_INTERVAL`` where the forward captures
+    checkpoints, else ``max_num_batched_tokens``, where long prompts' chunks end anyway).
 
     With prefix caching the pool holds ``max_num_seqs`` slots for requests plus up to ``max_num_seqs``
     for checkpoints (fewer if ``prefix_cache_budget_bytes`` holds fewer); the default budget is those
@@ -74,7 +86,9 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
     budget = config.prefix_cache_budget_bytes
     if budget is None:
         budget = max(0, num_slots - config.max_num_seqs) * slot_bytes + block_bytes * num_blocks
-    interval = config.checkpoint_interval or config.max_num_batched_tokens
+    interval = config.checkpoint_interval
+    if interval is None:
+        interval = DEFAULT_CHECKPOINT_INTERVAL if checkpoints_in_forward(config) else config.max_num_batched_tokens
     return dataclasses.replace(
         config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks,
         prefix_cache_budget_bytes=budget, checkpoint_interval=interval,
@@ -125,6 +139,7 @@ class ModelRunner:
             [seq.state_slot for seq in batch.seqs],
             block_tables=[seq.block_table for seq in batch.seqs],
             block_size=self.config.block_size,
+            checkpoints=batch.checkpoints,
             device=self.device,
         )
 

@@ -39,7 +39,11 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """All sequences of one request so far; ``finished`` once every sequence has finished."""
+    """All sequences of one request so far; ``finished`` once every sequence has finished.
+
+    ``num_cached_tokens``: prompt tokens restored from the prefix cache (vLLM's name; the first
+    sequence's, at its first admission).
+    """
 
     request_id: str
     prompt: str | None
@@ -48,3 +52,4 @@ class RequestOutput:
     finished: bool = False
     # With ``SamplingParams.prompt_logprobs``: one entry per prompt token (the first None), once computed.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    num_cached_tokens: int = 0

@@ -23,6 +23,7 @@ from deltaserve.server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     TopLogprob,
+    PromptTokensDetails,
     UsageInfo,
 )
 from deltaserve.server.tool_parsers import ToolParser
@@ -39,7 +40,9 @@ def usage_of(outputs: list[Any]) -> UsageInfo:
     """Usage summed over a request's prompts (each an engine request's final output)."""
     prompt = sum(len(output.prompt_token_ids) for output in outputs)
     completion = sum(len(c.token_ids) for output in outputs for c in output.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    cached = sum(output.num_cached_tokens for output in outputs)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
 
 class ResponseBuilder:
