@@ -55,9 +55,9 @@ def test_prompt_logprobs_equal_the_full_forward_over_chunked_prefill(checkpoint,
 
 
 def test_a_request_with_prompt_logprobs_takes_no_prefix_hit_and_stays_exact(checkpoint, ref_model):
-    llm = LLM(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=32,
-              checkpoint_interval=8)
-    (prompt,) = random_prompts([29], seed=4)
+    llm = LLM(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=64,
+              checkpoint_interval=64)
+    (prompt,) = random_prompts([70], seed=4)
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
     before = llm.get_metrics()
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1, n=2,
