@@ -53,4 +53,4 @@ def test_the_schema_describes_the_request_models(api_schema, fuzz_server):
     assert components["CompletionRequest"]["properties"]["n"]["maximum"] == 128
     # After the fuzzing, the engine holds nothing for requests.
     metrics = wait_until_idle(fuzz_server.url, 60)
-    assert metrics["deltaserve_state_slots_running"] == 0 and metrics["deltaserve_kv_blocks_running"] == 0
+    assert metrics["deltaserve_state_slots_used"] == 0 and metrics["deltaserve_kv_blocks_used"] == 0

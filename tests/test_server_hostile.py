@@ -34,7 +34,7 @@ def assert_still_serving(server) -> None:
     out = post(server, "/v1/completions", {"model": MODEL_NAME, "prompt": "ok", "max_tokens": 2, "ignore_eos": True})
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] == 2
     metrics = wait_until_idle(server.url, 30)
-    assert metrics["deltaserve_state_slots_running"] == 0 and metrics["deltaserve_kv_blocks_running"] == 0
+    assert metrics["deltaserve_state_slots_used"] == 0 and metrics["deltaserve_kv_blocks_used"] == 0
 
 
 def completion(**fields) -> dict:
@@ -200,7 +200,7 @@ def test_a_failure_one_request_causes_fails_that_request_alone(server):
     finally:
         engine.stop_checker = check
     stats = read_metrics(server.url)
-    assert stats["deltaserve_state_slots_running"] == 0
+    assert stats["deltaserve_state_slots_used"] == 0
 
 
 def test_an_engine_failure_fails_open_requests_and_reports_it(tmp_path):
