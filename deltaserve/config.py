@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from deltaserve.spec_decode.config import SpeculativeConfig
+
 
 @dataclass
 class EngineConfig:
@@ -44,9 +46,13 @@ class EngineConfig:
     checkpoint_interval: int | None = None
     prefix_cache_budget_bytes: int | None = None
     tensor_parallel_size: int = 1
+    # Speculative decoding, vLLM's dict: {"method": "ngram" | "mtp" | "synthetic",
+    # "num_speculative_tokens": k, ...} (see deltaserve.spec_decode.config.SpeculativeConfig).
+    speculative_config: dict | SpeculativeConfig | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -143,3 +143,17 @@ def test_out_of_vocab_ids_in_logit_bias_or_stop_token_ids_are_refused(checkpoint
     out = llm.generate("a", SamplingParams(seed=2**64 - 1, n=3, max_tokens=2), use_tqdm=False)[0]
     assert len(out.outputs) == 3
     assert_all_free(llm.get_metrics())
+
+
+def test_fields_that_adjust_logits_give_the_same_tokens_with_speculative_decoding(checkpoint):
+    # Such sequences get no drafts (the rejection sampler does not replay history per position).
+    from helpers_spec import OracleProposer, oracle_config, spec_llm
+
+    prompts = random_prompts([9, 12, 10], seed=24)
+    params = [SamplingParams(temperature=0, max_tokens=8, **kwargs) for kwargs in (
+        GREEDY_CASES["repetition_penalty below 1"], GREEDY_CASES["frequency_penalty"], GREEDY_CASES["logit_bias"])]
+    plain = LLM(model=str(checkpoint), dtype="float32", block_size=4).generate(prompts, params, use_tqdm=False)
+    # A drafter that proposes exactly the adjusted continuation: verified on unadjusted logits, it would diverge.
+    drafter = OracleProposer([p + o.outputs[0].token_ids for p, o in zip(prompts, plain)], error_rate=0, skip_rate=0)
+    spec = spec_llm(checkpoint, oracle_config(), proposer=drafter).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in spec] == [o.outputs[0].token_ids for o in plain]

@@ -258,10 +258,14 @@ class LLMEngine:
                 raise RuntimeError(f"nothing could be scheduled with work pending: {self.stats()}")
             return []
         start = time.perf_counter()
+        num_tokens_before = sum(seq.num_tokens for seq in batch.seqs)
         sampled = self.runner.run(batch)
-        progressed = self.scheduler.postprocess(batch, sampled)
+        progressed = self.scheduler.postprocess(batch, sampled, commit=self.runner.commit_verified)
+        # NOTE: drafts for the next step are proposed here, once this step's tokens are known.
+        self.runner.propose_drafts(self.scheduler.running, self.block_manager)
+        num_sampled = sum(seq.num_tokens for seq in batch.seqs) - num_tokens_before
         self.metrics.record_step(
-            batch.num_prefill_tokens, batch.num_decode_tokens, len(progressed), time.perf_counter() - start
+            batch.num_prefill_tokens, batch.num_decode_tokens, num_sampled, time.perf_counter() - start
         )
         outputs = []
         for request_id in self._request_errors:
@@ -281,6 +285,8 @@ class LLMEngine:
         so kernel compilation and autotuning happen here instead of in requests. Returns its seconds."""
         seconds = run_warmup(self)
         self.metrics = EngineMetrics()
+        if self.runner.speculator is not None:
+            self.runner.speculator.reset_metrics()
         self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
         return seconds
 
@@ -303,6 +309,8 @@ class LLMEngine:
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     text_offsets=offsets,
+                    num_draft_tokens=seq.num_draft_tokens,
+                    num_accepted_tokens=seq.num_accepted_tokens,
                 )
             )
         return RequestOutput(
@@ -364,6 +372,8 @@ class LLMEngine:
             kv_cache_usage_perc=blocks_used / self.block_manager.num_blocks,
         )
         out.update(self.scheduler.prefix_cache.stats())
+        if self.runner.speculator is not None:
+            out.update(self.runner.speculator.metrics.as_stats())
         return out
 
     def reset_prefix_cache(self) -> None:

@@ -17,6 +17,10 @@ from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_po
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.spec_decode.mtp import StepOutputs
+from deltaserve.spec_decode.speculator import Speculator
+from deltaserve.spec_decode.structured import mask_verify_logits
+from deltaserve.spec_decode.verify import VerifyBatch
 from deltaserve.state.pool import StatePool
 
 # NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
@@ -63,7 +67,11 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
             if config.prefix_cache_budget_bytes is not None and slot_bytes > 0:
                 num_checkpoint_slots = min(num_checkpoint_slots, config.prefix_cache_budget_bytes // slot_bytes)
         num_slots = config.max_num_seqs + num_checkpoint_slots
-    block_bytes = model.kv_cache_spec(config.cache_dtype).bytes_per_block(bs)
+    kv_spec = model.kv_cache_spec(config.cache_dtype)
+    block_bytes = kv_spec.bytes_per_block(bs)
+    spec_config = config.speculative_config
+    if spec_config is not None and spec_config.method == "mtp" and kv_spec.num_layers:
+        block_bytes += block_bytes // kv_spec.num_layers  # NOTE: the MTP head's own attention layer
     num_blocks = config.num_kv_blocks
     if num_blocks is None:
         per_block = max(1, block_bytes)
@@ -122,16 +130,32 @@ class ModelRunner:
         )
         model.bind_caches(self.state_pool, self.kv_cache)
         self.sampler = Sampler(generator, eos_token_ids)
+        self.speculator = None
+        if self.config.speculative_config is not None:
+            self.speculator = Speculator(
+                self.config.speculative_config, self.sampler,
+                max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len, runner=self,
+            )  # fmt: skip
+        self._pending_verify: VerifyBatch | None = None
+        # A proposer that runs on the step's hidden states (MTP) gets them after each step.
+        self._keep_hidden = self.speculator is not None and hasattr(self.speculator.proposer, "observe")
+        self._last_step: StepOutputs | None = None
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
-        self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
+        # NOTE: not with MTP drafts: a replayed graph returns logits only, the MTP head needs the hidden states.
+        self.cuda_graphs = None if self._keep_hidden else make_decode_graphs(model, self.config, self.device)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
+        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``.
+
+        A verify row's tokens are its last sampled token and its drafts (``seq.spec_token_ids``).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        drafts = batch.num_draft_tokens or [0] * len(batch)
+        for seq, num_new, num_drafts in zip(batch.seqs, batch.num_new_tokens, drafts):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + num_new])
+            input_ids.extend(seq.token_ids[start : start + num_new - num_drafts])
+            input_ids.extend(seq.spec_token_ids[:num_drafts])
             positions.extend(range(start, start + num_new))
         ctx = make_forward_context(
             list(batch.num_new_tokens),
@@ -149,19 +173,24 @@ class ModelRunner:
         return to_device(input_ids), to_device(positions), ctx
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
-        """Forward ``batch``; returns a sampled token per sequence that samples, else None.
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
+        """Forward ``batch``; returns a sampled token per sequence that samples (a verify row: its
+        accepted drafts and the target's next token), else None.
 
         Sequences asking for prompt logprobs get this chunk's entries appended (``prompt_logprobs``).
         """
         input_ids, positions, ctx = self.prepare(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        self._last_step = None
+        if batch.num_verify_seqs:
+            return self._run_verify(batch, input_ids, positions, ctx, rows)
         needs_prompt_logits = bool(prompt_positions(batch))
         if self.cuda_graphs is not None and not needs_prompt_logits and self.cuda_graphs.can_run(ctx, len(rows)):
             logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
         else:
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)  # [T, hidden]
+            self._keep(batch, hidden, ctx)
             if needs_prompt_logits:
                 collect_prompt_logprobs(self.model, hidden, batch)
             if not rows:
@@ -175,6 +204,55 @@ class ModelRunner:
         for i, token in zip(rows, sampled):
             out[i] = token
         return out
+
+    def _run_verify(self, batch, input_ids, positions, ctx, rows) -> list:
+        """A step with verify rows (the first ``num_verify_seqs``): logits at every verify position,
+        drafts checked by the rejection sampler; the states wait for :meth:`commit_verified`."""
+        num_verify = batch.num_verify_seqs
+        if any(n > 0 for n in batch.num_draft_tokens[num_verify:]):
+            raise ValueError("verify rows (sequences with drafts) must be the first rows of the batch")
+        ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        self._keep(batch, hidden, ctx)
+        verify_tokens = ctx.spec_decode.num_tokens
+        others = [i for i in rows if i >= num_verify]
+        last = [end - 1 for end in _ends(batch, others)]
+        logits = self.model.compute_logits(hidden[torch.tensor(list(range(verify_tokens)) + last, device=self.device)])
+        seqs = batch.seqs
+        out: list = [None] * len(batch)
+        verify_rows = range(num_verify)
+        drafts = [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows]
+        verify_logits = mask_verify_logits(logits[:verify_tokens], [seqs[i].structured for i in verify_rows], drafts)
+        emitted = self.speculator.verify(
+            verify_logits, drafts, [seqs[i].params for i in verify_rows], [seqs[i].generator for i in verify_rows]
+        )
+        for i, tokens in zip(verify_rows, emitted):
+            out[i] = tokens
+        if others:
+            sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others],
+                                   [seqs[i].generator for i in others], [seqs[i].structured for i in others],
+                                   histories=[seqs[i] for i in others])  # fmt: skip
+            for i, token in zip(others, sampled):
+                out[i] = token
+        return out
+
+    def _keep(self, batch: ScheduledBatch, hidden: torch.Tensor, ctx: ForwardContext) -> None:
+        if self._keep_hidden:
+            self._last_step = StepOutputs(batch, hidden, list(ctx.num_computed_tokens))
+
+    def commit_verified(self, num_accepted_tokens: list[int]) -> None:
+        """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens."""
+        verify, self._pending_verify = self._pending_verify, None
+        if verify is None:
+            raise RuntimeError("commit_verified without a verify step")
+        verify.commit(num_accepted_tokens)
+
+    def propose_drafts(self, seqs: list, block_manager=None) -> None:
+        """Drafts for the next step of each sequence that decodes (nothing without speculative_config)."""
+        if self.speculator is not None:
+            step, self._last_step = self._last_step, None
+            self.speculator.propose(seqs, step, block_manager)
 
 
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:

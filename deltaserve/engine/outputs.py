@@ -20,7 +20,8 @@ class CompletionOutput:
 
     ``finish_reason`` is ``None`` while running, then ``"stop"`` (EOS, a stop token id or string),
     ``"length"`` (``max_tokens`` or ``max_model_len``) or ``"abort"``; ``stop_reason`` is the stop
-    string or stop token id that ended it (``None`` for EOS and length).
+    string or stop token id that ended it (``None`` for EOS and length). With speculative decoding,
+    ``num_draft_tokens`` drafts were verified for it and ``num_accepted_tokens`` of them accepted.
     """
 
     index: int
@@ -32,6 +33,8 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     # With logprobs: where each token's text starts in ``text`` (clipped to its length).
     text_offsets: list[int] | None = None
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -53,3 +56,11 @@ class RequestOutput:
     # With ``SamplingParams.prompt_logprobs``: one entry per prompt token (the first None), once computed.
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
+
+    @property
+    def spec_decode_metrics(self) -> dict[str, int]:
+        """Draft tokens verified and accepted over the request's sequences (vLLM's counter names)."""
+        return {
+            "num_draft_tokens": sum(o.num_draft_tokens for o in self.outputs),
+            "num_accepted_tokens": sum(o.num_accepted_tokens for o in self.outputs),
+        }

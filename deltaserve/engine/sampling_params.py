@@ -145,6 +145,11 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Penalties, ``min_tokens`` or ``logit_bias``: the sampler changes the logits (greedy too)."""
+        return self.has_penalties or self.min_tokens > 0 or bool(self.logit_bias)
+
     def token_ids_in_use(self) -> list[int]:
         """Token ids the request names (``stop_token_ids``, ``logit_bias`` keys): checked against the vocabulary."""
         return list(self.stop_token_ids) + list(self.logit_bias or {})
