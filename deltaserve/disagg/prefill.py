@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from deltaserve.disagg.connector import KVConnector
 from deltaserve.disagg.ledger import KVLedger
 from deltaserve.server import serving, structured
-from deltaserve.server.engine_loop import EngineStoppedError, RequestStream
+from deltaserve.server.engine_loop import EngineStoppedError
+from deltaserve.server.request_stream import RequestStream
 from deltaserve.server.engine_stats import max_model_len, vocab_size
 from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from deltaserve.server.serving import RequestError
@@ -49,9 +50,14 @@ async def _prompt_and_params(app: FastAPI, engine: Any, endpoint: Any, raw: Any)
         raise RequestError(f"{where}: {error.get('msg')}", where.split(".")[0]) from None
     if body.n != 1:
         raise RequestError(f"n: a disaggregated request has one sequence (n = 1), got {body.n}", "n")
+    # NOTE: only what the prompt and its first token need; the decode instance validates the whole
+    # request again as `serve` does (a refusal there makes the router drop what is held here).
     plan = None
     if endpoint == "completions":
-        prompt = serving.completion_prompt(body, engine.tokenizer, vocab_size(engine))
+        prompts = serving.completion_prompts(body, engine.tokenizer, vocab_size(engine))
+        if len(prompts) != 1:
+            raise RequestError(f"prompt: a disaggregated request has one prompt, got {len(prompts)}", "prompt")
+        prompt = prompts[0][1]
         logprobs, field, max_tokens = body.logprobs, "prompt", body.max_tokens
         constraint = structured.structured_outputs_of(body)
     else:
@@ -78,7 +84,7 @@ def add_prefill_routes(app: FastAPI, engine: Any, connector: KVConnector, ledger
         try:
             await engine_loop.add_request(stream, prompt, params)
             while True:
-                item = await stream.outputs.get()
+                item = await stream.next()
                 if isinstance(item, BaseException):
                     raise RequestError(str(item), status=503, type="server_error", code="engine_stopped")
                 if item.finished:

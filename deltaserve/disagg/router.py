@@ -118,6 +118,10 @@ def create_router_app(prefill_urls: list[str], decode_urls: list[str],
         if body.get("n", 1) != 1:
             return _error(f"n: the disaggregated router serves one sequence per request (n = 1), got {body['n']!r}",
                           400, "unsupported_parameter", "n")
+        for name in ("echo", "prompt_logprobs"):
+            if body.get(name):
+                return _error(f"{name}: needs the prompt's logits on the decode side; not supported by the "
+                              f"disaggregated router", 400, "unsupported_parameter", name)
         body.pop("kv_transfer_params", None)
         params, failed = await prefill(endpoint, body)
         if failed is not None:

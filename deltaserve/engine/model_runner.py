@@ -13,6 +13,7 @@ import torch
 
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import make_decode_graphs
+from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_positions
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
@@ -119,7 +120,8 @@ def _layout_kwargs(config: EngineConfig) -> dict:
 class ModelRunner:
     """Model plus caches on one device; ``run(batch)`` is one forward and one sampling step."""
 
-    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None):
+    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None,
+                 eos_token_ids: set[int] | None = None):
         self.device = torch.device(config.device)
         self.model = model
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
@@ -135,7 +137,7 @@ class ModelRunner:
             device=self.device,
         )
         model.bind_caches(self.state_pool, self.kv_cache)
-        self.sampler = Sampler(generator)
+        self.sampler = Sampler(generator, eos_token_ids)
         self.speculator = None
         if self.config.speculative_config is not None:
             self.speculator = Speculator(
@@ -181,24 +183,31 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
         """Forward ``batch``; returns a sampled token per sequence that samples (a verify row: its
-        accepted drafts and the target's next token), else None."""
+        accepted drafts and the target's next token), else None.
+
+        Sequences asking for prompt logprobs get this chunk's entries appended (``prompt_logprobs``).
+        """
         input_ids, positions, ctx = self.prepare(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
         self._last_step = None
         if batch.num_verify_seqs:
             return self._run_verify(batch, input_ids, positions, ctx, rows)
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
+        needs_prompt_logits = bool(prompt_positions(batch))
+        if self.cuda_graphs is not None and not needs_prompt_logits and self.cuda_graphs.can_run(ctx, len(rows)):
             logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
         else:
             with forward_context(ctx):
                 hidden = self.model(input_ids, positions)  # [T, hidden]
             self._keep(batch, hidden, ctx)
+            if needs_prompt_logits:
+                collect_prompt_logprobs(self.model, hidden, batch)
             if not rows:
                 return [None] * len(batch)
             last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
             logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
         seqs = [batch.seqs[i] for i in rows]
-        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.structured for s in seqs])
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                               structured=[s.structured for s in seqs], histories=seqs)
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):
             out[i] = token
@@ -230,7 +239,8 @@ class ModelRunner:
             out[i] = tokens
         if others:
             sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others],
-                                   [seqs[i].generator for i in others], [seqs[i].structured for i in others])  # fmt: skip
+                                   [seqs[i].generator for i in others], [seqs[i].structured for i in others],
+                                   histories=[seqs[i] for i in others])  # fmt: skip
             for i, token in zip(others, sampled):
                 out[i] = token
         return out

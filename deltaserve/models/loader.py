@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from deltaserve.models.checkpoint_checks import check_config_sizes, check_finite, check_shard_path, check_weight_dtype
 from deltaserve.models.registry import architecture_of, resolve, resolve_name
 from deltaserve.state.layout import resolve_dtype
 
@@ -84,7 +85,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map' object")
-        files = {name: path / shard for name, shard in weight_map.items()}
+        files = {name: check_shard_path(path, shard) for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise ValueError(f"{index} names shard {shard.name}, which is not in {path}")
@@ -112,7 +113,9 @@ def checkpoint_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
             for name in names:
                 if name not in keys:
                     raise ValueError(f"tensor {name} is listed in the index for {file.name} but is not in that file")
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+                tensor_slice = f.get_slice(name)
+                check_weight_dtype(name, tensor_slice.get_dtype())
+                shapes[name] = tuple(tensor_slice.get_shape())
     return shapes
 
 
@@ -174,6 +177,7 @@ def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = N
                         tensor = f.get_tensor(name)
                     except SafetensorError as exc:
                         raise ValueError(f"tensor {name} in {file} cannot be read: {exc}") from exc
+                    check_finite(name, tensor)
                     slots[name][1](tensor)
                     bar.update()
 
@@ -200,6 +204,7 @@ def load_model_config(path: str | Path):
 
     path = Path(path)
     raw = _read_config_json(path)
+    check_config_sizes(raw)
     model_class = resolve_name(architecture_of(raw))
     if hasattr(model_class, "check_raw_config"):
         model_class.check_raw_config(raw)
