@@ -10,16 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.distributed.parallel_state import get_tp_group
+from deltaserve.distributed.sharding import WeightSlot, sharded_slot
 from deltaserve.forward_context import get_forward_context
+from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate
-from deltaserve.state.layout import StateLayout
+from deltaserve.state.layout import StateLayout, divide
 from deltaserve.state.pool import LayerState
 
 
 class KimiDeltaAttention(nn.Module):
-    """KDA token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``."""
+    """KDA token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``.
+
+    Under TP each rank holds ``num_heads / tp`` heads: their projections, conv channels, decays and
+    states (``[q_local | k_local | v_local]`` conv, ``(H/tp, D, D)`` recurrent); ``o_proj`` all-reduces.
+    The low-rank ``f_a_proj`` / ``g_a_proj`` (hidden -> head_dim) are replicated.
+    """
 
     def __init__(
         self,
@@ -34,31 +42,35 @@ class KimiDeltaAttention(nn.Module):
     ):
         super().__init__()
         self.hidden_size = hidden_size
-        self.num_heads = num_heads
+        self.num_heads = divide(num_heads, get_tp_group().world_size, "KDA num_heads (linear_attn_config.num_heads)")
         self.head_dim = head_dim
         self.conv_kernel_size = conv_kernel_size
         self.layer_idx = layer_idx
-        width = num_heads * head_dim
+        full_width = num_heads * head_dim
+        width = self.num_heads * head_dim  # this rank's channels
 
         def linear(n_in: int, n_out: int) -> nn.Linear:
             return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+
+        def column(n_in: int, n_out: int) -> ColumnParallelLinear:
+            return ColumnParallelLinear(n_in, n_out, dtype=dtype)
 
         def short_conv() -> nn.Conv1d:
             # NOTE: holds the depthwise weight [H*D, 1, K] under the checkpoint's name; never called.
             return nn.Conv1d(width, width, conv_kernel_size, groups=width, bias=False, dtype=dtype)
 
-        self.q_proj = linear(hidden_size, width)
-        self.k_proj = linear(hidden_size, width)
-        self.v_proj = linear(hidden_size, width)
+        self.q_proj = column(hidden_size, full_width)
+        self.k_proj = column(hidden_size, full_width)
+        self.v_proj = column(hidden_size, full_width)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = short_conv(), short_conv(), short_conv()
         # NOTE: the decay parameters stay float32 whatever the model dtype, as in the checkpoints.
-        self.A_log = nn.Parameter(torch.zeros(1, 1, num_heads, 1, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.zeros(1, 1, self.num_heads, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.zeros(width, dtype=torch.float32))
-        self.f_a_proj, self.f_b_proj = linear(hidden_size, head_dim), linear(head_dim, width)
-        self.b_proj = linear(hidden_size, num_heads)
-        self.g_a_proj, self.g_b_proj = linear(hidden_size, head_dim), linear(head_dim, width)
+        self.f_a_proj, self.f_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
+        self.b_proj = column(hidden_size, num_heads)
+        self.g_a_proj, self.g_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
         self.o_norm = GatedRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
-        self.o_proj = linear(width, hidden_size)
+        self.o_proj = RowParallelLinear(full_width, hidden_size, dtype=dtype)
 
         self.conv_state: torch.Tensor | None = None  # [slots+1, L, 3*H*D], SD view of the pool
         self.recurrent_state: torch.Tensor | None = None  # [slots+1, H, D, D] float32
@@ -77,6 +89,13 @@ class KimiDeltaAttention(nn.Module):
             layer_idx=layer_idx,
             dtype=dtype,
         )
+
+    def weight_loaders(self) -> dict[str, WeightSlot]:
+        """This rank's heads of the conv weights (dim 0), ``A_log`` (dim 2) and ``dt_bias`` (dim 0)."""
+        slots = {"A_log": sharded_slot(self, "A_log", 2), "dt_bias": sharded_slot(self, "dt_bias", 0)}
+        for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+            slots[f"{name}.weight"] = sharded_slot(getattr(self, name), "weight", 0)
+        return slots
 
     # ---- state -------------------------------------------------------------------------------
 

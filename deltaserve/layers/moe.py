@@ -14,6 +14,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from deltaserve.distributed.communication_op import tensor_model_parallel_all_reduce
+from deltaserve.distributed.parallel_state import get_tp_group
+from deltaserve.distributed.sharding import read_loaded, shard_size
 from deltaserve.layers.mlp import GatedMLP, get_activation
 from deltaserve.ops.moe import fused_experts
 
@@ -73,7 +76,8 @@ class TopkRouter(nn.Module):
 
 class FusedExperts(nn.Module):
     """``E`` gated-MLP experts stored stacked: ``w13_weight`` ``[E, 2I, hidden]`` (gate rows first, then
-    up), ``w2_weight`` ``[E, hidden, I]``."""
+    up), ``w2_weight`` ``[E, hidden, I]``. Under TP each rank holds ``I / tp`` intermediate channels of
+    every expert, and its output is a partial sum (the block all-reduces)."""
 
     def __init__(
         self,
@@ -85,6 +89,8 @@ class FusedExperts(nn.Module):
     ):
         super().__init__()
         self.num_experts = num_experts
+        self.full_intermediate_size = intermediate_size
+        self.shard_start, intermediate_size = shard_size(intermediate_size, "MoE moe_intermediate_size")
         self.intermediate_size = intermediate_size
         self.w13_weight = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
@@ -96,17 +102,18 @@ class FusedExperts(nn.Module):
 
     def checkpoint_weights(self) -> dict[str, tuple[tuple[int, ...], Callable[[torch.Tensor], None]]]:
         """Checkpoint name (relative to this module) -> (expected shape, loader that copies it in place)."""
-        inter = self.intermediate_size
+        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.shard_start
         hidden = self.w2_weight.shape[1]
 
-        def into(view_fn):
-            return lambda tensor: view_fn().copy_(tensor)
+        def into(view_fn, dim):
+            # NOTE: this rank's intermediate channels only (rows of w1/w3, columns of w2).
+            return lambda loaded: view_fn().copy_(read_loaded(loaded, dim, start, inter))
 
         slots = {}
         for e in range(self.num_experts):
-            slots[f"{e}.w1.weight"] = ((inter, hidden), into(lambda e=e: self.w13_weight.data[e, :inter]))
-            slots[f"{e}.w3.weight"] = ((inter, hidden), into(lambda e=e: self.w13_weight.data[e, inter:]))
-            slots[f"{e}.w2.weight"] = ((hidden, inter), into(lambda e=e: self.w2_weight.data[e]))
+            slots[f"{e}.w1.weight"] = ((full, hidden), into(lambda e=e: self.w13_weight.data[e, :inter], 0))
+            slots[f"{e}.w3.weight"] = ((full, hidden), into(lambda e=e: self.w13_weight.data[e, inter:], 0))
+            slots[f"{e}.w2.weight"] = ((hidden, full), into(lambda e=e: self.w2_weight.data[e], 1))
         return slots
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -136,15 +143,17 @@ class SparseMoeBlock(nn.Module):
         )
         self.experts = FusedExperts(c.num_experts, c.hidden_size, c.moe_intermediate_size, c.hidden_act, dtype)
         num_shared = c.n_shared_experts or 0
+        # NOTE: routed and shared partial sums are added first, then all-reduced once.
         self.shared_experts = (
-            GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype)
+            GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype, reduce_results=False)
             if num_shared > 0
             else None
         )
+        self.tp_size = get_tp_group().world_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = self.gate(x)
         out = self.experts(x, topk_weights, topk_ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out

@@ -12,11 +12,13 @@ import torch
 from torch import nn
 
 from deltaserve.kv.spec import KVCacheSpec
+from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.layers.kda import KimiDeltaAttention
 from deltaserve.layers.mla import MLAAttention
 from deltaserve.layers.mlp import GatedMLP
 from deltaserve.layers.moe import SparseMoeBlock
 from deltaserve.layers.norm import RMSNorm
+from deltaserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from deltaserve.models import kimi_linear_config
 from deltaserve.state.layout import kda_layout, resolve_dtype
 from deltaserve.state.pool import StateGroup, StatePool
@@ -68,7 +70,7 @@ class KimiLinearModel(nn.Module):
     def __init__(self, hf_config, dtype: torch.dtype):
         super().__init__()
         c = hf_config
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList([KimiDecoderLayer(c, i, dtype) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
 
@@ -94,7 +96,7 @@ class KimiLinearForCausalLM(nn.Module):
         self.config = hf_config
         self.dtype = dtype
         self.model = KimiLinearModel(hf_config, dtype)
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, dtype=dtype)
         if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
         types = hf_config.layer_types
@@ -113,12 +115,14 @@ class KimiLinearForCausalLM(nn.Module):
     # ---- caches ------------------------------------------------------------------------------
 
     def state_groups(
-        self, tp_size: int = 1, cache_dtype: str | torch.dtype = "auto", num_spec: int = 0, conv_layout: str = "SD"
+        self, tp_size: int | None = None, cache_dtype: str | torch.dtype = "auto", num_spec: int = 0, conv_layout: str = "SD"
     ) -> dict[str, StateGroup]:
-        """Pool groups of the linear layers: ``{"kda": StateGroup(layout, num_kda_layers)}``, empty without KDA."""
+        """Pool groups of the linear layers on one TP rank (``tp_size`` None: this process's TP size):
+        ``{"kda": StateGroup(layout, num_kda_layers)}``, empty without KDA."""
         if not self.kda_layer_ids:
             return {}
         c = self.config
+        tp_size = get_tp_group().world_size if tp_size is None else tp_size
         layout = kda_layout(
             c.linear_num_heads,
             c.linear_head_dim,

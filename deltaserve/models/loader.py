@@ -3,7 +3,10 @@
 Weights are matched by the checkpoint's names. Every module contributes its own parameters and
 persistent buffers under their names; a module with a ``checkpoint_weights()`` method (such as the
 stacked MoE experts) instead names its checkpoint tensors itself, as
-``{relative name: (expected shape, load(tensor) -> None)}`` (vLLM's ``weight_loader`` idea).
+``{relative name: (expected shape, load(loaded) -> None)}`` (vLLM's ``weight_loader`` idea), and a
+module with ``weight_loaders()`` (the tensor-parallel layers) replaces the slots of some of its (or
+its children's) parameters the same way. The expected shape is the checkpoint's; a loader gets the
+tensor as a safetensors slice and reads only the part this rank holds (``read_loaded``).
 Any missing, unexpected or mis-shaped tensor is an error that names it.
 """
 
@@ -19,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from deltaserve.distributed.sharding import read_loaded
 from deltaserve.models.registry import architecture_of, resolve, resolve_name
 from deltaserve.state.layout import resolve_dtype
 
@@ -27,11 +31,11 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_LISTED = 8  # problems listed per kind in an error message
 LOAD_PROGRESS_BYTES = 1 << 30  # checkpoints at least this large show a progress bar while loading
 
-WeightSlot = tuple[tuple[int, ...], Callable[[torch.Tensor], None]]
+WeightSlot = tuple[tuple[int, ...], Callable[[object], None]]
 
 
-def _copy_into(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    return lambda tensor: param.data.copy_(tensor)
+def _copy_into(param: torch.Tensor) -> Callable[[object], None]:
+    return lambda loaded: param.data.copy_(read_loaded(loaded))
 
 
 def checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
@@ -54,6 +58,11 @@ def checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
                 slots[prefix + name] = (tuple(tensor.shape), _copy_into(tensor))
         for name, child in module.named_children():
             visit(child, f"{prefix}{name}.")
+        if hasattr(module, "weight_loaders"):
+            for name, slot in module.weight_loaders().items():
+                # NOTE: only names the visit gave a slot: a tied weight keeps its first name's.
+                if prefix + name in slots:
+                    slots[prefix + name] = (tuple(slot[0]), slot[1])
 
     visit(model, "")
     return slots
@@ -148,10 +157,10 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             with open_safetensors(file) as f:
                 for name in names:
                     try:
-                        tensor = f.get_tensor(name)
+                        # NOTE: a slice, read lazily: a TP rank's loader reads only its part.
+                        slots[name][1](f.get_slice(name))
                     except SafetensorError as exc:
                         raise ValueError(f"tensor {name} in {file} cannot be read: {exc}") from exc
-                    slots[name][1](tensor)
                     bar.update()
 
 

@@ -1,0 +1,55 @@
+"""Which slice of a checkpoint tensor this rank holds, and reading only that slice.
+
+A *loaded weight* is what the loader hands a ``weight_loader``: a safetensors slice
+(``safe_open(...).get_slice(name)``, read lazily: indexing reads only the indexed rows) or a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from deltaserve.distributed.parallel_state import get_tp_group
+from deltaserve.state.layout import divide
+
+WeightSlot = tuple[tuple[int, ...], Callable[[object], None]]
+
+
+def loaded_shape(loaded) -> tuple[int, ...]:
+    return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
+
+
+def read_loaded(loaded, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+    """``loaded`` whole (``dim`` None), or rows ``start:start+length`` along ``dim``; reads only those."""
+    shape = loaded_shape(loaded)
+    index = [slice(None)] * len(shape)
+    if dim is not None:
+        index[dim] = slice(start, start + (shape[dim] - start if length is None else length))
+    # NOTE: a safetensors slice needs an index (a 0-dim tensor takes `...`).
+    return loaded[tuple(index)] if index else loaded[...]
+
+
+def shard_size(size: int, what: str) -> tuple[int, int]:
+    """``(start, length)`` of this rank's equal share of ``size``; ValueError naming ``what`` if it does not divide."""
+    group = get_tp_group()
+    local = divide(size, group.world_size, what)
+    return group.rank * local, local
+
+
+def copy_shard(param: torch.Tensor, loaded, dim: int | None) -> None:
+    """Copy this rank's slice of ``loaded`` along ``dim`` (the size of ``param`` there) into ``param``."""
+    if dim is None or get_tp_group().world_size == 1:
+        param.data.copy_(read_loaded(loaded))
+        return
+    local = param.shape[dim]
+    param.data.copy_(read_loaded(loaded, dim, get_tp_group().rank * local, local))
+
+
+def sharded_slot(module: torch.nn.Module, name: str, dim: int | None) -> WeightSlot:
+    """The loader slot of parameter ``name`` of ``module`` split along ``dim`` (None: replicated): the
+    checkpoint's full shape and a loader of this rank's slice (the parameter is looked up at load time)."""
+    shape = list(getattr(module, name).shape)
+    if dim is not None:
+        shape[dim] *= get_tp_group().world_size
+    return tuple(shape), lambda loaded: copy_shard(getattr(module, name), loaded, dim)
