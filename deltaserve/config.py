@@ -57,9 +57,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.tensor_parallel_size != 1:
-            # NOTE: the model runner is single-device; refusing beats silently running on one GPU.
-            raise ValueError(f"tensor_parallel_size must be 1 (the engine runs on one device), "
-                             f"got {self.tensor_parallel_size!r}")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")

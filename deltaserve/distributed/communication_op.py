@@ -23,7 +23,10 @@ def tensor_model_parallel_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Te
     if group.world_size == 1:
         return x
     dim = dim % x.dim()
-    out = torch.empty((group.world_size, *x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group.device_group)
+    # NOTE: the ranks' tensors stacked along dim 0 (what gloo and NCCL both accept), then moved.
+    out = torch.empty((group.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, x.contiguous(), group=group.device_group)
+    out = out.view(group.world_size, *x.shape)
     # [W, ..., d, ...] -> [..., W*d, ...]
     return out.movedim(0, dim).reshape(*x.shape[:dim], group.world_size * x.shape[dim], *x.shape[dim + 1 :])

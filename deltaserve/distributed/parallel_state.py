@@ -75,6 +75,11 @@ def init_distributed(
     global _TP_GROUP
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}) (world_size), got {rank}")
+    if _TP_GROUP.world_size > 1 or dist.is_initialized():
+        raise RuntimeError(
+            "this process is already in a tensor-parallel group: shut the other engine down first "
+            "(LLMEngine.shutdown())"
+        )
     device = torch.device(device)
     backend = backend_for(device)
     if device.type == "cuda":
@@ -103,6 +108,15 @@ def abort_distributed() -> None:
     for pg in {id(g): g for g in (group.device_group, group.cpu_group) if g is not None}.values():
         with contextlib.suppress(Exception):
             pg.abort()
+
+
+def reset_tp_group() -> None:
+    """Forget the group after a failure (its communicators aborted); a new one may be made."""
+    global _TP_GROUP
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    _TP_GROUP = TPGroup()
 
 
 @contextlib.contextmanager

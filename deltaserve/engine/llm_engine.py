@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +88,23 @@ class LLMEngine:
         _check_device(config.device)
         self.hf_config = load_model_config(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
-        model = load_model(config.model, dtype=config.dtype, device=config.device)
-        generator = torch.Generator(device=config.device).manual_seed(config.seed)
-        self.runner = ModelRunner(config, model, self.hf_config, generator)
+        # Tensor parallelism: the workers start first and load their shards while rank 0 loads its own.
+        self.executor = None
+        if config.tensor_parallel_size > 1:
+            from deltaserve.distributed.executor import TensorParallelExecutor
+
+            self.executor = TensorParallelExecutor(config)
+            weakref.finalize(self, self.executor.shutdown)
+        try:
+            model = load_model(config.model, dtype=config.dtype, device=config.device)
+            generator = torch.Generator(device=config.device).manual_seed(config.seed)
+            step_sender = self.executor.send_step if self.executor is not None else None
+            self.runner = ModelRunner(config, model, self.hf_config, generator, step_sender=step_sender)
+        except Exception as exc:
+            if self.executor is not None:
+                self.executor.shutdown()
+                self.executor.check(exc)
+            raise
         self.config = self.runner.config
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size)
         self.stop_checker = StopChecker(self.tokenizer, eos_token_ids(self.hf_config, self.tokenizer))
@@ -101,6 +116,7 @@ class LLMEngine:
                 self.runner.kv_cache,
                 checkpoint_interval=self.config.checkpoint_interval,
                 budget_bytes=self.config.prefix_cache_budget_bytes,
+                cache_ops=self.runner.cache_ops,
             )
         self.scheduler = Scheduler(
             max_num_seqs=self.config.max_num_seqs,
@@ -198,7 +214,12 @@ class LLMEngine:
                 raise RuntimeError(f"nothing could be scheduled with work pending: {self.stats()}")
             return []
         start = time.perf_counter()
-        sampled = self.runner.run(batch)
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as exc:
+            if self.executor is not None:
+                self.executor.check(exc)  # a dead worker: WorkerDiedError naming it
+            raise
         progressed = self.scheduler.postprocess(batch, sampled)
         self.metrics.record_step(
             batch.num_prefill_tokens, batch.num_decode_tokens, len(progressed), time.perf_counter() - start
@@ -234,6 +255,21 @@ class LLMEngine:
                 self.abort_request("__warmup__")
         self.metrics = EngineMetrics()
         self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
+
+    # ---- tensor parallelism ------------------------------------------------------------------
+
+    def collective_rpc(self, method, *args) -> list:
+        """Run a ``ModelRunner`` method name (or a picklable ``fn(runner, *args)``) on every TP rank;
+        the results in rank order (one entry at TP 1)."""
+        from deltaserve.distributed.worker import Call, call_on
+
+        own = call_on(self.runner, Call(method, args))
+        return [own] if self.executor is None else [own, *self.executor.collective_rpc(method, *args)]
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do at TP 1); the engine is unusable afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def _output(self, request: _Request) -> RequestOutput:
         completions = []

@@ -1,21 +1,28 @@
 """Runs one scheduled batch through the model: the only place that knows the device.
 
 It owns the model, the state pool and the paged KV cache (bound to the model once), turns a
-:class:`ScheduledBatch` into a :class:`ForwardContext` plus flat ``input_ids`` / ``positions``,
-computes logits only at the last new token of sequences that sample, and samples.
+:class:`ScheduledBatch` into :class:`StepInputs` (host lists), those into a :class:`ForwardContext`
+plus flat ``input_ids`` / ``positions``, computes logits only at the last new token of sequences
+that sample, and samples. Under tensor parallelism every rank has a runner over its shards: rank 0's
+sends each step's inputs (with the cache writes made since the last step) to the other ranks in one
+broadcast (``step_sender``) and samples; the others run :meth:`ModelRunner.execute` on what they get.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.state.cache_ops import CacheOp, CacheOps
 from deltaserve.state.pool import StatePool
 
 # NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
@@ -81,18 +88,52 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
 
 
 def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
-    groups = model.state_groups(tp_size=1, cache_dtype=config.cache_dtype)
+    groups = model.state_groups(cache_dtype=config.cache_dtype)
     return sum(g.num_layers * (num_slots + 1) * g.layout.bytes_per_slot for g in groups.values())
 
 
-class ModelRunner:
-    """Model plus caches on one device; ``run(batch)`` is one forward and one sampling step."""
+@dataclass
+class StepInputs:
+    """One step's work, as host lists: all a TP rank needs to run the forward (it travels pickled).
 
-    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None):
+    ``sample_ends``: for each sequence that samples, the flat token offset just past its new tokens.
+    ``cache_ops``: the pool/KV writes made since the previous step, to replay first (other ranks).
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    num_computed_tokens: list[int]
+    state_slots: list[int]
+    block_tables: list[list[int]]
+    sample_ends: list[int]
+    cache_ops: list[CacheOp] = field(default_factory=list)
+
+
+class ModelRunner:
+    """Model plus caches on one device (one TP rank); ``run(batch)`` is one forward and one sampling step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model,
+        hf_config,
+        generator: torch.Generator | None = None,
+        step_sender: Callable[[StepInputs], None] | None = None,
+    ):
         self.device = torch.device(config.device)
         self.model = model
+        tp = get_tp_group()
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
-        groups = model.state_groups(tp_size=1, cache_dtype=self.config.cache_dtype)
+        if tp.world_size > 1 and config.num_kv_blocks is None:
+            # NOTE: free memory differs between GPUs: every rank takes the smallest KV cache.
+            from deltaserve.distributed.message_queue import min_over_ranks
+
+            num_blocks = min_over_ranks(self.config.num_kv_blocks)
+            config = dataclasses.replace(config, num_kv_blocks=num_blocks)
+            self.config = resolve_cache_sizes(config, hf_config, model, self.device)
+        self.step_sender = step_sender
+        groups = model.state_groups(cache_dtype=self.config.cache_dtype)
         self.state_pool = StatePool(groups, self.config.num_state_slots, device=self.device)
         spec = model.kv_cache_spec(self.config.cache_dtype)
         self.kv_cache = torch.zeros(
@@ -101,23 +142,47 @@ class ModelRunner:
             device=self.device,
         )
         model.bind_caches(self.state_pool, self.kv_cache)
+        # Rank 0 of a TP group logs its cache writes for the other ranks.
+        self.cache_ops = CacheOps(self.state_pool, self.kv_cache, record=step_sender is not None)
         self.sampler = Sampler(generator)
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
         self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``."""
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of this rank's pool tensors (``conv.<group>``, ``recurrent.<group>``) and KV cache."""
+        shapes = {f"conv.{name}": tuple(t.shape) for name, t in self.state_pool.conv.items()}
+        shapes.update(
+            {f"recurrent.{name}": tuple(t.shape) for name, t in self.state_pool.recurrent.items() if t is not None}
+        )
+        shapes["kv_cache"] = tuple(self.kv_cache.shape)
+        return shapes
+
+    def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """The host lists of ``batch``: flat token ids and positions, per-sequence metadata."""
         input_ids: list[int] = []
         positions: list[int] = []
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + num_new])
             positions.extend(range(start, start + num_new))
+        rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            query_lens=list(batch.num_new_tokens),
+            num_computed_tokens=[seq.num_computed_tokens for seq in batch.seqs],
+            state_slots=[seq.state_slot for seq in batch.seqs],
+            block_tables=[list(seq.block_table) for seq in batch.seqs],
+            sample_ends=_ends(batch, rows),
+        )
+
+    def prepare(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``inputs``."""
         ctx = make_forward_context(
-            list(batch.num_new_tokens),
-            [seq.num_computed_tokens for seq in batch.seqs],
-            [seq.state_slot for seq in batch.seqs],
-            block_tables=[seq.block_table for seq in batch.seqs],
+            inputs.query_lens,
+            inputs.num_computed_tokens,
+            inputs.state_slots,
+            block_tables=inputs.block_tables,
             block_size=self.config.block_size,
             device=self.device,
         )
@@ -125,22 +190,34 @@ class ModelRunner:
         def to_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
-        return to_device(input_ids), to_device(positions), ctx
+        return to_device(inputs.input_ids), to_device(inputs.positions), ctx
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The forward of one step: float32 logits ``[S, vocab]`` of the sampling sequences, or None."""
+        input_ids, positions, ctx = self.prepare(inputs)
+        num_sampled = len(inputs.sample_ends)
+        # NOTE: every TP rank decides the same way from the same inputs, so their collectives match.
+        if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
+            return self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        if not num_sampled:
+            return None
+        last = torch.tensor([end - 1 for end in inputs.sample_ends], device=self.device)
+        return self.model.compute_logits(hidden[last])  # [S, vocab] float32
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
         """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
-        input_ids, positions, ctx = self.prepare(batch)
+        inputs = self.step_inputs(batch)
+        if self.step_sender is not None:
+            inputs.cache_ops = self.cache_ops.drain()
+            self.step_sender(inputs)
+        logits = self.execute(inputs)
+        if logits is None:
+            return [None] * len(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, len(rows)):
-            logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
-        else:
-            with forward_context(ctx):
-                hidden = self.model(input_ids, positions)  # [T, hidden]
-            if not rows:
-                return [None] * len(batch)
-            last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
-            logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
         sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):

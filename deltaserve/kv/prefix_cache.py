@@ -36,7 +36,7 @@ import torch
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.checkpoint_index import Checkpoint, CheckpointIndex, chain_hashes, checkpoint_key, decrement
-from deltaserve.state.copy import copy_slots
+from deltaserve.state.cache_ops import CacheOps
 from deltaserve.state.pool import StatePool
 
 
@@ -57,6 +57,8 @@ class PrefixCache:
     """The scheduler's prefix-cache hooks (``deltaserve.engine.prefix_hooks``) for hybrid models.
 
     ``kv_cache``: ``[attn_layers, num_blocks, block_size, entry_dim]`` or None (no attention layers).
+    ``cache_ops`` makes the state and KV copies (default: on ``state_pool`` and ``kv_cache`` directly;
+    under TP, rank 0's, which logs them for the other ranks).
     """
 
     def __init__(
@@ -67,7 +69,9 @@ class PrefixCache:
         *,
         checkpoint_interval: int,
         budget_bytes: int,
+        cache_ops: CacheOps | None = None,
     ):
+        self.ops = cache_ops if cache_ops is not None else CacheOps(state_pool, kv_cache)
         self.bm = block_manager
         self.pool = state_pool
         self.kv_cache = kv_cache
@@ -183,10 +187,9 @@ class PrefixCache:
                 self.bm.free(seq)
                 return False
             self.bm.allocate(seq, entry.num_tokens)
-            if self.kv_cache is not None:
-                # [attn_layers, rows, entry_dim]: the tokens of the block before the sequence's first new one.
-                self.kv_cache[:, seq.block_table[num_full], :rows] = self.kv_cache[:, entry.block_ids[num_full], :rows]
-        copy_slots(self.pool, [entry.slot], [seq.state_slot])
+            # [attn_layers, rows, entry_dim]: the tokens of the block before the sequence's first new one.
+            self.ops.copy_kv_rows(entry.block_ids[num_full], seq.block_table[num_full], rows)
+        self.ops.copy_states([entry.slot], [seq.state_slot])
         return True
 
     def _plan(self, seq: Sequence, live: _Live) -> None:
@@ -238,7 +241,7 @@ class PrefixCache:
             slot, seq.state_slot = seq.state_slot, None
         else:
             slot = self.pool.allocate(1)[0]
-            copy_slots(self.pool, [seq.state_slot], [slot])
+            self.ops.copy_states([seq.state_slot], [slot])
         self.bm.hold(block_ids)
         self.index.add(Checkpoint(pos, key[0], key[1], slot, list(block_ids)))
         self.num_stored += 1
