@@ -18,6 +18,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                        help="TP ranks: worker processes started here, or the processes torchrun started")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -29,6 +31,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         trust_remote_code=args.trust_remote_code,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

@@ -35,6 +35,17 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def check_model_shards(hf_config, tp_size: int) -> None:
+    """Build the model of ``hf_config`` as rank 0 of ``tp_size`` on the meta device (no memory, no
+    processes), so that a size TP does not divide is a ValueError naming it before any worker starts."""
+    import torch
+
+    from deltaserve.models.registry import resolve
+
+    with parallel_state.tp_layout(0, tp_size), torch.device("meta"):
+        resolve(hf_config)(hf_config, torch.float32)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -113,7 +124,11 @@ class TensorParallelExecutor:
 
     def _watch(self) -> None:
         while not self._stopping:
-            if wait([p.sentinel for p in self.procs], timeout=1.0) and not self._stopping:
+            ready = wait([p.sentinel for p in self.procs], timeout=1.0)
+            if ready and not self._stopping:
+                for proc in self.procs:
+                    if proc.sentinel in ready:
+                        proc.join(1.0)  # NOTE: the sentinel fires before the exit code can be read
                 self.failure = f"{self._describe_dead()}; the engine cannot continue"
                 # NOTE: unblocks a collective of rank 0 that waits on the dead worker (NCCL would wait
                 # for its timeout; gloo usually sees the closed connection by itself).

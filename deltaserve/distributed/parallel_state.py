@@ -122,7 +122,8 @@ def reset_tp_group() -> None:
 @contextlib.contextmanager
 def tp_layout(rank: int, world_size: int) -> Iterator[TPGroup]:
     """Build modules as rank ``rank`` of ``world_size`` without processes (shapes only: no collective
-    may run). Used to check per-rank shards and layouts of large models on the meta device."""
+    may run): per-rank shards and layouts of large models on the meta device, and a TP-1 engine in a
+    process that is also in a TP group (its layers then never communicate)."""
     global _TP_GROUP
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}) (world_size), got {rank}")

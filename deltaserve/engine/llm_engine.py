@@ -6,6 +6,7 @@ Single-threaded: a server calls ``add_request`` / ``abort_request`` / ``step`` f
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.distributed.parallel_state import tp_layout
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
 from deltaserve.engine.model_runner import ModelRunner
@@ -91,19 +93,22 @@ class LLMEngine:
         # Tensor parallelism: the workers start first and load their shards while rank 0 loads its own.
         self.executor = None
         if config.tensor_parallel_size > 1:
-            from deltaserve.distributed.executor import TensorParallelExecutor
+            from deltaserve.distributed.executor import TensorParallelExecutor, check_model_shards
 
+            check_model_shards(self.hf_config, config.tensor_parallel_size)
             self.executor = TensorParallelExecutor(config)
             weakref.finalize(self, self.executor.shutdown)
         try:
-            model = load_model(config.model, dtype=config.dtype, device=config.device)
+            # NOTE: a TP-1 engine builds unsharded layers even in a process that is in a TP group.
+            single = tp_layout(0, 1) if self.executor is None else contextlib.nullcontext()
+            with single:
+                model = load_model(config.model, dtype=config.dtype, device=config.device)
             generator = torch.Generator(device=config.device).manual_seed(config.seed)
             step_sender = self.executor.send_step if self.executor is not None else None
             self.runner = ModelRunner(config, model, self.hf_config, generator, step_sender=step_sender)
-        except Exception as exc:
+        except Exception:
             if self.executor is not None:
                 self.executor.shutdown()
-                self.executor.check(exc)
             raise
         self.config = self.runner.config
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size)

@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from deltaserve.config import EngineConfig
-from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
@@ -88,7 +87,7 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
 
 
 def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
-    groups = model.state_groups(cache_dtype=config.cache_dtype)
+    groups = model.state_groups(tp_size=config.tensor_parallel_size, cache_dtype=config.cache_dtype)
     return sum(g.num_layers * (num_slots + 1) * g.layout.bytes_per_slot for g in groups.values())
 
 
@@ -123,9 +122,8 @@ class ModelRunner:
     ):
         self.device = torch.device(config.device)
         self.model = model
-        tp = get_tp_group()
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
-        if tp.world_size > 1 and config.num_kv_blocks is None:
+        if config.tensor_parallel_size > 1 and config.num_kv_blocks is None:
             # NOTE: free memory differs between GPUs: every rank takes the smallest KV cache.
             from deltaserve.distributed.message_queue import min_over_ranks
 
@@ -133,7 +131,7 @@ class ModelRunner:
             config = dataclasses.replace(config, num_kv_blocks=num_blocks)
             self.config = resolve_cache_sizes(config, hf_config, model, self.device)
         self.step_sender = step_sender
-        groups = model.state_groups(cache_dtype=self.config.cache_dtype)
+        groups = model.state_groups(tp_size=config.tensor_parallel_size, cache_dtype=self.config.cache_dtype)
         self.state_pool = StatePool(groups, self.config.num_state_slots, device=self.device)
         spec = model.kv_cache_spec(self.config.cache_dtype)
         self.kv_cache = torch.zeros(

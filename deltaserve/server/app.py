@@ -78,6 +78,9 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         # NOTE: ends running streams with an error event, then waits for the thread to stop.
         engine_loop.shutdown()
         await asyncio.to_thread(engine_loop.join, 30.0)
+        # NOTE: tensor-parallel workers stop with the server (a no-op at TP 1).
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
 
     app = FastAPI(title="deltaserve", lifespan=lifespan)
     app.state.engine_loop = engine_loop
