@@ -31,25 +31,26 @@ def read_loaded(loaded, dim: int | None = None, start: int = 0, length: int | No
 
 
 def shard_size(size: int, what: str) -> tuple[int, int]:
+    # NOTE: read when a layer is built; layers keep their rank, so loading needs no group.
     """``(start, length)`` of this rank's equal share of ``size``; ValueError naming ``what`` if it does not divide."""
     group = get_tp_group()
     local = divide(size, group.world_size, what)
     return group.rank * local, local
 
 
-def copy_shard(param: torch.Tensor, loaded, dim: int | None) -> None:
-    """Copy this rank's slice of ``loaded`` along ``dim`` (the size of ``param`` there) into ``param``."""
-    if dim is None or get_tp_group().world_size == 1:
+def copy_shard(param: torch.Tensor, loaded, dim: int | None, rank: int) -> None:
+    """Copy rank ``rank``'s slice of ``loaded`` along ``dim`` (the size of ``param`` there) into ``param``."""
+    if dim is None or param.shape[dim] == loaded_shape(loaded)[dim]:
         param.data.copy_(read_loaded(loaded))
         return
     local = param.shape[dim]
-    param.data.copy_(read_loaded(loaded, dim, get_tp_group().rank * local, local))
+    param.data.copy_(read_loaded(loaded, dim, rank * local, local))
 
 
-def sharded_slot(module: torch.nn.Module, name: str, dim: int | None) -> WeightSlot:
-    """The loader slot of parameter ``name`` of ``module`` split along ``dim`` (None: replicated): the
-    checkpoint's full shape and a loader of this rank's slice (the parameter is looked up at load time)."""
+def sharded_slot(module: torch.nn.Module, name: str, dim: int, rank: int, world_size: int) -> WeightSlot:
+    """The loader slot of parameter ``name`` of ``module`` split along ``dim`` over ``world_size`` ranks:
+    the checkpoint's full shape and a loader of rank ``rank``'s slice (the parameter is looked up at
+    load time: ``to_empty`` replaces parameters)."""
     shape = list(getattr(module, name).shape)
-    if dim is not None:
-        shape[dim] *= get_tp_group().world_size
-    return tuple(shape), lambda loaded: copy_shard(getattr(module, name), loaded, dim)
+    shape[dim] *= world_size
+    return tuple(shape), lambda loaded: copy_shard(getattr(module, name), loaded, dim, rank)

@@ -42,7 +42,8 @@ class KimiDeltaAttention(nn.Module):
     ):
         super().__init__()
         self.hidden_size = hidden_size
-        self.num_heads = divide(num_heads, get_tp_group().world_size, "KDA num_heads (linear_attn_config.num_heads)")
+        self.tp_rank, self.tp_size = get_tp_group().rank, get_tp_group().world_size
+        self.num_heads = divide(num_heads, self.tp_size, "KDA num_heads (linear_attn_config.num_heads)")
         self.head_dim = head_dim
         self.conv_kernel_size = conv_kernel_size
         self.layer_idx = layer_idx
@@ -92,9 +93,10 @@ class KimiDeltaAttention(nn.Module):
 
     def weight_loaders(self) -> dict[str, WeightSlot]:
         """This rank's heads of the conv weights (dim 0), ``A_log`` (dim 2) and ``dt_bias`` (dim 0)."""
-        slots = {"A_log": sharded_slot(self, "A_log", 2), "dt_bias": sharded_slot(self, "dt_bias", 0)}
+        rank, size = self.tp_rank, self.tp_size
+        slots = {"A_log": sharded_slot(self, "A_log", 2, rank, size), "dt_bias": sharded_slot(self, "dt_bias", 0, rank, size)}
         for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
-            slots[f"{name}.weight"] = sharded_slot(getattr(self, name), "weight", 0)
+            slots[f"{name}.weight"] = sharded_slot(getattr(self, name), "weight", 0, rank, size)
         return slots
 
     # ---- state -------------------------------------------------------------------------------

@@ -37,13 +37,13 @@ class ColumnParallelLinear(nn.Linear):
         dtype: torch.dtype | None = None,
         what: str = "output_size",
     ):
-        self.tp_size = get_tp_group().world_size
+        self.tp_rank, self.tp_size = get_tp_group().rank, get_tp_group().world_size
         self.output_size = output_size
         super().__init__(input_size, divide(output_size, self.tp_size, what), bias=bias, dtype=dtype)
         self.gather_output = gather_output
 
     def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
-        copy_shard(param, loaded_weight, 0)
+        copy_shard(param, loaded_weight, 0, self.tp_rank)
 
     def weight_loaders(self) -> dict[str, WeightSlot]:
         slots = {"weight": ((self.output_size, self.in_features), lambda w: self.weight_loader(self.weight, w))}
@@ -70,12 +70,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         what: str = "output_sizes",
     ):
         tp = get_tp_group().world_size
+        # NOTE: at TP 1 the blocks are the whole weight (one read).
         self.output_sizes = list(output_sizes)
         self.local_sizes = [divide(n, tp, f"{what}[{i}]") for i, n in enumerate(output_sizes)]
         super().__init__(input_size, sum(output_sizes), bias, dtype=dtype, what=what)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
-        rank, offset = get_tp_group().rank, 0
+        if self.tp_size == 1:
+            param.data.copy_(read_loaded(loaded_weight))
+            return
+        rank, offset = self.tp_rank, 0
         parts = []
         for full, local in zip(self.output_sizes, self.local_sizes):
             parts.append(read_loaded(loaded_weight, 0, offset + rank * local, local))
@@ -96,14 +100,14 @@ class RowParallelLinear(nn.Linear):
         dtype: torch.dtype | None = None,
         what: str = "input_size",
     ):
-        self.tp_size = get_tp_group().world_size
+        self.tp_rank, self.tp_size = get_tp_group().rank, get_tp_group().world_size
         self.input_size = input_size
         super().__init__(divide(input_size, self.tp_size, what), output_size, bias=bias, dtype=dtype)
         self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
         # NOTE: the bias is replicated; only the weight is split (along its inputs).
-        copy_shard(param, loaded_weight, 1 if param.dim() == 2 else None)
+        copy_shard(param, loaded_weight, 1 if param.dim() == 2 else None, self.tp_rank)
 
     def weight_loaders(self) -> dict[str, WeightSlot]:
         slots = {"weight": ((self.out_features, self.input_size), lambda w: self.weight_loader(self.weight, w))}
