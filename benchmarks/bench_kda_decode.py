@@ -15,7 +15,8 @@ import torch
 from common import copy_bandwidth, fmt_row, graphed, header, time_ms
 
 from deltaserve.ops.conv1d import causal_conv1d_update
-from deltaserve.ops.gpu import conv1d as _gpu_conv1d, kda as gpu_kda, norm as _gpu_norm  # noqa: F401 (fail loudly)
+from deltaserve.ops.gpu import conv1d as _gpu_conv1d, kda as _gpu_kda, norm as _gpu_norm  # noqa: F401 (fail loudly)
+from deltaserve.ops.gpu import delta_rule as gpu_delta_rule
 from deltaserve.ops.gpu.kda_decode import kda_decode_step
 from deltaserve.ops.kda import fused_recurrent_kda, kda_gate
 from deltaserve.ops.norm import gated_rms_norm
@@ -74,20 +75,20 @@ def main() -> None:
         x = causal_conv1d_update(proj, p["conv_w"], conv.clone(), index)
         q, k, v = (x[:, i * H * D : (i + 1) * H * D].view(-1, H, D).contiguous() for i in range(3))
         g = kda_gate(f, p["A_log"], p["dt_bias"])
-        o = gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec.clone(), index)
+        o = gpu_delta_rule.fused_recurrent_delta_rule(q, k, v, g, beta, rec.clone(), index)
         variants = {"step: 4 ops (conv,gate,recurrent,norm)": lambda: decode_step(rec, conv, index, proj, f, beta, gate, p)}
         for bv, warps in ((16, 2), (16, 4), (16, 1), (8, 1)):
             variants[f"step: kda_decode_step (1 kernel, BV={bv}, {warps}w)"] = (
                 lambda bv=bv, warps=warps: fused_step(rec, conv, index, proj, f, beta, gate, p, bv, warps))
         for bv, warps in ((32, 8), (16, 4), (16, 2), (32, 4)):
             variants[f"recurrent alone (ours, BV={bv}, {warps}w)"] = (
-                lambda bv=bv, warps=warps: gpu_kda.fused_recurrent_kda(q, k, v, g, beta, rec, index, block_v=bv,
+                lambda bv=bv, warps=warps: gpu_delta_rule.fused_recurrent_delta_rule(q, k, v, g, beta, rec, index, block_v=bv,
                                                                        num_warps=warps))
         if not args.no_pieces:
             variants["  piece: conv update"] = lambda: causal_conv1d_update(proj, p["conv_w"], conv, index)
             variants["  piece: kda_gate (fla)"] = lambda: kda_gate(f, p["A_log"], p["dt_bias"])
             variants["  piece: gated_rms_norm (fla)"] = lambda: gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
-        variants["recurrent alone (fla fwd, baseline)"] = lambda: gpu_kda.fla_fused_recurrent_kda_fwd(
+        variants["recurrent alone (fla fwd, baseline)"] = lambda: gpu_delta_rule.fla_fused_recurrent_kda_fwd(
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1),
             initial_state=rec, inplace_final_state=True, state_v_first=True, ssm_state_indices=index,
             use_qk_l2norm_in_kernel=True)

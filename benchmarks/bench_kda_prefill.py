@@ -13,7 +13,7 @@ import torch
 from common import copy_bandwidth, fmt_row, header, time_ms
 
 from deltaserve.ops.conv1d import causal_conv1d_fn
-from deltaserve.ops.gpu import conv1d as _gpu_conv1d, kda as gpu_kda, norm as _gpu_norm  # noqa: F401 (fail loudly)
+from deltaserve.ops.gpu import conv1d as _gpu_conv1d, delta_rule as gpu_delta_rule, norm as _gpu_norm  # noqa: F401
 from deltaserve.ops.kda import chunk_kda, kda_gate
 
 H, D, KERNEL = 32, 128, 4
@@ -56,7 +56,7 @@ def main() -> None:
 
         def fla_alone():
             with torch.no_grad():
-                return gpu_kda.fla_chunk_kda(qc[None], kc[None], vc[None], gc, bc, initial_state=h0, output_final_state=True,
+                return gpu_delta_rule.fla_chunk_kda(qc[None], kc[None], vc[None], gc, bc, initial_state=h0, output_final_state=True,
                                              use_qk_l2norm_in_kernel=True, state_v_first=True, cu_seqlens=cu_long)
 
         variants = {

@@ -47,3 +47,26 @@ def test_warmup_refuses_a_busy_engine(checkpoint):
     engine.add_request("a", [1, 2, 3], GREEDY)
     with pytest.raises(ValueError, match="idle engine"):
         engine.warmup()
+
+
+def test_warmup_covers_each_batch_shape_class(checkpoint):
+    # Each class compiles its own kernel specialisations on the GPU: a fresh full-budget prefill, a
+    # continuation (initial states) batched with fresh prompts, a prompt joining decodes, decode batches.
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=64,
+                       extra={"warmup": False})
+    batches = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        batches.append([(seq.num_computed_tokens, n, seq.is_prefill) for seq, n in zip(batch.seqs, batch.num_new_tokens)])
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    engine.warmup()
+    assert batches[0] == [(0, 64, True)]
+    continuation_with_fresh = [b for b in batches if any(c > 0 and p for c, _, p in b) and any(c == 0 for c, _, _ in b)]
+    assert continuation_with_fresh
+    assert any(any(n > 1 for _, n, _ in b) and any(n == 1 and not p for _, n, p in b) for b in batches)
+    assert any(len(b) > 1 and all(n == 1 for _, n, _ in b) for b in batches)
+    assert_all_free(engine.stats())

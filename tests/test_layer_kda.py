@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 from conftest import rel_err
+from helpers_layer import CachedReference, nan_pool, run_layer, slot_states
 from transformers import KimiLinearConfig
-from transformers.cache_utils import DynamicCache
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 
-from deltaserve.forward_context import forward_context, make_forward_context
 from deltaserve.layers.kda import KimiDeltaAttention
 from deltaserve.state.layout import kda_layout
 from deltaserve.state.pool import StateGroup, StatePool
@@ -62,51 +61,15 @@ def checkpoint_weights(ref: KimiLinearDeltaAttention) -> dict[str, torch.Tensor]
 
 def make_pool(num_spec: int = 0, conv_layout: str = "SD") -> StatePool:
     layout = kda_layout(H, D, conv_kernel_size=K, num_spec=num_spec, conv_layout=conv_layout, model_dtype=torch.float32)
-    pool = StatePool({"kda": StateGroup(layout, num_layers=1)}, num_slots=6)
-    # NOTE: sentinel in every slot; allocate() zeroes the slots handed out
-    pool.conv["kda"].fill_(float("nan"))
-    pool.recurrent["kda"].fill_(float("nan"))
-    return pool
+    return nan_pool("kda", layout)
 
 
 def bind(ours: KimiDeltaAttention, pool: StatePool) -> None:
     ours.bind_state(pool.layer_state("kda", 0), pool.groups["kda"].layout)
 
 
-def run_ours(ours, hidden, query_lens, num_computed, slots) -> torch.Tensor:
-    ctx = make_forward_context(query_lens, num_computed, slots)
-    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)])
-    with torch.no_grad(), forward_context(ctx):
-        return ours(positions, torch.cat(hidden))
-
-
-class Reference:
-    """transformers' layer on one sequence with its own cache."""
-
-    def __init__(self, ref: KimiLinearDeltaAttention, config: KimiLinearConfig):
-        self.ref, self.cache = ref, DynamicCache(config=config)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.ref(hidden.unsqueeze(0), cache_params=self.cache)[0]
-
-    def conv_state(self) -> torch.Tensor:
-        """Last K-1 inputs, SD ``[K-1, 3*H*D]`` (transformers keeps K, DS-ordered q|k|v)."""
-        return self.cache.layers[0].conv_states[0][0, :, -(K - 1) :].t()
-
-    def recurrent_state(self) -> torch.Tensor:
-        """``[H, V, K]`` (transformers keeps ``[H, K, V]``)."""
-        return self.cache.layers[0].recurrent_states[0][0].transpose(-1, -2)
-
-
-def slot_states(pool: StatePool, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-    conv, recurrent = pool.layer_state("kda", 0)
-    conv = conv[slot] if pool.groups["kda"].layout.conv_layout == "SD" else conv[slot].t()
-    return conv, recurrent[slot]
-
-
 def check_sequence(out, expected, pool, slot, reference, what):
-    conv, recurrent = slot_states(pool, slot)
+    conv, recurrent = slot_states(pool, "kda", slot)
     assert rel_err(out, expected) < BOUND, f"output of {what}"
     assert rel_err(conv[-(K - 1) :], reference.conv_state()) < BOUND, f"conv state of {what}"
     assert rel_err(recurrent, reference.recurrent_state()) < BOUND, f"recurrent state of {what}"
@@ -134,9 +97,9 @@ def test_prefill_batch_matches_transformers_per_sequence(layers, conv_layout):
     bind(ours, pool)
     lengths, slots = [5, 1, 70], pool.allocate(3)
     hidden = [torch.randn(n, HIDDEN) for n in lengths]
-    out = run_ours(ours, hidden, lengths, [0, 0, 0], slots).split(lengths)
+    out = run_layer(ours, hidden, lengths, [0, 0, 0], slots).split(lengths)
     for b, slot in enumerate(slots):
-        reference = Reference(ref, config)
+        reference = CachedReference(ref, config, K, "cache_params")
         check_sequence(out[b], reference(hidden[b]), pool, slot, reference, f"sequence {b}")
     conv, recurrent = pool.layer_state("kda", 0)
     for slot in set(range(7)) - set(slots):
@@ -153,11 +116,11 @@ def test_mixed_batch_prefill_continuation_and_decode_in_one_forward(layers, conv
     prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
     news = [torch.randn(n, HIDDEN) for n in new_lens]
     slots = pool.allocate(4)
-    run_ours(ours, prefixes[1:], prefix_lens[1:], [0, 0, 0], slots[1:])
-    out = run_ours(ours, news, new_lens, prefix_lens, slots).split(new_lens)
+    run_layer(ours, prefixes[1:], prefix_lens[1:], [0, 0, 0], slots[1:])
+    out = run_layer(ours, news, new_lens, prefix_lens, slots).split(new_lens)
     assert torch.isfinite(torch.cat(out)).all()
     for b, slot in enumerate(slots):
-        reference = Reference(ref, config)
+        reference = CachedReference(ref, config, K, "cache_params")
         if prefix_lens[b]:
             reference(prefixes[b])
         check_sequence(out[b], reference(news[b]), pool, slot, reference, f"sequence {b}")
@@ -171,15 +134,15 @@ def test_decode_only_steps_match_transformers_decode(layers, conv_layout):
     prefix_lens, steps = [3, 17], 3
     slots = pool.allocate(2)
     prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
-    references = [Reference(ref, config) for _ in slots]
-    run_ours(ours, prefixes, prefix_lens, [0, 0], slots)
+    references = [CachedReference(ref, config, K, "cache_params") for _ in slots]
+    run_layer(ours, prefixes, prefix_lens, [0, 0], slots)
     for reference, prefix in zip(references, prefixes):
         reference(prefix)
     for step in range(steps):
         tokens = [torch.randn(1, HIDDEN) for _ in slots]
         computed = [n + step for n in prefix_lens]
         # a padding row on the null slot rides along, as in a padded decode batch
-        out = run_ours(ours, tokens + [torch.randn(1, HIDDEN)], [1, 1, 1], computed + [1], slots + [0])
+        out = run_layer(ours, tokens + [torch.randn(1, HIDDEN)], [1, 1, 1], computed + [1], slots + [0])
         for b, slot in enumerate(slots):
             check_sequence(out[b : b + 1], references[b](tokens[b]), pool, slot, references[b], f"step {step}, seq {b}")
     conv, recurrent = pool.layer_state("kda", 0)
@@ -196,16 +159,16 @@ def test_spec_layout_conv_state_keeps_last_state_len_inputs(layers, conv_layout)
     bind(ours, pool)
     lengths, slots = [2, 9], pool.allocate(2)
     hidden = [torch.randn(n, HIDDEN) for n in lengths]
-    run_ours(ours, hidden, lengths, [0, 0], slots)
+    run_layer(ours, hidden, lengths, [0, 0], slots)
     step = [torch.randn(1, HIDDEN) for _ in slots]
-    out = run_ours(ours, step, [1, 1], lengths, slots)
+    out = run_layer(ours, step, [1, 1], lengths, slots)
     for b, slot in enumerate(slots):
         x = torch.cat([hidden[b], step[b]])
         with torch.no_grad():
             inputs = torch.cat([ref.q_proj(x), ref.k_proj(x), ref.v_proj(x)], dim=-1)  # conv inputs, q|k|v
         expected = torch.cat([torch.zeros(state_len, 3 * H * D), inputs])[-state_len:]
-        assert rel_err(slot_states(pool, slot)[0], expected) < BOUND
-        reference = Reference(ref, config)
+        assert rel_err(slot_states(pool, "kda", slot)[0], expected) < BOUND
+        reference = CachedReference(ref, config, K, "cache_params")
         reference(hidden[b])
         assert rel_err(out[b : b + 1], reference(step[b])) < BOUND
 
@@ -238,10 +201,10 @@ def test_bf16_layer_stays_close_to_fp32_transformers(layers):
     layer.bind_state(pool.layer_state("kda", 0), layout)
     lengths, slots = [11, 4], pool.allocate(2)
     hidden = [torch.randn(n, HIDDEN) for n in lengths]
-    out = run_ours(layer, [h.bfloat16() for h in hidden], lengths, [0, 0], slots).split(lengths)
-    step = run_ours(layer, [torch.ones(1, HIDDEN, dtype=torch.bfloat16)] * 2, [1, 1], lengths, slots)
+    out = run_layer(layer, [h.bfloat16() for h in hidden], lengths, [0, 0], slots).split(lengths)
+    step = run_layer(layer, [torch.ones(1, HIDDEN, dtype=torch.bfloat16)] * 2, [1, 1], lengths, slots)
     for b in range(2):
-        reference = Reference(ref, config)
+        reference = CachedReference(ref, config, K, "cache_params")
         assert out[b].dtype == torch.bfloat16
         assert rel_err(out[b].float(), reference(hidden[b])) < 2e-2
         assert rel_err(step[b : b + 1].float(), reference(torch.ones(1, HIDDEN))) < 2e-2

@@ -20,11 +20,12 @@ from deltaserve.config import EngineConfig
 from deltaserve.distributed.parallel_state import tp_layout
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
-from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.prefix_hooks import NoPrefixCache
+from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
+from deltaserve.engine.warmup import run_warmup
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
@@ -238,28 +239,13 @@ class LLMEngine:
                 self.metrics.num_finished_requests += 1
         return outputs
 
-    def warmup(self) -> None:
-        """Run one prefill of a full token budget and one decode step, then forget them.
-
-        Kernel compilation and autotuning happen here instead of in the first request. Nothing is
-        left behind: the slot and blocks are freed, the prefix cache is not used, counters restart.
-        """
-        if self.has_unfinished_requests():
-            raise ValueError("warmup needs an idle engine: requests are running or waiting")
-        num_tokens = min(self.config.max_num_batched_tokens, self.config.max_model_len - 2)
-        vocab = self.hf_config.vocab_size
-        prompt = [(7 * i + 1) % vocab for i in range(max(num_tokens, 1))]
-        prefix_cache, self.scheduler.prefix_cache = self.scheduler.prefix_cache, NoPrefixCache()
-        try:
-            self.add_request("__warmup__", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
-            while self.has_unfinished_requests():
-                self.step()
-        finally:
-            self.scheduler.prefix_cache = prefix_cache
-            if "__warmup__" in self.requests:
-                self.abort_request("__warmup__")
+    def warmup(self) -> float:
+        """Run each shape class the scheduler produces once and forget it (see :mod:`deltaserve.engine.warmup`),
+        so kernel compilation and autotuning happen here instead of in requests. Returns its seconds."""
+        seconds = run_warmup(self)
         self.metrics = EngineMetrics()
         self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
+        return seconds
 
     # ---- tensor parallelism ------------------------------------------------------------------
 

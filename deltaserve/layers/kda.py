@@ -12,16 +12,14 @@ from torch import nn
 
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import WeightSlot, sharded_slot
-from deltaserve.forward_context import get_forward_context
+from deltaserve.layers.delta_rule import DeltaRuleMixer
 from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from deltaserve.layers.norm import GatedRMSNorm
-from deltaserve.ops.conv1d import causal_conv1d_fn, causal_conv1d_update
-from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate
-from deltaserve.state.layout import StateLayout, divide
-from deltaserve.state.pool import LayerState
+from deltaserve.ops.kda import kda_gate
+from deltaserve.state.layout import divide
 
 
-class KimiDeltaAttention(nn.Module):
+class KimiDeltaAttention(DeltaRuleMixer):
     """KDA token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``.
 
     Under TP each rank holds ``num_heads / tp`` heads: their projections, conv channels, decays and
@@ -40,15 +38,15 @@ class KimiDeltaAttention(nn.Module):
         layer_idx: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.tp_rank, self.tp_size = get_tp_group().rank, get_tp_group().world_size
-        self.num_heads = divide(num_heads, self.tp_size, "KDA num_heads (linear_attn_config.num_heads)")
-        self.head_dim = head_dim
-        self.conv_kernel_size = conv_kernel_size
-        self.layer_idx = layer_idx
+        tp_rank, tp_size = get_tp_group().rank, get_tp_group().world_size
         full_width = num_heads * head_dim
-        width = self.num_heads * head_dim  # this rank's channels
+        num_heads = divide(num_heads, tp_size, "KDA num_heads (linear_attn_config.num_heads)")  # this rank's
+        width = num_heads * head_dim
+        super().__init__("kda", (width, width, width), (num_heads, head_dim, head_dim), conv_kernel_size, layer_idx)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.head_dim = head_dim
 
         def linear(n_in: int, n_out: int) -> nn.Linear:
             return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
@@ -65,16 +63,14 @@ class KimiDeltaAttention(nn.Module):
         self.v_proj = column(hidden_size, full_width)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = short_conv(), short_conv(), short_conv()
         # NOTE: the decay parameters stay float32 whatever the model dtype, as in the checkpoints.
-        self.A_log = nn.Parameter(torch.zeros(1, 1, self.num_heads, 1, dtype=torch.float32))
+        self.A_log = nn.Parameter(torch.zeros(1, 1, num_heads, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.zeros(width, dtype=torch.float32))
         self.f_a_proj, self.f_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
-        self.b_proj = column(hidden_size, num_heads)
+        self.b_proj = column(hidden_size, num_heads * tp_size)
         self.g_a_proj, self.g_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
         self.o_norm = GatedRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
         self.o_proj = RowParallelLinear(full_width, hidden_size, dtype=dtype)
 
-        self.conv_state: torch.Tensor | None = None  # [slots+1, L, 3*H*D], SD view of the pool
-        self.recurrent_state: torch.Tensor | None = None  # [slots+1, H, D, D] float32
         self._conv_weight: torch.Tensor | None = None
         self._conv_weight_key: tuple | None = None
 
@@ -94,28 +90,11 @@ class KimiDeltaAttention(nn.Module):
     def weight_loaders(self) -> dict[str, WeightSlot]:
         """This rank's heads of the conv weights (dim 0), ``A_log`` (dim 2) and ``dt_bias`` (dim 0)."""
         rank, size = self.tp_rank, self.tp_size
-        slots = {"A_log": sharded_slot(self, "A_log", 2, rank, size), "dt_bias": sharded_slot(self, "dt_bias", 0, rank, size)}
+        slots = {"A_log": sharded_slot(self, "A_log", 2, rank, size)}
+        slots["dt_bias"] = sharded_slot(self, "dt_bias", 0, rank, size)
         for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
             slots[f"{name}.weight"] = sharded_slot(getattr(self, name), "weight", 0, rank, size)
         return slots
-
-    # ---- state -------------------------------------------------------------------------------
-
-    def bind_state(self, layer_state: LayerState, layout: StateLayout) -> None:
-        """Use this layer's pool views ``[num_slots+1, ...]``; a DS conv pool is viewed as SD."""
-        width = self.num_heads * self.head_dim
-        expected = {
-            "kind": ("kda", layout.kind),
-            "conv_split": ((width, width, width), tuple(layout.conv_split)),
-            "conv_kernel_size": (self.conv_kernel_size, layout.conv_kernel_size),
-            "recurrent_shape": ((self.num_heads, self.head_dim, self.head_dim), layout.recurrent_shape),
-        }
-        for field, (want, got) in expected.items():
-            if want != got:
-                raise ValueError(f"layer {self.layer_idx}: state layout {field} must be {want}, got {got}")
-        conv = layer_state.conv_state
-        self.conv_state = conv if layout.conv_layout == "SD" else conv.transpose(-1, -2)
-        self.recurrent_state = layer_state.recurrent_state
 
     def fuse_conv_weights(self) -> torch.Tensor:
         """``[3*H*D, K]`` conv weight of the concatenated ``[q | k | v]`` channels, cached until a weight changes."""
@@ -130,37 +109,14 @@ class KimiDeltaAttention(nn.Module):
     # ---- forward -----------------------------------------------------------------------------
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.conv_state is None or self.recurrent_state is None:
-            raise RuntimeError(f"KDA layer {self.layer_idx} has no state: call bind_state() before forward()")
-        ctx = get_forward_context()
-        num_tokens = hidden_states.shape[0]
-        if num_tokens != ctx.num_tokens:
-            raise ValueError(
-                f"hidden_states has {num_tokens} tokens, the forward context's query_lens sum to {ctx.num_tokens}"
-            )
-        shape = (num_tokens, self.num_heads, self.head_dim)
+        ctx = self.batch_context(hidden_states)
         x = hidden_states
         mixed_qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [T, 3*H*D]
-        conv_weight = self.fuse_conv_weights()
-        decode = ctx.is_decode_only
-        if decode:
-            mixed_qkv = causal_conv1d_update(mixed_qkv, conv_weight, self.conv_state, ctx.state_indices, "silu")
-        else:
-            mixed_qkv = causal_conv1d_fn(
-                mixed_qkv, conv_weight, self.conv_state,
-                ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, "silu",
-            )  # fmt: skip
-        q, k, v = (t.reshape(shape) for t in mixed_qkv.split(self.num_heads * self.head_dim, dim=-1))
-
+        q, k, v = self.split_qkv(self.short_conv(mixed_qkv, self.fuse_conv_weights(), ctx))
         g = kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias)  # [T, H, D] float32
         # NOTE: sigmoid in float32 (as vLLM), the same as transformers' at fp32.
         beta = torch.sigmoid(self.b_proj(x).float())  # [T, H]
-        if decode:
-            o = fused_recurrent_kda(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
-        else:
-            o = chunk_kda(
-                q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state
-            )
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(shape)
-        o = self.o_norm(o, gate).reshape(num_tokens, -1)
+        o = self.delta_rule(q, k, v, g, beta, ctx)
+        gate = self.g_b_proj(self.g_a_proj(x)).reshape(v.shape)
+        o = self.o_norm(o, gate).reshape(x.shape[0], -1)
         return self.o_proj(o)

@@ -29,15 +29,18 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(nn.Module):
-    """``RMSNorm(x) * weight * sigmoid(gate)`` over the last dim, float32 compute."""
+    """``RMSNorm(x) * weight * act(gate)`` over the last dim, float32 compute; ``act`` sigmoid (KDA) or SiLU (GDN)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32, activation: str = "sigmoid"
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
         self.eps = eps
+        self.activation = activation
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return gated_rms_norm(x, gate, self.weight, self.eps)
+        return gated_rms_norm(x, gate, self.weight, self.eps, self.activation)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, activation={self.activation}"

@@ -1,8 +1,7 @@
-"""Kimi Delta Attention ops: the forget gate, chunked prefill and one-token decode, on a slot pool.
+"""Kimi Delta Attention ops: the per-channel forget gate, and the delta rule with that gate.
 
-Per head, with ``q^ = l2norm(q) * scale`` and ``k^ = l2norm(k)``:
-``S_t = (I - b_t k^_t k^_t^T) Diag(exp g_t) S_{t-1} + b_t k^_t v_t^T`` and ``o_t = S_t^T q^_t``.
-``S`` is ``Dk x Dv`` in the math and stored transposed, ``(Dv, Dk)``, in the float32 pool.
+The algorithm lives in :mod:`deltaserve.ops.delta_rule` (shared with GDN); ``chunk_kda`` and
+``fused_recurrent_kda`` are its entry points for a gate ``g [T, H, K]``, one log-decay per key channel.
 """
 
 from __future__ import annotations
@@ -11,16 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from deltaserve.ops import dispatch
-
-L2NORM_EPS = 1e-6
-
-
-def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
-    """``x / sqrt(sum(x^2) + eps)`` over the last dim.
-
-    NOTE: ``+ eps`` inside the sqrt (as fla and transformers do), not ``F.normalize``'s ``max(norm, eps)``.
-    """
-    return x / torch.sqrt((x * x).sum(dim=-1, keepdim=True) + eps)
+from deltaserve.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 
 
 def check_gate_shapes(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> int:
@@ -41,120 +31,17 @@ def kda_gate_ref(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) ->
     return -torch.exp(A_log.float().reshape(heads, 1)) * F.softplus(gate, threshold=20.0)
 
 
-def _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel):
-    q, k, v, g, beta = (t.float() for t in (q, k, v, g, beta))
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return q * scale, k, v, g, beta
-
-
-def _chunk_sequence(q, k, v, g, beta, state, chunk_size):
-    """One sequence, heads first: ``q,k,g [H,n,K]``, ``v [H,n,V]``, ``beta [H,n]``, ``state [H,K,V]`` (math order).
-
-    WY / UT-transform form (as transformers' ``chunk_kimi_delta_attention``): within a chunk with
-    cumulative log-decay ``G``, ``T = (I - A)^-1`` with ``A[i,j] = -b_i (k_i * exp(G_i - G_j)) . k_j``
-    (``j < i``) turns the chunk's delta rule into matrix products. Returns ``o [H,n,V]`` and the final state.
-    """
-    heads, length, _ = k.shape
-    out = v.new_empty(v.shape)
-    for start in range(0, length, chunk_size):
-        end = min(start + chunk_size, length)
-        size = end - start
-        q_c, k_c, v_c = q[:, start:end], k[:, start:end], v[:, start:end]
-        b_c = beta[:, start:end].unsqueeze(-1)  # [H, C, 1]
-        G = g[:, start:end].cumsum(dim=1)  # [H, C, K]
-        lower = torch.tril(torch.ones(size, size, dtype=torch.bool, device=q.device))
-        # exp(G_i - G_j) for j <= i; NOTE: mask before exp, as G_i - G_j > 0 above the diagonal can overflow.
-        diff = (G.unsqueeze(2) - G.unsqueeze(1)).masked_fill(~lower[None, :, :, None], float("-inf"))
-        decay = diff.exp()  # [H, C(i), C(j), K]
-        kk = torch.einsum("hik,hijk,hjk->hij", k_c, decay, k_c)
-        strict = torch.tril(b_c * kk, diagonal=-1)  # b_i k_i Γ_ij k_j, j < i
-        eye = torch.eye(size, dtype=q.dtype, device=q.device).expand(heads, size, size)
-        T = torch.linalg.solve_triangular(eye + strict, eye, upper=False, unitriangular=True)
-        u = T @ (v_c * b_c)  # [H, C, V]
-        w = T @ (k_c * b_c * G.exp())  # [H, C, K]
-        qk = torch.einsum("hik,hijk,hjk->hij", q_c, decay, k_c)  # already zero above the diagonal
-        v_new = u - w @ state
-        out[:, start:end] = (q_c * G.exp()) @ state + qk @ v_new
-        G_last = G[:, -1:]  # [H, 1, K]
-        state = state * G_last.transpose(1, 2).exp() + (k_c * (G_last - G).exp()).transpose(1, 2) @ v_new
-    return out, state
-
-
-def chunk_kda_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    recurrent_state: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    state_indices: torch.Tensor,
-    has_initial_state: torch.Tensor,
-    *,
-    scale: float | None = None,
-    use_qk_l2norm_in_kernel: bool = True,
-    chunk_size: int = 64,
-) -> torch.Tensor:
-    """Torch reference of :func:`chunk_kda` (loops over sequences and chunks, vectorised inside a chunk)."""
-    heads, v_dim, k_dim = recurrent_state.shape[1:]
-    if q.shape[1:] != (heads, k_dim) or v.shape[1:] != (heads, v_dim):
-        raise ValueError(
-            f"chunk_kda: q [T, H, K] = {tuple(q.shape)} and v [T, H, V] = {tuple(v.shape)} do not match "
-            f"recurrent_state [slots, H, V, K] = {tuple(recurrent_state.shape)}"
-        )
-    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
-    out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
-    bounds = cu_seqlens.tolist()
-    initial = has_initial_state.tolist()
-    for b, slot in enumerate(state_indices.tolist()):
-        start, end = bounds[b], bounds[b + 1]
-        if end == start:
-            continue
-        if initial[b]:
-            state = recurrent_state[slot].float().transpose(-1, -2)  # [H, K, V]
-        else:
-            state = qf.new_zeros((heads, k_dim, v_dim))
-        seq = [t[start:end].transpose(0, 1) for t in (qf, kf, vf, gf, bf)]  # heads first
-        o, state = _chunk_sequence(*seq, state, chunk_size)
-        out[start:end] = o.transpose(0, 1).to(q.dtype)
-        recurrent_state[slot] = state.transpose(-1, -2).to(recurrent_state.dtype)
-    return out
-
-
-def fused_recurrent_kda_ref(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    recurrent_state: torch.Tensor,
-    state_indices: torch.Tensor,
-    *,
-    scale: float | None = None,
-    use_qk_l2norm_in_kernel: bool = True,
-) -> torch.Tensor:
-    """Torch reference of :func:`fused_recurrent_kda` (vectorised over sequences and heads)."""
-    if q.dim() != 3 or q.shape[0] != state_indices.shape[0]:
-        raise ValueError(f"fused_recurrent_kda: q must be [B={state_indices.shape[0]}, H, K], got {tuple(q.shape)}")
-    qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, scale, use_qk_l2norm_in_kernel)
-    index = state_indices.long()
-    state = recurrent_state[index].float().transpose(-1, -2)  # [B, H, K, V]
-    state = state * gf.exp().unsqueeze(-1)
-    delta = (vf - (state * kf.unsqueeze(-1)).sum(dim=-2)) * bf.unsqueeze(-1)  # [B, H, V]
-    state = state + kf.unsqueeze(-1) * delta.unsqueeze(-2)
-    out = (state * qf.unsqueeze(-1)).sum(dim=-2)
-    recurrent_state[index] = state.transpose(-1, -2).to(recurrent_state.dtype)
-    return out.to(q.dtype)
-
-
 def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
     """Log-space forget gate ``g [T, H, K]`` float32 ``= -exp(A_log) * softplus(f + dt_bias)``.
 
     ``f [T, H*K]`` is the output of ``f_b_proj``; ``A_log`` has ``H`` elements (``[1,1,H,1]`` in checkpoints).
     """
     return dispatch("kda", "kda_gate", f, kda_gate_ref)(f, A_log, dt_bias)
+
+
+def _check_kda_gate(g: torch.Tensor, op: str) -> None:
+    if g.dim() != 3:
+        raise ValueError(f"{op}: g must be [T, H, K] (one log-decay per key channel), got {tuple(g.shape)}")
 
 
 def chunk_kda(
@@ -167,23 +54,11 @@ def chunk_kda(
     cu_seqlens: torch.Tensor,
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
-    *,
-    scale: float | None = None,
-    use_qk_l2norm_in_kernel: bool = True,
-    chunk_size: int = 64,
+    **kwargs,
 ) -> torch.Tensor:
-    """KDA over a flat varlen batch; reads and writes each sequence's slot in place.
-
-    ``q, k [T, H, K]``, ``v [T, H, V]``, ``g [T, H, K]`` float32 log-decay, ``beta [T, H]``,
-    ``recurrent_state [num_slots+1, H, V, K]`` float32 (stored ``(Dv, Dk)``). A sequence starts from
-    its slot when ``has_initial_state`` else zeros; its final state is written back. Returns
-    ``o [T, H, V]`` in ``q.dtype``.
-    """
-    impl = dispatch("kda", "chunk_kda", q, chunk_kda_ref)
-    return impl(
-        q, k, v, g, beta, recurrent_state, cu_seqlens, state_indices, has_initial_state,
-        scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
-    )  # fmt: skip
+    """:func:`deltaserve.ops.delta_rule.chunk_delta_rule` with KDA's per-channel gate ``g [T, H, K]``."""
+    _check_kda_gate(g, "chunk_kda")
+    return chunk_delta_rule(q, k, v, g, beta, recurrent_state, cu_seqlens, state_indices, has_initial_state, **kwargs)
 
 
 def fused_recurrent_kda(
@@ -194,17 +69,8 @@ def fused_recurrent_kda(
     beta: torch.Tensor,
     recurrent_state: torch.Tensor,
     state_indices: torch.Tensor,
-    *,
-    scale: float | None = None,
-    use_qk_l2norm_in_kernel: bool = True,
+    **kwargs,
 ) -> torch.Tensor:
-    """Decode step, one token per sequence: ``q, k, g [B, H, K]``, ``v [B, H, V]``, ``beta [B, H]``.
-
-    Reads and updates each sequence's slot of ``recurrent_state [num_slots+1, H, V, K]`` in place;
-    returns ``o [B, H, V]`` in ``q.dtype``.
-    """
-    impl = dispatch("kda", "fused_recurrent_kda", q, fused_recurrent_kda_ref)
-    return impl(
-        q, k, v, g, beta, recurrent_state, state_indices,
-        scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-    )  # fmt: skip
+    """:func:`deltaserve.ops.delta_rule.fused_recurrent_delta_rule` with KDA's per-channel gate ``g [B, H, K]``."""
+    _check_kda_gate(g, "fused_recurrent_kda")
+    return fused_recurrent_delta_rule(q, k, v, g, beta, recurrent_state, state_indices, **kwargs)

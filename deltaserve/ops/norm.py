@@ -1,8 +1,10 @@
-"""RMSNorm and gated RMSNorm, computed in float32 (Kimi-Linear's ``KimiLinearRMSNorm`` / ``RMSNormGated``)."""
+"""RMSNorm and gated RMSNorm, computed in float32 (Kimi-Linear's ``KimiLinearRMSNorm`` / ``RMSNormGated``,
+Qwen3-Next's ``Qwen3NextRMSNormGated``: the gate through sigmoid for KDA, SiLU for GDN)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from deltaserve.ops import dispatch
 
@@ -18,10 +20,22 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (weight * _normalize(x, eps).to(x.dtype)).to(x.dtype)
 
 
-def gated_rms_norm_ref(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+GATE_ACTIVATIONS = ("sigmoid", "silu")
+
+
+def _check_activation(activation: str) -> None:
+    if activation not in GATE_ACTIVATIONS:
+        raise ValueError(f"gated_rms_norm: activation must be one of {GATE_ACTIVATIONS}, got {activation!r}")
+
+
+def gated_rms_norm_ref(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"
+) -> torch.Tensor:
     """Torch reference of :func:`gated_rms_norm`."""
-    y = _normalize(x, eps) * weight.float() * torch.sigmoid(gate.float())
-    return y.to(x.dtype)
+    _check_activation(activation)
+    gate = gate.float()
+    gate = torch.sigmoid(gate) if activation == "sigmoid" else F.silu(gate)
+    return (_normalize(x, eps) * weight.float() * gate).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,9 +43,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return dispatch("norm", "rms_norm", x, rms_norm_ref)(x, weight, eps)
 
 
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``RMSNorm(x) * weight * sigmoid(gate)`` over the last dim, all in float32; returns ``x.dtype``.
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"
+) -> torch.Tensor:
+    """``RMSNorm(x) * weight * act(gate)`` over the last dim, all in float32; returns ``x.dtype``.
 
-    ``gate`` has ``x``'s shape (for KDA: ``[T, H, D]``, normalised per head).
+    ``gate`` has ``x``'s shape (``[T, H, D]``, normalised per head); ``act`` is sigmoid (KDA) or SiLU (GDN).
     """
-    return dispatch("norm", "gated_rms_norm", x, gated_rms_norm_ref)(x, gate, weight, eps)
+    _check_activation(activation)
+    return dispatch("norm", "gated_rms_norm", x, gated_rms_norm_ref)(x, gate, weight, eps, activation)

@@ -15,15 +15,12 @@ pytest.importorskip("fla")
 from conftest import rel_err  # noqa: E402
 
 from deltaserve.ops import gpu_impl  # noqa: E402
-from deltaserve.ops.gpu import kda as gpu_kda  # noqa: E402
-from deltaserve.ops.kda import (  # noqa: E402
-    chunk_kda,
-    chunk_kda_ref,
-    fused_recurrent_kda,
-    fused_recurrent_kda_ref,
-    kda_gate,
-    kda_gate_ref,
+from deltaserve.ops.delta_rule import (  # noqa: E402
+    chunk_delta_rule_ref as chunk_kda_ref,
+    fused_recurrent_delta_rule_ref as fused_recurrent_kda_ref,
 )
+from deltaserve.ops.gpu import delta_rule as gpu_delta_rule  # noqa: E402
+from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate, kda_gate_ref  # noqa: E402
 
 H, D, NUM_SLOTS = 4, 128, 8
 # fla's chunk kernels multiply bf16 tiles (tf32 for fp32 inputs) with fp32 accumulation
@@ -61,8 +58,9 @@ def cuda(*tensors):
 
 
 def test_gpu_dispatch_is_used():
-    for name in ("kda_gate", "chunk_kda", "fused_recurrent_kda"):
-        assert gpu_impl("kda", name) is not None, name
+    assert gpu_impl("kda", "kda_gate") is not None
+    for name in ("chunk_delta_rule", "fused_recurrent_delta_rule"):
+        assert gpu_impl("delta_rule", name) is not None, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -106,7 +104,7 @@ def test_fused_recurrent_kda_matches_reference(impl, dtype, bound):
     q, k, v, g, beta = make_inputs(len(slots), dtype)
     index = torch.tensor(slots, dtype=torch.int32)
     gpu_pool = pool.cuda()
-    fn = fused_recurrent_kda if impl == "triton" else gpu_kda.fused_recurrent_kda_fla
+    fn = fused_recurrent_kda if impl == "triton" else gpu_delta_rule.fused_recurrent_kda_fla
     out = fn(*cuda(q, k, v, g, beta), gpu_pool, index.cuda())
     expected = fused_recurrent_kda_ref(q, k, v, g, beta, pool, index)
     assert out.dtype == dtype

@@ -13,7 +13,8 @@ from conftest import rel_err  # noqa: E402
 
 from deltaserve.ops.conv1d import causal_conv1d_update_ref  # noqa: E402
 from deltaserve.ops.gpu.kda_decode import kda_decode_step  # noqa: E402
-from deltaserve.ops.kda import fused_recurrent_kda_ref, kda_gate_ref  # noqa: E402
+from deltaserve.ops.delta_rule import fused_recurrent_delta_rule_ref  # noqa: E402
+from deltaserve.ops.kda import kda_gate_ref  # noqa: E402
 from deltaserve.ops.norm import gated_rms_norm_ref  # noqa: E402
 
 H, K, V, KERNEL, NUM_SLOTS = 4, 128, 128, 4, 8
@@ -26,7 +27,7 @@ def composed_reference(proj, conv_w, conv_view, f, beta, gate, rec, index, A_log
     q = x[:, : H * K].reshape(batch, H, K)
     k = x[:, H * K : 2 * H * K].reshape(batch, H, K)
     v = x[:, 2 * H * K :].reshape(batch, H, V)
-    o = fused_recurrent_kda_ref(q, k, v, kda_gate_ref(f, A_log, dt_bias), beta, rec, index)
+    o = fused_recurrent_delta_rule_ref(q, k, v, kda_gate_ref(f, A_log, dt_bias), beta, rec, index)
     return gated_rms_norm_ref(o, gate.view(batch, H, V), norm_w, 1e-5)
 
 

@@ -5,8 +5,10 @@ machine never imports Triton or fla. Modules, each mirroring the public op modul
 
 - ``attention``: paged MLA attention (weight absorption, one Triton kernel) and the KV cache write;
 - ``conv1d``: the project's Triton causal conv1d (varlen prefill, decode update), slot-indexed, any strides;
-- ``kda``: fla-core's ``kda_gate_fwd`` and ``chunk_kda`` (V-first state layout, gathered/scattered
-  slots) and the project's Triton decode kernel (in place on the slots);
+- ``delta_rule``: the delta rule of KDA and GDN: fla-core's ``chunk_kda`` / ``chunk_gated_delta_rule``
+  (V-first state layout, gathered/scattered slots), the project's Triton decode kernel (per-channel or
+  per-head gate, GVA, in place on the slots) and GDN's gate kernel;
+- ``kda``: fla-core's ``kda_gate_fwd``;
 - ``kda_decode``: one fused kernel for a KDA layer's whole decode step (tests and benchmarks only:
   the layer composes the ops above, which are faster under CUDA graphs, benchmarks/RESULTS.md);
 - ``moe``: routed experts through ``torch._grouped_mm`` (bf16) or dense batched matmuls, no host sync;

@@ -57,7 +57,9 @@ def write_kv_cache(latent: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: t
     )
 
 
-@triton.jit
+# NOTE: the block-table width changes with the longest sequence of a batch; specialising on it
+# (is it 1, a multiple of 16?) would recompile the kernel on new batch shapes.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _mla_attention_kernel(
     q_lat, q_pe, kv_cache, out,
     seq_ids, cu_seqlens, seq_lens, block_tables,

@@ -22,7 +22,8 @@ def _silu_flag(activation: str | None) -> bool:
     return _ACTIVATIONS[activation]
 
 
-@triton.jit
+# NOTE: T (tokens of the batch) changes every step: no specialisation on it, no recompiles.
+@triton.jit(do_not_specialize=["T"])
 def _conv1d_varlen_fwd_kernel(
     x, w, out, state, cu_seqlens, seq_ids, state_indices, has_initial_state,
     T, D,

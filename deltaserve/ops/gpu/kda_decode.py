@@ -3,7 +3,7 @@
 ``kda_decode_step`` = causal conv update (q|k|v) -> SiLU -> l2norm(q, k) -> forget gate -> delta rule on the
 slot's recurrent state -> sigmoid-gated RMSNorm, in one launch: the same function as composing
 :func:`deltaserve.ops.conv1d.causal_conv1d_update`, :func:`deltaserve.ops.kda.kda_gate`,
-:func:`deltaserve.ops.kda.fused_recurrent_kda` and :func:`deltaserve.ops.norm.gated_rms_norm`, without
+:func:`deltaserve.ops.delta_rule.fused_recurrent_delta_rule` and :func:`deltaserve.ops.norm.gated_rms_norm`, without
 their intermediate tensors and launch gaps. The step is memory bound on the recurrent state (2 MiB per
 request per layer at Kimi-Linear-48B dims), which this kernel streams once.
 
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.ops.kda import L2NORM_EPS
+from deltaserve.ops.delta_rule import L2NORM_EPS
 
 
 @triton.jit

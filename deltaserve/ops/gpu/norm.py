@@ -1,4 +1,4 @@
-"""RMSNorm and sigmoid-gated RMSNorm on the GPU through fla-core's fused Triton norm kernels (forward only).
+"""RMSNorm and sigmoid- or SiLU-gated RMSNorm on the GPU through fla-core's fused Triton norm kernels (forward only).
 
 Same contract as :mod:`deltaserve.ops.norm`: float32 statistics and arithmetic, output in ``x.dtype``.
 """
@@ -21,10 +21,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
-def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """``RMSNorm(x) * weight * sigmoid(gate)`` over the last dim, one launch; returns ``x.dtype``."""
+def gated_rms_norm(
+    x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"
+) -> torch.Tensor:
+    """``RMSNorm(x) * weight * act(gate)`` (sigmoid or SiLU) over the last dim, one launch; returns ``x.dtype``."""
     if gate.shape != x.shape:
         gate = gate.reshape(x.shape)
-    y, _, _, _ = layer_norm_gated_fwd(_rows(x), _rows(gate), weight, None, activation="sigmoid", eps=eps,
+    # fla names SiLU "swish"
+    fla_activation = "swish" if activation == "silu" else activation
+    y, _, _, _ = layer_norm_gated_fwd(_rows(x), _rows(gate), weight, None, activation=fla_activation, eps=eps,
                                       is_rms_norm=True)
     return y.view(x.shape)

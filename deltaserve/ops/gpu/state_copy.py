@@ -20,7 +20,8 @@ from deltaserve.state.pool import StatePool
 _BLOCK = 4096
 
 
-@triton.jit
+# NOTE: the pair count changes with every call: no specialisation on it, no recompiles.
+@triton.jit(do_not_specialize=["num_pairs"])
 def _copy_rows_kernel(
     base, src, dst,
     num_pairs, row_numel, blocks_per_row, stride_layer, stride_slot,
@@ -80,7 +81,7 @@ def copy_slots(pool: StatePool, src: torch.Tensor, dst: torch.Tensor, group: str
                 copy_rows(tensor, src, dst)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _shift_conv_kernel(
     conv, src, dst, shift,
     num_pairs, D,

@@ -1,0 +1,78 @@
+"""Engine warm-up: the shape classes the scheduler produces, run once at start and forgotten.
+
+Triton compiles a kernel once per specialisation (which integer arguments are 1 or multiples of 16,
+which pointers are aligned, constexpr flags such as "has an initial state") and fla autotunes each
+kernel on its first call. A warm-up of one fresh prompt leaves the other classes to the first
+requests that produce them (measured on an H200: a 16k-token step stalled ~32 s after a one-prompt
+warm-up). So the warm-up runs, with odd and aligned lengths:
+
+1. one fresh prompt of a full token budget (one sequence, no initial state);
+2. its continuation together with three new short prompts (varlen, mixed initial states);
+3. decode steps of several sequences, and a new prompt arriving while they decode (a mixed step);
+4. decodes to the end (each CUDA-graph batch size was captured at start already).
+
+Compiled kernels and autotuning results land in Triton's on-disk cache (``TRITON_CACHE_DIR``, by
+default ``~/.triton/cache``), so a restart skips most of this work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from deltaserve.engine.prefix_hooks import NoPrefixCache
+from deltaserve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "__warmup__"
+
+
+def warmup_prompt_lengths(max_num_batched_tokens: int, max_model_len: int) -> tuple[int, list[int], int]:
+    """``(long prompt, short prompts joining its continuation, prompt joining the decodes)``, all fitting
+    ``max_model_len`` with room for the warm-up's output tokens."""
+    limit = max(1, max_model_len - 8)
+    long_len = min(max_num_batched_tokens + max_num_batched_tokens // 2 + 5, limit)
+    shorts = [min(n, limit) for n in (37, 64, 129)]
+    return long_len, shorts, min(77, limit)
+
+
+def run_warmup(engine) -> float:
+    """Run the warm-up plan on an idle ``engine``; returns its seconds. Leaves no request, slot, block,
+    prefix-cache entry or counter behind."""
+    if engine.has_unfinished_requests():
+        raise ValueError("warmup needs an idle engine: requests are running or waiting")
+    start = time.perf_counter()
+    config = engine.config
+    long_len, shorts, joiner = warmup_prompt_lengths(config.max_num_batched_tokens, config.max_model_len)
+    vocab = engine.hf_config.vocab_size
+
+    def prompt(n: int, salt: int) -> list[int]:
+        return [(7 * i + 13 * salt + 1) % vocab for i in range(n)]
+
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    ids = []
+
+    def add(n: int) -> None:
+        ids.append(f"{PREFIX}{len(ids)}")
+        engine.add_request(ids[-1], prompt(n, len(ids)), params)
+
+    prefix_cache, engine.scheduler.prefix_cache = engine.scheduler.prefix_cache, NoPrefixCache()
+    try:
+        add(long_len)
+        engine.step()  # 1. a full budget of one fresh prompt
+        for n in shorts:
+            add(n)
+        engine.step()  # 2. the continuation with fresh short prompts
+        engine.step()
+        add(joiner)  # 3. a prompt arriving among decodes
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        engine.scheduler.prefix_cache = prefix_cache
+        for request_id in ids:
+            if request_id in engine.requests:
+                engine.abort_request(request_id)
+    seconds = time.perf_counter() - start
+    logger.info("warm-up: %.1f s (prompts of %d, %s and %d tokens)", seconds, long_len, shorts, joiner)
+    return seconds

@@ -1,0 +1,129 @@
+"""Gated DeltaNet layer (Qwen3-Next, Qwen3.5): projections, short conv, the delta rule on the slot pool with a
+per-head gate and GVA, SiLU-gated RMSNorm, output projection.
+
+Parameter names are those of the checkpoints under ``linear_attn.``. Two projection layouts:
+
+- ``"qkvz"`` (Qwen3-Next): ``in_proj_qkvz`` and ``in_proj_ba``, rows interleaved per key head: for each
+  of the ``Hk`` groups ``[q Dk | k Dk | v G*Dv | z G*Dv]`` and ``[b G | a G]`` (``G = Hv / Hk``);
+- ``"split"`` (Qwen3.5): ``in_proj_qkv`` = ``[q all | k all | v all]``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``.
+
+Either way the conv runs over ``[q | k | v]`` (sizes ``Hk*Dk, Hk*Dk, Hv*Dv``), the pool's conv layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltaserve.layers.delta_rule import DeltaRuleMixer
+from deltaserve.layers.norm import GatedRMSNorm
+from deltaserve.ops.delta_rule import gdn_gate
+
+PROJECTIONS = ("qkvz", "split")
+
+
+def _grouped_index(groups: int, parts: list[int], picks: list[int]) -> torch.Tensor:
+    """Columns of a per-group interleaved projection ``[g0: p0 | p1 | ...][g1: ...]`` that hold parts
+    ``picks``, in the order ``part-major, then group`` (e.g. all q, then all k, then all v)."""
+    width = sum(parts)
+    starts = [sum(parts[:i]) for i in range(len(parts))]
+    index = [g * width + starts[p] + c for p in picks for g in range(groups) for c in range(parts[p])]
+    return torch.tensor(index, dtype=torch.long)
+
+
+class GatedDeltaNet(DeltaRuleMixer):
+    """GDN token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_k_heads: int,
+        num_v_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        *,
+        conv_kernel_size: int = 4,
+        rms_norm_eps: float = 1e-6,
+        projection: str = "qkvz",
+        conv_activation: str = "silu",
+        layer_idx: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if projection not in PROJECTIONS:
+            raise ValueError(f"GatedDeltaNet: projection must be one of {PROJECTIONS}, got {projection!r}")
+        if num_k_heads < 1 or num_v_heads % num_k_heads != 0:
+            raise ValueError(
+                f"GatedDeltaNet: linear_num_value_heads = {num_v_heads} must be a multiple of "
+                f"linear_num_key_heads = {num_k_heads}"
+            )
+        key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        super().__init__("gdn", (key_dim, key_dim, value_dim), (num_v_heads, head_v_dim, head_k_dim),
+                         conv_kernel_size, layer_idx, conv_activation)  # fmt: skip
+        self.hidden_size = hidden_size
+        self.num_k_heads, self.num_v_heads = num_k_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.projection = projection
+        conv_dim = 2 * key_dim + value_dim
+
+        def linear(n_in: int, n_out: int) -> nn.Linear:
+            return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+
+        if projection == "qkvz":
+            self.in_proj_qkvz = linear(hidden_size, conv_dim + value_dim)
+            self.in_proj_ba = linear(hidden_size, 2 * num_v_heads)
+            group = num_v_heads // num_k_heads
+            parts = [head_k_dim, head_k_dim, group * head_v_dim, group * head_v_dim]
+            # NOTE: one gather of the projection's columns each, instead of splits of strided views and copies.
+            self.register_buffer("_qkv_index", _grouped_index(num_k_heads, parts, [0, 1, 2]), persistent=False)
+            self.register_buffer("_z_index", _grouped_index(num_k_heads, parts, [3]), persistent=False)
+            self.register_buffer("_ba_index", _grouped_index(num_k_heads, [group, group], [0, 1]), persistent=False)
+        else:
+            self.in_proj_qkv = linear(hidden_size, conv_dim)
+            self.in_proj_z = linear(hidden_size, value_dim)
+            self.in_proj_b = linear(hidden_size, num_v_heads)
+            self.in_proj_a = linear(hidden_size, num_v_heads)
+        # NOTE: holds the depthwise weight [conv_dim, 1, K] over [q | k | v] under the checkpoint's name; never called.
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel_size, groups=conv_dim, bias=False, dtype=dtype)
+        # NOTE: the decay parameters and the norm weight stay float32 whatever the model dtype: the Qwen3.5
+        # checkpoints store A_log and norm.weight in float32, and float32 holds a bfloat16 checkpoint exactly.
+        self.A_log = nn.Parameter(torch.zeros(num_v_heads, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.ones(num_v_heads, dtype=torch.float32))
+        self.norm = GatedRMSNorm(head_v_dim, eps=rms_norm_eps, dtype=torch.float32, activation="silu")
+        self.out_proj = linear(value_dim, hidden_size)
+
+    @classmethod
+    def from_config(
+        cls, hf_config, layer_idx: int, dtype: torch.dtype = torch.float32, projection: str = "qkvz"
+    ) -> "GatedDeltaNet":
+        """Build from a transformers ``Qwen3NextConfig`` (``projection="qkvz"``) or ``Qwen3_5TextConfig`` (``"split"``)."""
+        return cls(
+            hf_config.hidden_size,
+            hf_config.linear_num_key_heads,
+            hf_config.linear_num_value_heads,
+            hf_config.linear_key_head_dim,
+            hf_config.linear_value_head_dim,
+            conv_kernel_size=hf_config.linear_conv_kernel_dim,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            projection=projection,
+            conv_activation=getattr(hf_config, "hidden_act", "silu"),
+            layer_idx=layer_idx,
+            dtype=dtype,
+        )
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``mixed_qkv [T, conv_dim]`` (``[q | k | v]``), ``z [T, Hv, Dv]``, ``b, a [T, Hv]`` from ``x [T, hidden]``."""
+        shape = (x.shape[0], self.num_v_heads, self.head_v_dim)
+        if self.projection == "qkvz":
+            qkvz, ba = self.in_proj_qkvz(x), self.in_proj_ba(x)
+            ba = ba.index_select(-1, self._ba_index)
+            z = qkvz.index_select(-1, self._z_index).view(shape)
+            return qkvz.index_select(-1, self._qkv_index), z, *ba.split(self.num_v_heads, dim=-1)
+        return self.in_proj_qkv(x), self.in_proj_z(x).view(shape), self.in_proj_b(x), self.in_proj_a(x)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        ctx = self.batch_context(hidden_states)
+        mixed_qkv, z, b, a = self.project(hidden_states)
+        q, k, v = self.split_qkv(self.short_conv(mixed_qkv, self.conv1d.weight.squeeze(1), ctx))
+        g, beta = gdn_gate(a, b, self.A_log, self.dt_bias)  # [T, Hv] float32 each
+        o = self.norm(self.delta_rule(q, k, v, g, beta, ctx), z)
+        return self.out_proj(o.reshape(hidden_states.shape[0], -1))

@@ -1,0 +1,279 @@
+"""The delta rule on the GPU: fla-core's chunked prefill (KDA and GDN), the project's Triton decode kernel.
+
+Same contract as :mod:`deltaserve.ops.delta_rule`. The pool stores each head's state ``(Dv, Dk)``
+(``[num_slots+1, Hv, V, K]``), which is fla's ``state_v_first=True`` layout, so no transpose is ever
+materialised. Recurrent states may be float32 or bfloat16; all arithmetic is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
+from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fused_recurrent_gated_delta_rule
+from fla.ops.kda import chunk_kda as fla_chunk_kda
+from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_fused_recurrent_kda_fwd
+
+from deltaserve.ops.delta_rule import L2NORM_EPS, DeltaRuleShape, check_shapes
+
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_state(recurrent_state: torch.Tensor, op: str) -> None:
+    if recurrent_state.dtype not in STATE_DTYPES:
+        raise ValueError(f"{op}: recurrent_state must be float32 or bfloat16, got {recurrent_state.dtype}")
+    if not recurrent_state[0].is_contiguous():
+        raise ValueError(f"{op}: each slot of recurrent_state must be contiguous, strides {recurrent_state.stride()}")
+
+
+_cu_cache: list = [None, None]  # [the caller's cu_seqlens, its int64 copy]
+
+
+def _long_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``cu_seqlens`` as int64, the same tensor object for the same input object.
+
+    NOTE: fla caches chunk indices on the identity of the cu_seqlens tensor it gets (and building
+    them syncs with the host); all linear layers of one forward share the runner's cu_seqlens, so
+    converting it once keeps fla's cache hit for every layer after the first. Like fla's cache,
+    this assumes a cu_seqlens tensor is not rewritten in place between calls.
+    """
+    if cu_seqlens.dtype == torch.long:
+        return cu_seqlens
+    if _cu_cache[0] is not cu_seqlens:
+        _cu_cache[0], _cu_cache[1] = cu_seqlens, cu_seqlens.to(torch.long)
+    return _cu_cache[1]
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    recurrent_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm_in_kernel: bool = True,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Varlen chunked delta rule through fla: ``chunk_gated_delta_rule`` for a per-head gate (GDN, GVA in
+    the kernel), ``chunk_kda`` for a per-channel one. Initial states are gathered from the slots (zeros
+    where ``has_initial_state`` is False), final states scattered back. Returns ``o [T, Hv, V]``."""
+    shape = check_shapes(q, k, v, g, beta, recurrent_state, "chunk_delta_rule")
+    _check_state(recurrent_state, "chunk_delta_rule")
+    num_seqs = state_indices.shape[0]
+    if q.shape[0] == 0 or num_seqs == 0:
+        return torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    index = state_indices.to(torch.long)
+    initial = recurrent_state.index_select(0, index).float()  # [N, Hv, V, K]
+    # NOTE: masked_fill, not a multiply: a fresh slot may hold anything, NaN included.
+    initial.masked_fill_(~has_initial_state.to(torch.bool).view(-1, 1, 1, 1), 0.0)
+    if shape.head_gate:
+        fla_chunk = fla_chunk_gated_delta_rule
+    else:
+        fla_chunk = fla_chunk_kda
+        group = shape.num_v_heads // shape.num_k_heads
+        if group > 1:  # fla's KDA kernels take one q/k head per value head
+            q, k = q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1)
+    # NOTE: no_grad, not inference_mode: inference tensors returned to the caller would refuse in-place ops.
+    with torch.no_grad():
+        out, final = fla_chunk(
+            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.unsqueeze(0).float(), beta.unsqueeze(0),
+            scale=scale,
+            initial_state=initial,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            state_v_first=True,
+            cu_seqlens=_long_cu_seqlens(cu_seqlens),
+            chunk_size=chunk_size,
+        )
+    recurrent_state.index_copy_(0, index, final.to(recurrent_state.dtype))
+    return out.squeeze(0)
+
+
+@triton.jit
+def _delta_rule_decode_kernel(
+    q, k, v, g, beta, o, state, state_indices,
+    scale,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh,
+    stride_gb, stride_gh, stride_bb, stride_bh, stride_ob, stride_oh,
+    stride_ss, stride_sh, stride_sv,
+    HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
+    HEAD_GATE: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr,
+):
+    # One program: one (sequence, value head) and BV rows of its (V, K) state; the v-block varies
+    # fastest so consecutive programs stream one contiguous head state. Value head i_hv reads q/k
+    # head i_hv // GROUP (GVA, repeat_interleave order).
+    NV: tl.constexpr = V // BV
+    pid = tl.program_id(0).to(tl.int64)
+    i_v = pid % NV
+    i_bh = pid // NV
+    i_b = i_bh // HV
+    i_hv = i_bh % HV
+    i_hk = i_hv // GROUP
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    # NOTE: the inputs do not depend on the slot: issue their loads before the state's (which waits on it).
+    b_q = tl.load(q + i_b * stride_qb + i_hk * stride_qh + o_k).to(tl.float32)
+    b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_k).to(tl.float32)
+    b_v = tl.load(v + i_b * stride_vb + i_hv * stride_vh + o_v).to(tl.float32)
+    b_beta = tl.load(beta + i_b * stride_bb + i_hv * stride_bh).to(tl.float32)
+    if HEAD_GATE:
+        b_decay = tl.exp(tl.load(g + i_b * stride_gb + i_hv * stride_gh).to(tl.float32))
+    else:
+        b_decay = tl.exp(tl.load(g + i_b * stride_gb + i_hv * stride_gh + o_k).to(tl.float32))[None, :]
+    slot = tl.load(state_indices + i_b).to(tl.int64)
+    p_h = state + slot * stride_ss + i_hv * stride_sh + o_v[:, None] * stride_sv + o_k[None, :]
+    b_h = tl.load(p_h).to(tl.float32)  # [BV, K]
+    if L2NORM:
+        b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + EPS)
+        b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + EPS)
+    b_q = b_q * scale
+    b_h = b_h * b_decay
+    b_v = (b_v - tl.sum(b_h * b_k[None, :], 1)) * b_beta
+    b_h = b_h + b_v[:, None] * b_k[None, :]
+    b_o = tl.sum(b_h * b_q[None, :], 1)
+    tl.store(p_h, b_h.to(state.dtype.element_ty))
+    tl.store(o + i_b * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernel reads the last dim with unit stride; anything else (rare) is copied.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
+    """``(block_v, num_warps)`` of the decode kernel for a batch.
+
+    NOTE: small batches split each head's V rows finer, so that one request's state is spread over
+    enough programs to keep every SM loading (measured on an H200, benchmarks/RESULTS.md).
+    """
+    rows = batch * num_v_heads * v_dim
+    if rows <= 16 * 32 * 128:  # up to batch 16 at 32 heads of 128 rows
+        return min(8, v_dim), 2
+    return min(32, v_dim), 8
+
+
+def fused_recurrent_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    recurrent_state: torch.Tensor,
+    state_indices: torch.Tensor,
+    *,
+    scale: float | None = None,
+    use_qk_l2norm_in_kernel: bool = True,
+    block_v: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """Decode step (one token per sequence), one launch, in place on the slots.
+
+    ``q, k [B, Hk, K]``, ``v [B, Hv, V]``, ``g [B, Hv]`` or ``[B, Hv, K]``, ``beta [B, Hv]``, any batch/head
+    strides (views of a fused projection are read where they lie); returns ``o [B, Hv, V]`` in ``q.dtype``.
+    """
+    if q.dim() != 3 or q.shape[0] != state_indices.shape[0]:
+        raise ValueError(
+            f"fused_recurrent_delta_rule: q must be [B={state_indices.shape[0]}, Hk, K], got {tuple(q.shape)}"
+        )
+    shape: DeltaRuleShape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule")
+    _check_state(recurrent_state, "fused_recurrent_delta_rule")
+    batch, k_dim, v_dim = q.shape[0], shape.k_dim, shape.v_dim
+    default_bv, default_warps = decode_config(batch, shape.num_v_heads, v_dim)
+    block_v = min(block_v or default_bv, v_dim)
+    num_warps = num_warps or default_warps
+    if k_dim & (k_dim - 1) or v_dim % block_v or block_v & (block_v - 1):
+        raise ValueError(
+            f"fused_recurrent_delta_rule: K={k_dim} must be a power of two and V={v_dim} a multiple of {block_v}"
+        )
+    q, k, v, g = (_last_dim_contiguous(t) for t in (q, k, v, g))
+    out = torch.empty((batch, shape.num_v_heads, v_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    scale = k_dim**-0.5 if scale is None else scale
+    grid = (batch * shape.num_v_heads * (v_dim // block_v),)
+    _delta_rule_decode_kernel[grid](
+        q, k, v, g, beta, out, recurrent_state, state_indices,
+        scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), out.stride(0), out.stride(1),
+        recurrent_state.stride(0), recurrent_state.stride(1), recurrent_state.stride(2),
+        HV=shape.num_v_heads, GROUP=shape.num_v_heads // shape.num_k_heads, K=k_dim, V=v_dim, BV=block_v,
+        HEAD_GATE=shape.head_gate, L2NORM=use_qk_l2norm_in_kernel, EPS=L2NORM_EPS, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _gdn_gate_kernel(a, b, A_log, dt_bias, g, beta, num_rows, stride_a, stride_b,
+                     HV: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr):
+    o_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    o_h = tl.arange(0, BH)
+    mask = (o_t < num_rows)[:, None] & (o_h < HV)[None, :]
+    b_a = tl.load(a + o_t[:, None] * stride_a + o_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_b = tl.load(b + o_t[:, None] * stride_b + o_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    b_x = b_a + tl.load(dt_bias + o_h, mask=o_h < HV, other=0.0).to(tl.float32)[None, :]
+    # softplus, linear above 20 as in fla and torch
+    b_sp = tl.where(b_x < 20.0, tl.log(1 + tl.exp(b_x)), b_x)
+    b_g = -tl.exp(tl.load(A_log + o_h, mask=o_h < HV, other=0.0).to(tl.float32))[None, :] * b_sp
+    out = o_t[:, None] * HV + o_h[None, :]
+    tl.store(g + out, b_g, mask=mask)
+    tl.store(beta + out, tl.sigmoid(b_b), mask=mask)
+
+
+def gdn_gate(a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor):
+    """``(g, beta)`` float32 ``[T, Hv]`` in one launch; ``a, b`` may be row-strided views."""
+    heads = A_log.numel()
+    if a.dim() != 2 or a.shape[-1] != heads or b.shape != a.shape or dt_bias.numel() != heads:
+        raise ValueError(
+            f"gdn_gate: a {tuple(a.shape)} and b {tuple(b.shape)} must be [T, Hv] with A_log and dt_bias of "
+            f"Hv elements, got {A_log.numel()} and {dt_bias.numel()}"
+        )
+    a, b = _last_dim_contiguous(a), _last_dim_contiguous(b)
+    rows = a.shape[0]
+    g = torch.empty((rows, heads), dtype=torch.float32, device=a.device)
+    beta = torch.empty_like(g)
+    if rows:
+        block_t = 32
+        _gdn_gate_kernel[(triton.cdiv(rows, block_t),)](
+            a, b, A_log.reshape(heads).contiguous(), dt_bias.reshape(heads).contiguous(), g, beta, rows,
+            a.stride(0), b.stride(0), HV=heads, BH=triton.next_power_of_2(heads), BT=block_t,
+        )  # fmt: skip
+    return g, beta
+
+
+# ---- fla's decode kernels, the baselines of the benchmarks and tests ------------------------------
+
+
+def fused_recurrent_kda_fla(q, k, v, g, beta, recurrent_state, state_indices, *, scale=None,
+                            use_qk_l2norm_in_kernel=True) -> torch.Tensor:  # fmt: skip
+    """KDA's decode step through fla's ``fused_recurrent_kda_fwd`` (slot-indexed, in place, V-first)."""
+    check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_kda_fla")
+    q, k, v, g, beta = (t.contiguous().unsqueeze(1) for t in (q, k, v, g, beta))  # [B, 1, H, *]
+    out, _ = fla_fused_recurrent_kda_fwd(
+        q, k, v, g.float(), beta,
+        initial_state=recurrent_state,
+        scale=scale,
+        inplace_final_state=True,
+        state_v_first=True,
+        ssm_state_indices=state_indices,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+    )  # fmt: skip
+    return out.squeeze(1)
+
+
+def fused_recurrent_gdn_fla(q, k, v, g, beta, initial_state, *, scale=None, use_qk_l2norm_in_kernel=True):
+    """GDN's decode step through fla's ``fused_recurrent_gated_delta_rule``: out of place (fla 0.6.0 has no
+    slot indices for GDN), ``initial_state [B, Hv, V, K]``; returns ``(o [B, Hv, V], final_state)``."""
+    q, k, v, g, beta = (t.contiguous().unsqueeze(1) for t in (q, k, v, g, beta))  # [B, 1, H, *]
+    with torch.no_grad():
+        out, final = fla_fused_recurrent_gated_delta_rule(
+            q, k, v, g.float(), beta=beta, scale=scale, initial_state=initial_state, output_final_state=True,
+            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, state_v_first=True,
+        )  # fmt: skip
+    return out.squeeze(1), final
