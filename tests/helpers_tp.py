@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from deltaserve.models.tiny import make_tiny
 
 # NOTE: 4 KDA and 4 MLA heads (TP 1, 2, 4 divide them); vocab 330 does not divide by 4, so the last
@@ -25,3 +27,68 @@ class LogitsTap:
     def __call__(self, logits, *args):
         self.logits.append(logits.detach().clone())
         return self.sampler(logits, *args)
+
+
+# ---- GatedDeltaNet under TP, one layer, real processes -----------------------------------------------
+
+GDN_SIZES = dict(hidden=32, hk=2, hv=4, dk=16, dv=8, kernel=4)
+
+
+def gdn_config(projection: str):
+    from transformers import Qwen3_5TextConfig, Qwen3NextConfig
+
+    s = GDN_SIZES
+    config_class = Qwen3NextConfig if projection == "qkvz" else Qwen3_5TextConfig
+    return config_class(
+        hidden_size=s["hidden"], num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+        linear_num_key_heads=s["hk"], linear_num_value_heads=s["hv"], linear_key_head_dim=s["dk"],
+        linear_value_head_dim=s["dv"], linear_conv_kernel_dim=s["kernel"], num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=64, rms_norm_eps=1e-6,
+    )  # fmt: skip
+
+
+def run_gdn_layer(projection: str, weights: Path, hidden: torch.Tensor, tp_size: int):
+    """This process's GatedDeltaNet shard (weights read through the loader's slots from ``weights``) over
+    a prefill of two sequences (5 and 3 tokens) then one decode step each: ``(outputs, conv, recurrent)``
+    with the states of both sequences' slots (1, 2)."""
+    from safetensors import safe_open
+
+    from deltaserve.forward_context import forward_context, make_forward_context
+    from deltaserve.layers.gdn import GatedDeltaNet
+    from deltaserve.models.loader import checkpoint_slots
+    from deltaserve.state.layout import gdn_layout
+    from deltaserve.state.pool import StateGroup, StatePool
+
+    s = GDN_SIZES
+    layer = GatedDeltaNet.from_config(gdn_config(projection), layer_idx=0, projection=projection).eval()
+    slots = checkpoint_slots(layer)
+    with safe_open(weights, framework="pt") as f:
+        assert set(f.keys()) == set(slots)
+        for name, (shape, load) in slots.items():
+            assert tuple(f.get_slice(name).get_shape()) == shape, name
+            load(f.get_slice(name))
+    layout = gdn_layout(s["hk"], s["hv"], s["dk"], s["dv"], conv_kernel_size=s["kernel"], tp_size=tp_size,
+                        model_dtype=torch.float32, ssm_dtype="float32")  # fmt: skip
+    pool = StatePool({"gdn": StateGroup(layout, 1)}, num_slots=3)
+    pool.allocate(2)
+    layer.bind_state(pool.layer_state("gdn", 0), layout)
+    outs = []
+    with torch.no_grad():
+        for query_lens, computed, rows in (([5, 3], [0, 0], hidden[:8]), ([1, 1], [5, 3], hidden[8:10])):
+            ctx = make_forward_context(query_lens, computed, [1, 2])
+            positions = torch.cat([torch.arange(c, c + q) for c, q in zip(computed, query_lens)])
+            with forward_context(ctx):
+                outs.append(layer(positions, rows))
+    conv, recurrent = pool.layer_state("gdn", 0)
+    return torch.cat(outs), conv[1:3].clone(), recurrent[1:3].clone()
+
+
+def gdn_worker(rank: int, world_size: int, init_method: str, weights: dict, hidden: torch.Tensor) -> None:
+    """Rank ``rank`` of a gloo group: run both projections' layers, send the results to rank 0."""
+    from deltaserve.distributed.message_queue import gather_to_first
+    from deltaserve.distributed.parallel_state import destroy_distributed, init_distributed
+
+    init_distributed(rank, world_size, init_method=init_method, timeout_s=60)
+    for projection, path in weights.items():
+        gather_to_first(run_gdn_layer(projection, path, hidden, world_size))
+    destroy_distributed()

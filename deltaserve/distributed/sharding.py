@@ -47,6 +47,23 @@ def copy_shard(param: torch.Tensor, loaded, dim: int | None, rank: int) -> None:
     param.data.copy_(read_loaded(loaded, dim, rank * local, local))
 
 
+def read_blocks(loaded, block_sizes: list[int], rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s share of every dim-0 block of ``loaded`` (blocks of ``block_sizes`` rows side by
+    side, e.g. ``[q | k | v]``), concatenated in block order; one read per block."""
+    parts, offset = [], 0
+    for size in block_sizes:
+        local = size // world_size
+        parts.append(read_loaded(loaded, 0, offset + rank * local, local))
+        offset += size
+    return torch.cat(parts, dim=0)
+
+
+def blocks_slot(module: torch.nn.Module, name: str, block_sizes: list[int], rank: int, world_size: int) -> WeightSlot:
+    """The loader slot of a parameter whose dim 0 holds ``block_sizes`` blocks, each split over the ranks."""
+    shape = (sum(block_sizes), *getattr(module, name).shape[1:])
+    return shape, lambda loaded: getattr(module, name).data.copy_(read_blocks(loaded, block_sizes, rank, world_size))
+
+
 def sharded_slot(module: torch.nn.Module, name: str, dim: int, rank: int, world_size: int) -> WeightSlot:
     """The loader slot of parameter ``name`` of ``module`` split along ``dim`` over ``world_size`` ranks:
     the checkpoint's full shape and a loader of rank ``rank``'s slice (the parameter is looked up at

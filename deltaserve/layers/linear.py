@@ -20,7 +20,7 @@ from torch import nn
 
 from deltaserve.distributed.communication_op import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
 from deltaserve.distributed.parallel_state import get_tp_group
-from deltaserve.distributed.sharding import WeightSlot, copy_shard, read_loaded, shard_size
+from deltaserve.distributed.sharding import WeightSlot, copy_shard, read_blocks, read_loaded, shard_size
 from deltaserve.state.layout import divide
 
 
@@ -79,12 +79,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         if self.tp_size == 1:
             param.data.copy_(read_loaded(loaded_weight))
             return
-        rank, offset = self.tp_rank, 0
-        parts = []
-        for full, local in zip(self.output_sizes, self.local_sizes):
-            parts.append(read_loaded(loaded_weight, 0, offset + rank * local, local))
-            offset += full
-        param.data.copy_(torch.cat(parts, dim=0))
+        param.data.copy_(read_blocks(loaded_weight, self.output_sizes, self.tp_rank, self.tp_size))
 
 
 class RowParallelLinear(nn.Linear):
