@@ -9,6 +9,7 @@ so that no collective waits on a dead peer, and the engine raises :class:`Worker
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
@@ -46,6 +47,24 @@ def check_model_shards(hf_config, tp_size: int) -> None:
         resolve(hf_config)(hf_config, torch.float32)
 
 
+def rank_devices(device: str, world_size: int) -> list[str]:
+    """The device of each spawned rank: the CPU for all, or ``cuda:<first + rank>``; ValueError if this
+    host has too few GPUs."""
+    import torch
+
+    parsed = torch.device(device)
+    if parsed.type != "cuda":
+        return [device] * world_size
+    first = parsed.index or 0
+    count = torch.cuda.device_count()
+    if first + world_size > count:
+        raise ValueError(
+            f"tensor_parallel_size = {world_size} needs CUDA devices {first}..{first + world_size - 1}; "
+            f"this machine has {count} (use torchrun to span several hosts)"
+        )
+    return [f"cuda:{first + rank}" for rank in range(world_size)]
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -72,18 +91,20 @@ class TensorParallelExecutor:
                 parallel_state.destroy_distributed()
                 raise SystemExit(0)
         else:
+            devices = rank_devices(config.device, self.world_size)
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             ctx = mp.get_context("spawn")
             for rank in range(1, self.world_size):
+                rank_config = dataclasses.replace(config, device=devices[rank])
                 proc = ctx.Process(
                     target=worker_main,
-                    args=(rank, self.world_size, config, init_method, timeout_s),
+                    args=(rank, self.world_size, rank_config, init_method, timeout_s),
                     name=f"deltaserve-tp-rank{rank}",
                     daemon=True,
                 )
                 proc.start()
                 self.procs.append(proc)
-            self._join_group(config, init_method, timeout_s)
+            self._join_group(dataclasses.replace(config, device=devices[0]), init_method, timeout_s)
             threading.Thread(target=self._watch, name="deltaserve-tp-watchdog", daemon=True).start()
         self.channel = BroadcastChannel()
 
@@ -137,7 +158,7 @@ class TensorParallelExecutor:
 
     def check(self, cause: BaseException | None = None) -> None:
         """Raise :class:`WorkerDiedError` if a worker has died (``cause``: the error rank 0 saw, if any)."""
-        if self.failure is None and cause is not None and self.procs:
+        if self.failure is None and isinstance(cause, RuntimeError) and self.procs:
             # NOTE: a collective can fail a moment before the dead process is reaped.
             deadline = time.monotonic() + 5.0
             while not self._dead() and time.monotonic() < deadline:

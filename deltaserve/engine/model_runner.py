@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.distributed.message_queue import min_over_ranks
 from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
@@ -125,8 +126,6 @@ class ModelRunner:
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
         if config.tensor_parallel_size > 1 and config.num_kv_blocks is None:
             # NOTE: free memory differs between GPUs: every rank takes the smallest KV cache.
-            from deltaserve.distributed.message_queue import min_over_ranks
-
             num_blocks = min_over_ranks(self.config.num_kv_blocks)
             config = dataclasses.replace(config, num_kv_blocks=num_blocks)
             self.config = resolve_cache_sizes(config, hf_config, model, self.device)
