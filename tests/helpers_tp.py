@@ -92,3 +92,10 @@ def gdn_worker(rank: int, world_size: int, init_method: str, weights: dict, hidd
     for projection, path in weights.items():
         gather_to_first(run_gdn_layer(projection, path, hidden, world_size))
     destroy_distributed()
+
+
+def pool_states(runner, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's KDA ``(conv, recurrent)`` states of ``slots``, ``[layers, len(slots), ...]``."""
+    index = torch.tensor(slots)
+    pool = runner.state_pool
+    return pool.conv["kda"][:, index].clone(), pool.recurrent["kda"][:, index].clone()

@@ -15,7 +15,7 @@ from deltaserve import LLM, SamplingParams
 from deltaserve.state.layout import kda_layout
 from helpers_engine import GreedyReference, random_prompts
 from helpers_model import reference_model
-from helpers_tp import LogitsTap, make_tp_checkpoint
+from helpers_tp import LogitsTap, make_tp_checkpoint, pool_states
 
 ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=16, block_size=4, num_kv_blocks=24, seed=0)
 HEADS, HEAD_DIM, KERNEL, KDA_LAYERS = 4, 16, 4, 3
@@ -62,9 +62,14 @@ def tapped(llm: LLM) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def reference(checkpoint):
-    llm = tapped(LLM(str(checkpoint), **ENGINE))
-    return {name: run(llm, name) for name in SCENARIOS}
+def reference_llm(checkpoint):
+    return tapped(LLM(str(checkpoint), **ENGINE))
+
+
+@pytest.fixture(scope="module")
+def reference(reference_llm):
+    # NOTE: prefix_hits last: its checkpoints stay in the cache for the pool test.
+    return {name: run(reference_llm, name) for name in SCENARIOS}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda tp: f"tp{tp}")
@@ -128,3 +133,26 @@ def test_each_rank_holds_its_slice_of_the_checkpoint(tp_llm, checkpoint):
         assert torch.equal(w["q_proj"], q[rank * rows : (rank + 1) * rows])
         assert torch.equal(w["o_proj"], o[:, rank * rows : (rank + 1) * rows])
         assert torch.equal(w["A_log"], a_log[:, :, rank * heads : (rank + 1) * heads])
+
+
+def checkpoint_slots(llm: LLM) -> dict[tuple, int]:
+    return {entry.key: entry.slot for entry in llm.llm_engine.prefix_cache.index.entries()}
+
+
+def test_prefix_cache_checkpoints_hold_the_same_states_on_every_rank_as_at_tp1(tp_llm, reference, reference_llm):
+    # The checkpoints are copied (on rank 0 when decided, on the other ranks from the step broadcast):
+    # each rank's slots hold its heads of the TP-1 engine's checkpoint states.
+    run(tp_llm, "prefix_hits")
+    ours, theirs = checkpoint_slots(tp_llm), checkpoint_slots(reference_llm)
+    # NOTE: the cache budget is per rank, where states shrink with TP and the latent KV does not, so
+    # TP may keep a checkpoint that TP 1 evicted; the ones both keep are compared.
+    keys = sorted(ours.keys() & theirs.keys())
+    assert len(keys) >= 3
+    conv1, rec1 = pool_states(reference_llm.llm_engine.runner, [theirs[k] for k in keys])
+    tp = tp_llm.llm_engine.config.tensor_parallel_size
+    width, heads = HEADS * HEAD_DIM // tp, HEADS // tp
+    for rank, (conv, rec) in enumerate(tp_llm.llm_engine.collective_rpc(pool_states, [ours[k] for k in keys])):
+        parts = [conv1[..., p * HEADS * HEAD_DIM + rank * width :][..., :width] for p in range(3)]
+        assert (conv - torch.cat(parts, dim=-1)).abs().max() <= LOGITS_TOL, rank
+        assert (rec - rec1[:, :, rank * heads : (rank + 1) * heads]).abs().max() <= LOGITS_TOL, rank
+        assert rec.abs().sum() > 0
