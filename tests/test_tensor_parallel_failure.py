@@ -55,3 +55,10 @@ def test_heads_that_tp_does_not_divide_are_refused_before_workers_start(checkpoi
 def test_tensor_parallel_size_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="tensor_parallel_size must be a positive integer"):
         LLM(tensor_parallel_size=value)
+
+
+def test_cli_takes_tensor_parallel_size_and_reports_a_bad_one(checkpoint, capsys):
+    from deltaserve.cli import main
+
+    assert main(["generate", "hi", "--model", str(checkpoint), "--tensor-parallel-size", "3"]) == 2
+    assert "is not divisible by tp_size = 3" in capsys.readouterr().err

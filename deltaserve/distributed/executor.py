@@ -36,6 +36,14 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def start_executor(config: EngineConfig, hf_config) -> "TensorParallelExecutor | None":
+    """None at TP 1; else check that TP divides the model, then start the group (rank 0 returns)."""
+    if config.tensor_parallel_size == 1:
+        return None
+    check_model_shards(hf_config, config.tensor_parallel_size)
+    return TensorParallelExecutor(config)
+
+
 def check_model_shards(hf_config, tp_size: int) -> None:
     """Build the model of ``hf_config`` as rank 0 of ``tp_size`` on the meta device (no memory, no
     processes), so that a size TP does not divide is a ValueError naming it before any worker starts."""

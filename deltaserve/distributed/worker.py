@@ -7,6 +7,7 @@ runner method or a function of the runner, send the result to rank 0) or :data:`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -18,7 +19,7 @@ import torch
 
 from deltaserve.config import EngineConfig
 from deltaserve.distributed.message_queue import BroadcastChannel, gather_to_first
-from deltaserve.distributed.parallel_state import init_distributed
+from deltaserve.distributed.parallel_state import init_distributed, tp_layout
 
 STOP = "stop"
 
@@ -44,13 +45,16 @@ def rank_config(config: EngineConfig) -> EngineConfig:
     return config
 
 
-def build_runner(config: EngineConfig, generator: torch.Generator | None = None, step_sender=None):
+def build_runner(config: EngineConfig, hf_config=None, generator: torch.Generator | None = None, step_sender=None):
     """This rank's model shard (read from the checkpoint's slices) and its runner."""
     from deltaserve.engine.model_runner import ModelRunner
     from deltaserve.models.loader import load_model, load_model_config
 
-    hf_config = load_model_config(config.model)
-    model = load_model(config.model, dtype=config.dtype, device=config.device)
+    hf_config = hf_config if hf_config is not None else load_model_config(config.model)
+    # NOTE: a TP-1 engine builds unsharded layers even in a process that is in a TP group.
+    single = tp_layout(0, 1) if config.tensor_parallel_size == 1 else contextlib.nullcontext()
+    with single:
+        model = load_model(config.model, dtype=config.dtype, device=config.device)
     return ModelRunner(config, model, hf_config, generator, step_sender=step_sender)
 
 

@@ -6,7 +6,6 @@ Single-threaded: a server calls ``add_request`` / ``abort_request`` / ``step`` f
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import time
@@ -17,11 +16,11 @@ from pathlib import Path
 import torch
 
 from deltaserve.config import EngineConfig
-from deltaserve.distributed.parallel_state import tp_layout
+from deltaserve.distributed.executor import start_executor
+from deltaserve.distributed.worker import build_runner
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
 from deltaserve.engine.prefix_hooks import NoPrefixCache
-from deltaserve.engine.model_runner import ModelRunner
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
@@ -81,7 +80,7 @@ class LLMEngine:
     """``add_request`` / ``step`` / ``abort_request`` over a scheduler and a model runner."""
 
     def __init__(self, config: EngineConfig | None = None, **kwargs):
-        from deltaserve.models.loader import load_model, load_model_config
+        from deltaserve.models.loader import load_model_config
 
         config = config if config is not None else EngineConfig(**kwargs)
         if config.model is None:
@@ -92,21 +91,13 @@ class LLMEngine:
         self.hf_config = load_model_config(config.model)
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
         # Tensor parallelism: the workers start first and load their shards while rank 0 loads its own.
-        self.executor = None
-        if config.tensor_parallel_size > 1:
-            from deltaserve.distributed.executor import TensorParallelExecutor, check_model_shards
-
-            check_model_shards(self.hf_config, config.tensor_parallel_size)
-            self.executor = TensorParallelExecutor(config)
+        self.executor = start_executor(config, self.hf_config)  # None at TP 1
+        if self.executor is not None:
             weakref.finalize(self, self.executor.shutdown)
         try:
-            # NOTE: a TP-1 engine builds unsharded layers even in a process that is in a TP group.
-            single = tp_layout(0, 1) if self.executor is None else contextlib.nullcontext()
-            with single:
-                model = load_model(config.model, dtype=config.dtype, device=config.device)
             generator = torch.Generator(device=config.device).manual_seed(config.seed)
             step_sender = self.executor.send_step if self.executor is not None else None
-            self.runner = ModelRunner(config, model, self.hf_config, generator, step_sender=step_sender)
+            self.runner = build_runner(config, self.hf_config, generator, step_sender=step_sender)
         except Exception:
             if self.executor is not None:
                 self.executor.shutdown()
