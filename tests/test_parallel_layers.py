@@ -112,3 +112,21 @@ def test_the_ranks_hold_their_slice_of_every_expert(shards):
             w1, w3, w2 = (checkpoint[f"{prefix}experts.{e}.{n}.weight"] for n in ("w1", "w3", "w2"))
             assert torch.equal(state[f"{prefix}experts.w13_weight"][e], torch.cat([w1[rows], w3[rows]]))
             assert torch.equal(state[f"{prefix}experts.w2_weight"][e], w2[:, rows])
+
+
+@pytest.mark.parametrize("tp, rank, head", [(2, 1, 1), (4, 1, 0), (4, 2, 1), (8, 7, 1)])
+def test_kv_heads_are_split_then_replicated_past_their_number(tp, rank, head):
+    from deltaserve.layers.linear import KVParallelLinear
+
+    with tp_layout(rank, tp):
+        k_proj = KVParallelLinear(8, num_kv_heads=2, head_dim=3)  # 2 KV heads of 3 rows
+    w = full(6, 8)
+    k_proj.weight_loader(k_proj.weight, SpySlice(w))
+    assert torch.equal(k_proj.weight, w[3 * head : 3 * head + 3])
+
+
+def test_kv_heads_tp_neither_divides_nor_multiplies_are_an_error():
+    from deltaserve.layers.linear import KVParallelLinear
+
+    with tp_layout(0, 3), pytest.raises(ValueError, match="tp_size = 3 is neither a divisor nor a multiple of num_key_value_heads = 2"):
+        KVParallelLinear(8, num_kv_heads=2, head_dim=3)

@@ -82,6 +82,41 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.copy_(read_blocks(loaded_weight, self.output_sizes, self.tp_rank, self.tp_size))
 
 
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> tuple[int, int]:
+    """``(KV heads a rank holds, ranks that hold each head)``: split when ``tp_size <= num_kv_heads``, else
+    each head replicated on ``tp_size / num_kv_heads`` ranks (vLLM's rule); ValueError naming both otherwise."""
+    if tp_size <= num_kv_heads:
+        return divide(num_kv_heads, tp_size, "num_key_value_heads"), 1
+    if tp_size % num_kv_heads != 0:
+        raise ValueError(
+            f"tp_size = {tp_size} is neither a divisor nor a multiple of num_key_value_heads = {num_kv_heads}"
+        )
+    return 1, tp_size // num_kv_heads
+
+
+class KVParallelLinear(ColumnParallelLinear):
+    """A K or V projection ``[*, hidden] -> [*, local_heads * head_dim]`` split by KV heads, each head
+    replicated on several ranks when TP exceeds their number (rank ``r`` holds head ``r // replicas``)."""
+
+    def __init__(
+        self, input_size: int, num_kv_heads: int, head_dim: int, bias: bool = False, *, dtype: torch.dtype | None = None
+    ):
+        group = get_tp_group()
+        self.num_local_heads, self.num_replicas = kv_heads_per_rank(num_kv_heads, group.world_size)
+        # NOTE: nn.Linear's init, not the base class's: that one divides the full width by TP, which
+        # does not hold once heads are replicated.
+        local = self.num_local_heads * head_dim
+        nn.Linear.__init__(self, input_size, local, bias=bias, dtype=dtype)
+        self.tp_rank, self.tp_size = group.rank, group.world_size
+        self.output_size = num_kv_heads * head_dim
+        self.gather_output = False
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight) -> None:
+        shard = self.tp_rank // self.num_replicas
+        local = param.shape[0]
+        param.data.copy_(read_loaded(loaded_weight, 0, shard * local, local))
+
+
 class RowParallelLinear(nn.Linear):
     """``[*, input_size / tp] -> [*, output_size]``: the partial products summed over the ranks."""
 
@@ -119,4 +154,11 @@ class RowParallelLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-__all__ = ["ColumnParallelLinear", "MergedColumnParallelLinear", "RowParallelLinear", "shard_size"]
+__all__ = [
+    "ColumnParallelLinear",
+    "KVParallelLinear",
+    "MergedColumnParallelLinear",
+    "RowParallelLinear",
+    "kv_heads_per_rank",
+    "shard_size",
+]
