@@ -10,7 +10,10 @@ $(BIN)/activate:
 	# NOTE: torch first and pinned, so that the project's torch>=2.6 installs nothing more.
 	$(BIN)/pip install -q torch==2.13.0
 
+# NOTE: xgrammar without its Triton requirement (Triton serves only its CUDA bitmask kernel; the CPU
+# environment stays free of Triton); pip then takes the installed xgrammar as satisfying the project's.
 setup: $(BIN)/activate
+	$(BIN)/pip install -q --no-deps "xgrammar>=0.2.9" && $(BIN)/pip install -q "apache-tvm-ffi>=0.1.11"
 	$(BIN)/pip install -q -e ".[test]"
 
 run: setup

@@ -173,8 +173,11 @@ ERROR_CASES = {
                                     "max_tokens"),
     "unsupported presence_penalty": ("completions", {"model": MODEL_NAME, "prompt": "a", "presence_penalty": 0.5},
                                      "presence_penalty"),
-    "unsupported tools": ("chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a"}],
-                                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "tool_choice naming no tool": ("chat/completions", {"model": MODEL_NAME, "messages": [
+        {"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    "a tool without a name": ("chat/completions", {"model": MODEL_NAME, "messages": [
+        {"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {}}]}, "tools"),
     "missing prompt": ("completions", {"model": MODEL_NAME}, "prompt"),
     "top_p zero": ("completions", {"model": MODEL_NAME, "prompt": "a", "top_p": 0}, "top_p"),
     "top_logprobs without logprobs": ("chat/completions", {"model": MODEL_NAME, "top_logprobs": 2, "messages": [

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After")
+    parser.add_argument("--tool-call-parser", default=None, choices=("hermes", "kimi_k2"),
+                        help="the model's tool-call format (default: the one its chat template writes, else "
+                             "the architecture's: kimi_k2 for Kimi Linear, hermes for Qwen)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     parser.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (requests may set their own)")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -36,7 +39,7 @@ def build_server(args: argparse.Namespace) -> "GracefulServer":
     config = EngineConfig(**engine_kwargs(args), seed=args.seed, enable_prefix_caching=not args.no_prefix_caching)
     engine = LLMEngine(config)
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "deltaserve-tiny")
-    app = create_app(engine, served_model_name=name, max_queue=args.max_queue)
+    app = create_app(engine, served_model_name=name, max_queue=args.max_queue, tool_call_parser=args.tool_call_parser)
     uv_config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                timeout_graceful_shutdown=10)
     return GracefulServer(uv_config, app.state.engine_loop)

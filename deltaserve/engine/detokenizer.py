@@ -17,6 +17,8 @@ class StopChecker:
     - A stop string ends it with ``"stop"``; the text is cut before the string (after it with
       ``include_stop_str_in_output``); ``token_ids`` keep the token that completed it.
     - ``max_tokens`` (already clipped to ``max_model_len``) ends it with ``"length"``.
+    - A grammar (``structured_outputs``) that has ended ends it with ``"stop"``; a token the grammar
+      refused (never sampled under the mask) ends it with ``"abort"``, its ``stop_reason`` saying why.
     """
 
     def __init__(self, tokenizer, eos_token_ids: set[int]):
@@ -30,6 +32,11 @@ class StopChecker:
             seq.finish_reason, seq.stop_reason = "stop", None
         elif token in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.structured_rejected_token is not None:
+            seq.finish_reason = "abort"
+            seq.stop_reason = f"structured_outputs: token {seq.structured_rejected_token} is not allowed by the grammar"
+        elif seq.structured is not None and seq.structured.is_terminated:
+            seq.finish_reason, seq.stop_reason = "stop", None
         if seq.finish_reason is not None:
             # The stop token adds no text; bytes held back before it are emitted as they are.
             self.decode_new_text(seq, end=seq.num_tokens - 1, final=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 import weakref
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from deltaserve.engine.warmup import run_warmup
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
+from deltaserve.structured import GrammarCompiler, StructuredMatcher, StructuredOutputsParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
@@ -126,6 +128,8 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         self.requests: dict[str, _Request] = {}
         self._seq_ids = itertools.count()
+        self._grammar_compiler = None
+        self._grammar_lock = threading.Lock()
         # NOTE: on the GPU by default: Triton compiles and autotunes fla's prefill kernels on the
         # first shapes it sees (about 20 s on an H200), which would otherwise hit the first request.
         if self.config.extra.get("warmup", self.runner.device.type == "cuda"):
@@ -150,17 +154,38 @@ class LLMEngine:
             )
         room = max_len - len(token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        grammar = self.compile_grammar(params.structured_outputs) if params.structured_outputs is not None else None
         seqs = []
         for index in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
             seqs.append(Sequence(next(self._seq_ids), request_id, index, token_ids, params, max_tokens, generator))
+            if grammar is not None:
+                seqs[-1].structured = StructuredMatcher(grammar)
         self.requests[request_id] = _Request(request_id, text, token_ids, seqs)
         for seq in seqs:
             self.scheduler.add(seq)
         self.metrics.num_requests += 1
         self.metrics.prompt_tokens += len(token_ids) * params.n
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler of this tokenizer, built on first use (any thread)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.hf_config.vocab_size, sorted(self.stop_checker.eos_token_ids)
+                )
+            return self._grammar_compiler
+
+    def compile_grammar(self, params: StructuredOutputsParams):
+        """Compile (or find cached) the grammar of ``params``; ValueError naming the problem.
+
+        Thread-safe: a server calls it from a worker thread before ``add_request``, whose own call
+        then hits the cache, so compilation never stalls the step loop.
+        """
+        return self.grammar_compiler.compile(params)
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):

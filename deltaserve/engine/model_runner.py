@@ -215,7 +215,8 @@ class ModelRunner:
         if logits is None:
             return [None] * len(batch)
         rows = [i for i, sample in enumerate(batch.do_sample) if sample]
-        sampled = self.sampler(logits, [batch.seqs[i].params for i in rows], [batch.seqs[i].generator for i in rows])
+        seqs = [batch.seqs[i] for i in rows]
+        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.structured for s in seqs])
         out: list[SampledToken | None] = [None] * len(batch)
         for i, token in zip(rows, sampled):
             out[i] = token

@@ -8,6 +8,7 @@ import torch
 
 from deltaserve.engine.outputs import Logprob
 from deltaserve.engine.sampling_params import SamplingParams
+from deltaserve.structured.logits import apply_structured_outputs
 
 
 class SampledToken(NamedTuple):
@@ -34,8 +35,13 @@ class Sampler:
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
+        structured: list | None = None,
     ) -> list[SampledToken]:
-        """``logits``: ``[S, V]``; ``params`` and ``generators``: one per row. Does not modify ``logits``."""
+        """``logits``: ``[S, V]``; ``params`` and ``generators``: one per row. Does not modify ``logits``.
+
+        ``structured``: per row a ``StructuredMatcher`` or None; constrained rows sample only what
+        their grammar allows (greedy, sampled and logprobs alike), the other rows are untouched.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(generators) != len(params):
             raise ValueError(
                 f"logits must be [S, V] with S = len(params) = len(generators); got {tuple(logits.shape)}, "
@@ -43,7 +49,7 @@ class Sampler:
             )
         num_rows, vocab = logits.shape
         device = logits.device
-        logits = logits.float()
+        logits = apply_structured_outputs(logits.float(), structured)
         processed = self.process_logits(logits, params)
 
         token_ids = logits.argmax(dim=-1)

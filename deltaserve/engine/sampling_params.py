@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deltaserve.structured.params import StructuredOutputsParams
+
 # NOTE: the number of alternatives returned per token is capped as in vLLM's default
 # (max_logprobs = 20), so that one request cannot make every step sort the whole vocabulary.
 MAX_LOGPROBS = 20
@@ -21,6 +23,8 @@ class SamplingParams:
     - ``stop``: strings that end the output; the text stops before them unless
       ``include_stop_str_in_output``. ``stop_token_ids`` and EOS (unless ``ignore_eos``) end it too.
     - ``logprobs``: ``None`` = none; ``k >= 0`` = the chosen token's logprob plus the top ``k``.
+    - ``structured_outputs``: a grammar the output must match (JSON schema, regex, choice, EBNF);
+      a dict is read as ``StructuredOutputsParams(**dict)``. EOS is allowed once the grammar ends.
     """
 
     n: int = 1
@@ -35,8 +39,14 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as exc:
+                raise ValueError(f"structured_outputs: {exc}") from None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop) if self.stop is not None else []
@@ -77,6 +87,11 @@ class SamplingParams:
         require(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
+        require(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+            f"structured_outputs must be a StructuredOutputsParams, a dict or None, got "
+            f"{type(self.structured_outputs).__name__}",
         )
 
     @property

@@ -59,6 +59,9 @@ class Sequence:
         self.prefix_offset = 0
         self.read_offset = 0
         self.detok_done = 0
+        # The grammar matcher of a request with structured_outputs (see deltaserve/structured/).
+        self.structured = None
+        self.structured_rejected_token: int | None = None
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -89,6 +92,9 @@ class Sequence:
 
     def append_token(self, token_id: int, logprob: float, top: dict[int, Logprob] | None) -> None:
         self.token_ids.append(token_id)
+        # NOTE: the matcher advances with every token the sequence keeps, wherever it was sampled.
+        if self.structured is not None and not self.structured.accept(token_id):
+            self.structured_rejected_token = token_id
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(top or {})

@@ -19,14 +19,36 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-TINY_VERSION = 1  # bump when the tiny checkpoint changes, so cached copies are rebuilt
+TINY_VERSION = 2  # bump when the tiny checkpoint changes, so cached copies are rebuilt
 SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
 NUM_BYTE_TOKENS = 256
 VOCAB_SIZE = 320  # 256 bytes + 3 special tokens, rounded up to a multiple of 64
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
+# NOTE: "<role>: <content>\n" per message, then "assistant:". transformers renders templates with
+# trim_blocks, which drops a newline right after a block tag: those are written as {{ '\n' }}. With tools, modelled on Qwen's template:
+# a system turn lists them in <tools></tools> and asks for <tool_call>{"name", "arguments"}</tool_call>
+# blocks (the hermes format); an assistant's tool calls are written back as such blocks and a tool's
+# answer inside <tool_response></tool_response>.
+_TOOLS_SYSTEM = (
+    "{% set ns = namespace(first=0) %}{% if tools %}system: "
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% set ns.first = 1 %}{% endif %}"
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n{% endif %}'
 )
+_MESSAGES = (
+    "{% for message in messages[ns.first:] %}"
+    "{% if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "assistant: {{ message['content'] or '' }}{% for call in message['tool_calls'] %}"
+    "{% set f = call['function'] if call['function'] is defined else call %}"
+    '<tool_call>\n{"name": "{{ f[\'name\'] }}", "arguments": {{ f[\'arguments\'] | tojson }}}\n</tool_call>'
+    "{% endfor %}{{ '\\n' }}"
+    "{% elif message['role'] == 'tool' %}tool: <tool_response>\n{{ message['content'] }}\n</tool_response>\n"
+    "{% else %}{{ message['role'] }}: {{ message['content'] }}\n{% endif %}{% endfor %}"
+)
+CHAT_TEMPLATE = _TOOLS_SYSTEM + _MESSAGES + "{% if add_generation_prompt %}assistant:{% endif %}"
 
 _TINY_CONFIG = {
     "architectures": ["KimiLinearForCausalLM"],

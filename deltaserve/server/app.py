@@ -18,12 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deltaserve.server import serving
+from deltaserve.server import serving, structured
 from deltaserve.server.engine_loop import EngineLoop, EngineStoppedError, RequestStream
 from deltaserve.server.engine_stats import engine_stats, max_model_len, vocab_size
 from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from deltaserve.server.responses import ResponseBuilder, sse
 from deltaserve.server.serving import RequestError
+from deltaserve.server.tool_parsers import default_tool_parser_name, get_tool_parser
 
 
 RETRY_AFTER_S = 1
@@ -65,8 +66,15 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: int = 256) -> FastAPI:
-    """The app around ``engine`` (an ``LLMEngine``); its step loop runs while the app's lifespan does."""
+def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: int = 256,
+               tool_call_parser: str | None = None) -> FastAPI:
+    """The app around ``engine`` (an ``LLMEngine``); its step loop runs while the app's lifespan does.
+
+    ``tool_call_parser``: vLLM's name of the model's tool-call format (``hermes``, ``kimi_k2``);
+    default: the one the chat template writes, else the architecture's.
+    """
+    tool_parser = get_tool_parser(tool_call_parser or default_tool_parser_name(
+        getattr(engine.hf_config, "architectures", None), getattr(engine.tokenizer, "chat_template", None)))
     engine_loop = EngineLoop(engine)
     admission = Admission(engine.config.max_num_seqs, max_queue)
     context_len = max_model_len(engine)
@@ -149,6 +157,7 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         check_model(body.model)
         prompt_ids = serving.completion_prompt(body, engine.tokenizer, vocab_size(engine))
         params = serving.sampling_params(body, body.max_tokens, len(prompt_ids), context_len, body.logprobs, "prompt")
+        params = await structured.constrain(engine, params, structured.structured_outputs_of(body))
         builder = ResponseBuilder(f"cmpl-{uuid.uuid4().hex}", served_model_name, False, body.logprobs, engine.tokenizer)
         return await run(request, body, prompt_ids, params, builder, arrival)
 
@@ -159,10 +168,13 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         if body.top_logprobs is not None and not body.logprobs:
             raise RequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        prompt_ids = serving.chat_prompt(body, engine.tokenizer)
+        plan = structured.tool_plan(body, tool_parser)
+        prompt_ids = serving.chat_prompt(body, engine.tokenizer, tools=plan.tools)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = serving.sampling_params(body, max_tokens, len(prompt_ids), context_len, top, "messages")
-        builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, True, top, engine.tokenizer)
+        params = await structured.constrain(engine, params, structured.chat_constraint(body, plan), plan)
+        builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, True, top, engine.tokenizer,
+                                  tool_parser=tool_parser if plan.parse else None)
         return await run(request, body, prompt_ids, params, builder, arrival)
 
     @app.get("/v1/models")

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from deltaserve.engine.sampling_params import MAX_LOGPROBS
+from deltaserve.server.structured_fields import StructuredOutputFields, ToolFields
 
 # NOTE: OpenAI's limits; top_logprobs / logprobs above 20 (the engine's MAX_LOGPROBS) are refused by
 # OpenAI too.
@@ -23,7 +24,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(StructuredOutputFields):
     """Fields that both endpoints share; validated ranges are OpenAI's."""
 
     model_config = ConfigDict(extra="ignore")
@@ -86,21 +87,12 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, ToolFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported_field(self) -> str | None:
-        if self.tools:
-            return "tools"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
-        return super().unsupported_field()
 
 
 class UsageInfo(BaseModel):
@@ -149,6 +141,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[dict[str, Any]] = []
 
 
 class ChatChoice(BaseModel):
@@ -170,11 +163,13 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
     # NOTE: unset fields are left out, as OpenAI sends them: the closing chunk's delta is ``{}``.
     @model_serializer
     def _without_unset(self) -> dict:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        fields = (("role", self.role), ("content", self.content), ("tool_calls", self.tool_calls))
+        return {k: v for k, v in fields if v is not None}
 
 
 class ChatChunkChoice(BaseModel):

@@ -25,6 +25,8 @@ from deltaserve.server.protocol import (
     TopLogprob,
     UsageInfo,
 )
+from deltaserve.server.tool_parsers import ToolParser
+from deltaserve.server.tool_parsers.stream import ToolCallStream
 
 
 def sse(payload: dict | str) -> str:
@@ -71,11 +73,16 @@ class ResponseBuilder:
     """Builds one request's bodies; remembers, per choice, how much text and how many tokens were sent.
 
     ``logprobs``: completions' int (top-k), or chat's ``top_logprobs`` when chat ``logprobs`` is true.
+    ``tool_parser``: chat outputs are read for tool calls (``message.tool_calls``, ``delta.tool_calls``,
+    ``finish_reason: "tool_calls"``); an output whose calls do not parse stays plain content.
     """
 
-    def __init__(self, request_id: str, model: str, chat: bool, logprobs: int | None, tokenizer: Any):
+    def __init__(self, request_id: str, model: str, chat: bool, logprobs: int | None, tokenizer: Any,
+                 tool_parser: ToolParser | None = None):
         self.request_id, self.model, self.chat = request_id, model, chat
         self.logprobs, self.tokenizer = logprobs, tokenizer
+        self.tool_parser = tool_parser
+        self.tool_streams: dict[int, ToolCallStream] = {}
         self.sent_chars: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.finished: set[int] = set()
@@ -111,15 +118,31 @@ class ResponseBuilder:
         """The non-streaming body from the final output."""
         usage = usage_of(output)
         if self.chat:
-            choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
-                                  logprobs=self._chat_logprobs(c, 0), finish_reason=c.finish_reason)
-                       for c in output.outputs]
+            choices = [ChatChoice(index=c.index, message=message, logprobs=self._chat_logprobs(c, 0),
+                                  finish_reason=finish_reason)
+                       for c in output.outputs for message, finish_reason in [self._chat_message(c)]]
             body = ChatCompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage)
             return body.model_dump()
         choices = [CompletionChoice(index=c.index, text=c.text, logprobs=self._completion_logprobs(c, 0, 0),
                                     finish_reason=c.finish_reason)
                    for c in output.outputs]
         return CompletionResponse(id=self.request_id, model=self.model, choices=choices, usage=usage).model_dump()
+
+    def _chat_message(self, completion: Any) -> tuple[ChatResponseMessage, str | None]:
+        if self.tool_parser is None:
+            return ChatResponseMessage(content=completion.text), completion.finish_reason
+        extracted = self.tool_parser.extract(completion.text)
+        if not extracted.tool_calls:
+            return ChatResponseMessage(content=completion.text), completion.finish_reason
+        message = ChatResponseMessage(content=extracted.content, tool_calls=[t.as_dict() for t in extracted.tool_calls])
+        return message, _tool_finish_reason(completion.finish_reason)
+
+    def _tool_delta(self, completion: Any) -> tuple[str, list[dict], str | None]:
+        """This choice's new content and complete tool calls, and its finish reason."""
+        stream = self.tool_streams.setdefault(completion.index, ToolCallStream(self.tool_parser))
+        finish_reason = completion.finish_reason
+        delta, calls = stream.update(completion.text, final=finish_reason is not None)
+        return delta, calls, _tool_finish_reason(finish_reason) if stream.num_calls else finish_reason
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -140,12 +163,17 @@ class ResponseBuilder:
             chars, tokens = self.sent_chars.get(c.index, 0), self.sent_tokens.get(c.index, 0)
             delta = c.text[chars:]
             finish_reason = c.finish_reason
+            tool_calls: list[dict] = []
+            if self.chat and self.tool_parser is not None:
+                delta, tool_calls, finish_reason = self._tool_delta(c)
             new_logprobs = self.logprobs is not None and len(c.token_ids) > tokens
-            if not delta and not new_logprobs and finish_reason is None:
+            if not delta and not tool_calls and not new_logprobs and finish_reason is None:
                 continue
             if self.chat:
                 # NOTE: the closing chunk of a choice has an empty delta, as OpenAI sends it.
                 chat_delta = ChatDelta(content=delta) if delta or finish_reason is None else ChatDelta()
+                if tool_calls:
+                    chat_delta = ChatDelta(content=delta or None, tool_calls=tool_calls)
                 choice = ChatChunkChoice(index=c.index, delta=chat_delta, logprobs=self._chat_logprobs(c, tokens),
                                          finish_reason=finish_reason)
                 body = ChatCompletionChunk(id=self.request_id, model=self.model, choices=[choice])
@@ -164,3 +192,8 @@ class ResponseBuilder:
         """The last chunk with ``stream_options.include_usage``: no choices, the request's usage."""
         cls = ChatCompletionChunk if self.chat else CompletionResponse
         return sse(cls(id=self.request_id, model=self.model, choices=[], usage=usage_of(output)).model_dump())
+
+
+def _tool_finish_reason(finish_reason: str | None) -> str | None:
+    # NOTE: an output that ended normally after its calls ends with "tool_calls", as OpenAI's does.
+    return "tool_calls" if finish_reason == "stop" else finish_reason

@@ -57,17 +57,25 @@ def _message_text(index: int, content: Any) -> str:
     return "".join(parts)
 
 
-def chat_prompt(body: ChatCompletionRequest, tokenizer: Any) -> list[int]:
-    """Render the messages with the checkpoint's chat template, or the plain fallback without one.
+def chat_prompt(body: ChatCompletionRequest, tokenizer: Any, tools: list[dict] | None = None) -> list[int]:
+    """Render the messages (and ``tools``) with the checkpoint's chat template, or the plain fallback.
 
-    Fallback: one ``"<role>: <content>\\n"`` line per message, then ``"assistant: "``.
+    Fallback: one ``"<role>: <content>\\n"`` line per message, then ``"assistant: "``. A message's
+    other fields (an assistant's ``tool_calls``, a tool's ``tool_call_id``) reach the template.
     """
+    from deltaserve.server.structured import template_messages  # NOTE: that module imports this one
+
     if tokenizer is None:
         raise RequestError("messages: the checkpoint has no tokenizer, so chat is not available", "messages")
-    messages = [{"role": m.role, "content": _message_text(i, m.content)} for i, m in enumerate(body.messages)]
+    messages = template_messages([
+        {**m.model_dump(exclude_none=True), "role": m.role, "content": _message_text(i, m.content)}
+        for i, m in enumerate(body.messages)
+    ])
+    if tools and not getattr(tokenizer, "chat_template", None):
+        raise RequestError("tools: the checkpoint has no chat template to render tools with", "tools")
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template may reject e.g. two system messages
             raise RequestError(f"messages: the chat template refused them: {exc}", "messages") from exc
         # NOTE: the template writes its own special tokens (BOS); do not add them twice.
