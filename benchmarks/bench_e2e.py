@@ -1,17 +1,20 @@
-"""End-to-end throughput: our engine vs transformers' generate on a Kimi-Linear-shaped model, one GPU.
+"""End-to-end throughput: our engine vs transformers' generate on a Kimi-Linear- or Qwen3-Next-shaped model, one GPU.
 
 Protocol (nano-vllm's bench.py): fixed seed, ``--num-requests`` requests of random token ids with
 input and output lengths drawn uniformly from ``[--min-len, --max-len]``, ``ignore_eos``, greedy;
 one warm-up, one timed run; output tokens per second. The model is ``make_kimi_shaped``'s (the
-48B config's dimensions with 32 experts, random bf16 weights made on the device).
+48B config's dimensions with 32 experts, random bf16 weights made on the device) or, with
+``--model qwen3_next``, ``make_qwen3_next_shaped``'s (the 80B's dimensions with 32 experts).
 
-transformers 5.x ``KimiLinearForCausalLM.generate`` (fla kernels for KDA, grouped_mm experts, its
-own cache) runs on the same weights (shared tensors). It is slow, so it times a subset: the first
+transformers 5.x ``KimiLinearForCausalLM`` / ``Qwen3NextForCausalLM.generate`` (fla kernels for the
+linear layers, grouped_mm experts, its own cache) runs on the same weights (shared tensors).
+It is slow, so it times a subset: the first
 ``--hf-requests`` prompts of the same draw, left-padded into one batch, ``--hf-new-tokens`` new
 tokens for every row (no row idles: this favours transformers). Its warm-up is the same batch with
 2 new tokens (same prefill shapes, so fla's autotuning is not timed).
 
     python benchmarks/bench_e2e.py                 # the headline table
+    python benchmarks/bench_e2e.py --model qwen3_next
     python benchmarks/bench_e2e.py --skip-hf       # ours only
 """
 
@@ -31,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_kimi_shaped  # noqa: E402
+import make_qwen3_next_shaped  # noqa: E402
 
 from deltaserve import LLM, SamplingParams  # noqa: E402
 
@@ -231,25 +235,27 @@ def twin_check(model, ref) -> float:
     return ((ours - theirs).norm() / theirs.norm()).item()
 
 
-def twin_check_fp32(args) -> None:
-    """Ours vs transformers in float32 on the real dimensions cut to 4 layers (KDA x3, MLA, dense MLP, MoE).
+SHAPED = {"kimi_linear": make_kimi_shaped, "qwen3_next": make_qwen3_next_shaped}
+
+
+def twin_check_fp32(args, shaped) -> None:
+    """Ours vs transformers in float32 on the real dimensions cut to 4 layers (``shaped.FP32_OVERRIDES``).
 
     NOTE: in bf16 the two differ far more than rounding: a token whose router scores are nearly
     tied picks other experts in one of them, and 27 random layers amplify that. float32 shows
     whether they compute the same function.
     """
     overrides = dict(args.config_overrides or {})
-    overrides.update(num_hidden_layers=4, linear_attn_config={
-        "head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4, "kda_layers": [1, 2, 3],
-        "full_attn_layers": [4]})
-    config_dir = make_kimi_shaped.write_config(Path(tempfile.mkdtemp()) / "fp32", args.num_experts, overrides)
-    model = make_kimi_shaped.make_model(config_dir, torch.float32, args.device, seed=args.seed)
-    ref = make_kimi_shaped.make_transformers_twin(model)
+    overrides.update(shaped.FP32_OVERRIDES)
+    config_dir = shaped.write_config(Path(tempfile.mkdtemp()) / "fp32", args.num_experts, overrides)
+    model = shaped.make_model(config_dir, torch.float32, args.device, seed=args.seed)
+    ref = shaped.make_transformers_twin(model)
     print(f"logits rel err ours vs transformers, float32, 4 layers of the real dims: {twin_check(model, ref):.2e}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(SHAPED), default="kimi_linear", help="which shaped model")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--min-len", type=int, default=100)
     p.add_argument("--max-len", type=int, default=1000)
@@ -267,11 +273,12 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     # NOTE: for a dry run of this script on the CPU: --device cpu --config-overrides '{...}' (small dims).
     p.add_argument("--device", default="cuda")
-    p.add_argument("--config-overrides", default=None, help="JSON, or 'small' for make_kimi_shaped.SMALL_OVERRIDES")
+    p.add_argument("--config-overrides", default=None, help="JSON, or 'small' for the shaped model's SMALL_OVERRIDES")
     args = p.parse_args()
+    shaped = SHAPED[args.model]
     if args.config_overrides is not None:
         small = args.config_overrides == "small"
-        args.config_overrides = make_kimi_shaped.SMALL_OVERRIDES if small else json.loads(args.config_overrides)
+        args.config_overrides = shaped.SMALL_OVERRIDES if small else json.loads(args.config_overrides)
 
     if args.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -284,9 +291,9 @@ def main() -> None:
           f"transformers {transformers.__version__}; {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# command: {' '.join(sys.argv)}")
     tmp = Path(tempfile.mkdtemp())
-    config_dir = make_kimi_shaped.write_config(tmp / "kimi-shaped", args.num_experts, args.config_overrides)
+    config_dir = shaped.write_config(tmp / args.model, args.num_experts, args.config_overrides)
     t0 = time.perf_counter()
-    model = make_kimi_shaped.make_model(config_dir, torch.bfloat16, args.device, seed=args.seed)
+    model = shaped.make_model(config_dir, torch.bfloat16, args.device, seed=args.seed)
     params = sum(t.numel() for t in model.parameters())
     print(f"model: {params / 1e9:.2f} B parameters ({params * 2 / 1e9:.1f} GB bf16), built in "
           f"{time.perf_counter() - t0:.1f} s")
@@ -295,7 +302,7 @@ def main() -> None:
 
     ref = None
     if not args.skip_hf:
-        ref = make_kimi_shaped.make_transformers_twin(model)
+        ref = shaped.make_transformers_twin(model)
         twin = "skipped" if args.skip_twin_check else f"{twin_check(model, ref):.2e}"
         print(f"transformers twin: experts_implementation={ref.config._experts_implementation}; "
               f"logits rel err ours vs transformers (64 tokens, bf16): {twin}")
@@ -330,10 +337,11 @@ def main() -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         subset = prompts[: args.hf_requests]
-        hf = run_transformers(ref, subset, args.hf_new_tokens, model.config.pad_token_id)
+        pad = model.config.pad_token_id
+        hf = run_transformers(ref, subset, args.hf_new_tokens, model.config.eos_token_id if pad is None else pad)
         print(f"transformers: {hf['requests']} requests, {hf['tokens']} output tokens in {hf['seconds']:.2f} s")
 
-    print(f"\n## {card}: output tokens/s, Kimi-Linear-shaped ({args.num_experts} experts, bf16), "
+    print(f"\n## {card}: output tokens/s, {shaped.LABEL} ({args.num_experts} experts, bf16), "
           f"inputs/outputs uniform in [{args.min_len}, {args.max_len}]")
     print(f"| engine | requests | output tokens | seconds | tok/s |\n|---|---|---|---|---|")
     for run in runs:
@@ -349,7 +357,7 @@ def main() -> None:
     if ref is not None and not args.skip_twin_check:
         del ref, model
         gc.collect()
-        twin_check_fp32(args)
+        twin_check_fp32(args, shaped)
 
 
 if __name__ == "__main__":

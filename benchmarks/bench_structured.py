@@ -75,7 +75,7 @@ def word_piece_tokenizer(vocab_size: int, seed: int = 0):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from deltaserve.models.tiny import SPECIAL_TOKENS, _bytes_to_unicode
+    from deltaserve.models.tiny_tokenizer import SPECIAL_TOKENS, _bytes_to_unicode
 
     vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
     rng = random.Random(seed)

@@ -34,9 +34,18 @@ SMALL_OVERRIDES = {
 }  # fmt: skip
 
 
-def write_config(directory: str | Path, num_experts: int = 32, overrides: dict | None = None) -> Path:
-    """Write the 48B config with ``num_experts`` routed experts (and ``overrides``) as ``directory/config.json``."""
-    raw = json.loads(CONFIG_48B.read_text())
+LABEL = "Kimi-Linear-shaped"
+# Ours vs transformers in float32 on the real dimensions cut to 4 layers (KDA x3, MLA, dense MLP, MoE).
+FP32_OVERRIDES = {"num_hidden_layers": 4, "linear_attn_config": {
+    "head_dim": 128, "num_heads": 32, "short_conv_kernel_size": 4, "kda_layers": [1, 2, 3], "full_attn_layers": [4]}}
+
+
+def write_config(
+    directory: str | Path, num_experts: int = 32, overrides: dict | None = None, base: Path = CONFIG_48B
+) -> Path:
+    """Write the ``base`` config (default: the 48B's) with ``num_experts`` routed experts (and ``overrides``)
+    as ``directory/config.json``."""
+    raw = json.loads(Path(base).read_text())
     raw["num_experts"] = num_experts
     raw["dtype"] = "bfloat16"
     raw.update(overrides or {})
@@ -66,16 +75,20 @@ def init_random_(model: torch.nn.Module, seed: int = 0, std: float = INIT_STD) -
             param.normal_(0.0, std, generator=gen)
 
 
-def make_model(config_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
-    """Our ``KimiLinearForCausalLM`` of ``config_dir/config.json``, random weights, built on ``device``."""
-    from deltaserve.models.kimi_linear import KimiLinearForCausalLM
+def make_model(
+    config_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0, init=None
+):
+    """Our model of ``config_dir/config.json`` (by its architecture), random weights (``init``, default
+    :func:`init_random_`), built on ``device``."""
     from deltaserve.models.loader import load_model_config
+    from deltaserve.models.registry import resolve
 
     hf_config = load_model_config(config_dir)
     with torch.device("meta"):
-        model = KimiLinearForCausalLM(hf_config, dtype)
+        model = resolve(hf_config)(hf_config, dtype)
     model = model.to_empty(device=device)
-    init_random_(model, seed)
+    model.tie_weights()
+    (init or init_random_)(model, seed)
     return model.eval().requires_grad_(False)
 
 

@@ -29,6 +29,10 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     num_state_slots: int | None = None
     cache_dtype: str = "auto"
+    # Recurrent-state dtype of GDN layers (vLLM's name). "auto": the checkpoint config's
+    # mamba_ssm_dtype where it names one, else float32 (a bfloat16 state loses accuracy at long
+    # context); "bfloat16" is the opt-in. KDA states are float32 whatever this says.
+    mamba_ssm_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
     # Prefix caching: token spacing of state checkpoints (independent of block_size; None = the
     # chunk size max_num_batched_tokens) and the memory budget of cached checkpoints and blocks
@@ -60,5 +64,10 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        if self.mamba_ssm_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                "mamba_ssm_cache_dtype must be one of auto, float32, bfloat16, float16; "
+                f"got {self.mamba_ssm_cache_dtype!r}"
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}")

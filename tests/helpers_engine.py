@@ -8,7 +8,7 @@ import torch
 
 
 class GreedyReference:
-    """transformers' ``KimiLinearForCausalLM.generate(do_sample=False)`` in float32, memoised per prompt."""
+    """transformers' ``generate(do_sample=False)`` of a reference model in float32, memoised per prompt."""
 
     def __init__(self, ref_model):
         self.model = ref_model

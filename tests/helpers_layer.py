@@ -21,8 +21,9 @@ def nan_pool(group: str, layout: StateLayout, num_slots: int = 6) -> StatePool:
 
 def run_layer(layer, hidden: list[torch.Tensor], query_lens, num_computed, slots) -> torch.Tensor:
     """``layer`` over the flat batch of ``hidden`` (one tensor per sequence), as the model runner calls it."""
-    ctx = make_forward_context(query_lens, num_computed, slots)
-    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)])
+    device = hidden[0].device
+    ctx = make_forward_context(query_lens, num_computed, slots, device=device)
+    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)]).to(device)
     with torch.no_grad(), forward_context(ctx):
         return layer(positions, torch.cat(hidden))
 

@@ -1,4 +1,4 @@
-"""Tiny Kimi-Linear checkpoints for tests, transformers' reference model, and a runner for ours.
+"""Tiny checkpoints of every supported family for tests, transformers' reference model, and a runner for ours.
 
 ``run_model`` drives our model the way the engine does: a StatePool, a paged KV cache, block tables
 assigned by hand, one ``make_forward_context`` per step.
@@ -6,9 +6,11 @@ assigned by hand, one ``make_forward_context`` per step.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import transformers
 
 from deltaserve.forward_context import forward_context, make_forward_context
 from deltaserve.models.tiny import make_tiny
@@ -17,17 +19,21 @@ from deltaserve.state.pool import StatePool
 BLOCK_SIZE = 4
 
 
-def make_checkpoint(tmp_path: Path, seed: int = 0, **overrides) -> Path:
-    """Write a tiny checkpoint into ``tmp_path/ckpt``; ``overrides`` replace config.json keys."""
-    return make_tiny(Path(tmp_path) / "ckpt", seed=seed, overrides=overrides)
+# The tiny families: Kimi-Linear and the GDN models (see deltaserve.models.tiny / tiny_qwen).
+GDN_ARCHS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
+def make_checkpoint(tmp_path: Path, seed: int = 0, arch: str = "kimi_linear", **overrides) -> Path:
+    """Write a tiny checkpoint of ``arch`` into ``tmp_path/ckpt``; ``overrides`` replace config.json keys."""
+    return make_tiny(Path(tmp_path) / "ckpt", seed=seed, overrides=overrides, arch=arch)
 
 
 def reference_model(path: Path):
-    """transformers' ``KimiLinearForCausalLM`` in float32 (eager attention), loaded through its own
-    conversion mapping; fails when it reports missing, unexpected or mismatched weights."""
-    from transformers import KimiLinearForCausalLM
-
-    model, info = KimiLinearForCausalLM.from_pretrained(
+    """transformers' model of the checkpoint's architecture (``KimiLinearForCausalLM``,
+    ``Qwen3NextForCausalLM``, ...) in float32 (eager attention), loaded through its own conversion
+    mapping; fails when it reports missing, unexpected or mismatched weights."""
+    architecture = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+    model, info = getattr(transformers, architecture).from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
     )
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}

@@ -15,9 +15,10 @@ from helpers_engine import GreedyReference, assert_all_free, random_prompts
 from helpers_model import make_checkpoint, reference_model
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("decode_graphs"))
+@pytest.fixture(scope="module", params=["kimi_linear", "qwen3_next"])
+def checkpoint(request, tmp_path_factory):
+    """Both layer kinds (KDA + MLA; GDN + gated GQA attention) through the padded buffers."""
+    return make_checkpoint(tmp_path_factory.mktemp("decode_graphs"), arch=request.param)
 
 
 def test_capture_sizes_stop_at_the_first_that_holds_max_num_seqs():

@@ -8,6 +8,7 @@ import pytest
 from deltaserve.cli import main
 
 CONFIG_48B = str(Path(__file__).parent / "data" / "kimi-linear-48b-a3b-config.json")
+CONFIG_80B = str(Path(__file__).parent / "data" / "qwen3-next-80b-a3b-config.json")
 
 # Qwen3-Next-80B-A3B's linear/attention sizes (the rest left at transformers' defaults).
 QWEN3_NEXT = {
@@ -85,11 +86,38 @@ def test_qwen3_next_gdn_and_attention_kv(tmp_path, capsys, tp, kv_bytes):
     assert code == 0
     n = int(tp)
     conv = 3 * (2 * 16 * 128 + 32 * 128) // n * 2
-    recurrent = 32 // n * 128 * 128 * 2  # ssm dtype defaults to the cache dtype (bf16)
+    recurrent = 32 // n * 128 * 128 * 4  # the engine's default recurrent dtype: float32
     assert row(out, "gdn")[1] == "6"  # every 4th of 8 layers is full attention
     assert row(out, "gdn")[4::3] == [f"{conv:,}", f"{recurrent:,}"]
     # 2 KV heads x 256 x (K and V) x bf16; at tp = 4 the 2 heads are replicated to 1 per rank.
     assert row(out, "attention")[:3] == ["attention", "2", kv_bytes]
+
+
+def test_80b_tp1_gdn_state_and_attention_kv_bytes(capsys):
+    code, out, _ = plan(capsys, "--config", CONFIG_80B)
+    assert code == 0
+    # conv 3 x (2 x 16 x 128 + 32 x 128 = 8,192) bf16; recurrent 32 x 128 x 128 float32 (the engine's default).
+    assert row(out, "gdn") == ["gdn", "36", "3x8192", "bfloat16", "49,152", "32x128x128", "float32", "2,097,152", "2,146,304"]
+    # K and V of 2 heads x 256, bf16, in each of the 12 attention layers.
+    assert row(out, "attention")[:4] == ["attention", "12", "2,048", "24,576"]
+
+
+def test_80b_bfloat16_recurrent_state_is_the_opt_in_and_config_mamba_ssm_dtype_is_followed(tmp_path, capsys):
+    _, out, _ = plan(capsys, "--config", CONFIG_80B, "--mamba-ssm-cache-dtype", "bfloat16")
+    assert row(out, "gdn")[6:] == ["bfloat16", "1,048,576", "1,097,728"]
+    config = json.loads(Path(CONFIG_80B).read_text()) | {"mamba_ssm_dtype": "bfloat16"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _, out, _ = plan(capsys, "--config", str(tmp_path))
+    assert row(out, "gdn")[6] == "bfloat16"
+
+
+@pytest.mark.parametrize("text_config", [False, True])
+def test_qwen3_5_moe_text_and_vision_language_configs(tmp_path, capsys, text_config):
+    text = {k: v for k, v in QWEN3_NEXT.items() if k != "model_type"} | {"model_type": "qwen3_5_moe_text"}
+    config = {"model_type": "qwen3_5_moe", "text_config": text} if text_config else text
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, out, _ = plan(capsys, "--config", str(tmp_path))
+    assert code == 0 and row(out, "gdn")[4::3] == ["49,152", "2,097,152"]
 
 
 def test_default_is_the_builtin_tiny_model(capsys):

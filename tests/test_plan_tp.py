@@ -53,7 +53,7 @@ def test_kimi_48b_per_rank_layouts(capsys, kimi_48b_config, tp):
     c = kimi_48b_config
     with tp_layout(0, tp), torch.device("meta"):
         model = resolve(c)(c, torch.bfloat16)
-    kda_layer = model.model.layers[model.kda_layer_ids[0]].self_attn
+    kda_layer = model.model.layers[model.linear_layer_ids[0]].self_attn
     width = kda_layer.q_proj.weight.shape[0]
     assert (3, 3 * width) == layout.conv_shape and kda_layer.A_log.shape[2] == layout.recurrent_shape[0]
     groups = model.state_groups(tp_size=tp)

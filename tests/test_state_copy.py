@@ -203,3 +203,41 @@ def test_spec_decode_needs_conv_rows_for_the_accepted_shift():
     with pytest.raises(ValueError, match="needs conv_state_len >= 4"):
         copy_spec_decode_states(pool, [[1, 2]], [3], [2])
     copy_spec_decode_states(pool, [[1, 2]], [3], [1])  # no shift: fine
+
+
+# ---- GDN pools as the engine allocates them ----------------------------------------------------
+
+
+@pytest.mark.parametrize("conv_layout", ["SD", "DS"])
+@pytest.mark.parametrize("ssm_dtype", ["float32", "bfloat16"])
+def test_gdn_pool_copies_match_float64_loop(conv_layout, ssm_dtype):
+    # Qwen3-Next-like proportions: GVA (Hk=2, Hv=4), Dk != Dv, bf16 conv, fp32 or bf16 recurrent state
+    num_spec, columns = 2, 3
+    layout = gdn_layout(2, 4, 8, 4, num_spec=num_spec, conv_layout=conv_layout, model_dtype=torch.bfloat16,
+                        ssm_dtype=ssm_dtype)  # fmt: skip
+    assert layout.conv_split == (16, 16, 16) and layout.recurrent_shape == (4, 4, 8)
+    pool = StatePool({"gdn": StateGroup(layout, 3)}, num_slots=12)
+    for tensor in (pool.conv["gdn"], pool.recurrent["gdn"]):
+        tensor.copy_(torch.randn(tensor.shape, dtype=torch.float64))
+    pool.conv["gdn"][:, [0, 12]] = SENTINEL
+    pool.recurrent["gdn"][:, [0, 12]] = SENTINEL
+    before = snapshot(pool)
+    as_f64 = {key: t.double() for key, t in before.items()}
+
+    copy_slots(pool, [1, 2], [7, 8])
+    expected = {key: t.clone() for key, t in as_f64.items()}
+    for tensor in expected.values():
+        for s, d in ((1, 7), (2, 8)):
+            tensor[:, d] = tensor[:, s].clone()
+    for key, tensor in expected.items():
+        assert torch.equal((pool.conv if key[0] == "conv" else pool.recurrent)["gdn"].double(), tensor), key
+
+    pool = StatePool({"gdn": StateGroup(layout, 3)}, num_slots=12)
+    for key, tensor in before.items():
+        (pool.conv if key[0] == "conv" else pool.recurrent)["gdn"].copy_(tensor)
+    src_blocks, dst, num_accepted = [[1, 2, 3], [4, 5, 6], [7, 8, 9]], [10, 11, 7], [0, 2, 3]
+    copy_spec_decode_states(pool, src_blocks, dst, num_accepted)
+    expected = spec_decode_reference(as_f64, pool, src_blocks, dst, num_accepted, ["gdn"])
+    for key, tensor in expected.items():
+        assert torch.equal((pool.conv if key[0] == "conv" else pool.recurrent)["gdn"].double(), tensor), key
+    assert torch.all(pool.conv["gdn"][:, [0, 12]] == SENTINEL) and torch.all(pool.recurrent["gdn"][:, [0, 12]] == SENTINEL)

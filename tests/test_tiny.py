@@ -77,3 +77,15 @@ def test_default_tiny_model_is_created_once_in_the_cache(tmp_path, monkeypatch):
     assert first == tmp_path / "tiny-kimi-linear" and (first / "model.safetensors").is_file()
     assert default_tiny_model() == first and len(calls) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-kimi-linear"]  # no temporary folders left
+
+
+def test_make_tiny_arch_writes_each_family(tmp_path, capsys):
+    expected = {"qwen3_next": "Qwen3NextForCausalLM", "qwen3_5_moe": "Qwen3_5MoeForCausalLM"}
+    for arch, architecture in expected.items():
+        assert main(["make-tiny", str(tmp_path / arch), "--arch", arch]) == 0
+        assert f"wrote tiny {arch} checkpoint" in capsys.readouterr().out
+        assert json.loads((tmp_path / arch / "config.json").read_text())["architectures"] == [architecture]
+    names = set(load_file(tmp_path / "qwen3_next" / "model.safetensors"))
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight" in names and "mtp.fc.weight" in names
+    names = set(load_file(tmp_path / "qwen3_5_moe" / "model.safetensors"))
+    assert {"model.layers.0.linear_attn.in_proj_qkv.weight", "model.layers.0.mlp.experts.gate_up_proj"} <= names

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from deltaserve.state.layout import CONV_LAYOUTS, StateLayout, divide, gdn_layout, kda_layout, resolve_dtype
+from deltaserve.state.layout import CONV_LAYOUTS, StateLayout, divide, kda_layout, resolve_dtype
 
 HELP = "Print the state and KV-cache memory a model needs per request and per token (one TP rank)."
 
-SUPPORTED_MODEL_TYPES = ("kimi_linear", "qwen3_next")
+SUPPORTED_MODEL_TYPES = ("kimi_linear", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--num-requests", type=int, default=64, help="requests whose states are held at once")
     parser.add_argument("--cache-dtype", default="auto", help="state/KV cache dtype: auto (= model dtype) or a name")
-    parser.add_argument("--ssm-dtype", default="auto", help="GDN recurrent dtype: auto (= cache dtype) or a name")
+    parser.add_argument(
+        "--mamba-ssm-cache-dtype", "--ssm-dtype", dest="ssm_dtype", default="auto",
+        help="GDN recurrent dtype, as the engine's setting: auto (= config's mamba_ssm_dtype, else float32) or a name",
+    )  # fmt: skip
     parser.add_argument(
         "--num-spec", type=int, default=0, help="speculative tokens (conv state_len = K - 1 + num_spec)"
     )
@@ -55,7 +58,7 @@ def load_config_dict(path: str | None) -> tuple[dict, str]:
 
 
 def parse_config(config: dict):
-    """A transformers config object for a supported ``model_type``."""
+    """A transformers config object for a supported ``model_type`` (the text config of a vision-language one)."""
     from transformers import AutoConfig
 
     config = dict(config)
@@ -64,7 +67,7 @@ def parse_config(config: dict):
         raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notes about fields such as rope_scaling
-        return AutoConfig.for_model(model_type, **config)
+        return AutoConfig.for_model(model_type, **config).get_text_config()
 
 
 @dataclass
@@ -132,16 +135,10 @@ def make_plan(
                 "values; replicated on every TP rank, so not divided by TP",
             )
         ]
-    else:  # qwen3_next
-        layout = gdn_layout(
-            config.linear_num_key_heads,
-            config.linear_num_value_heads,
-            config.linear_key_head_dim,
-            config.linear_value_head_dim,
-            conv_kernel_size=config.linear_conv_kernel_dim,
-            ssm_dtype=ssm_dtype,
-            **common,
-        )
+    else:  # Qwen3-Next / Qwen3.5: the engine's recurrent dtype rule
+        from deltaserve.models.qwen_config import gdn_layout_of
+
+        layout = gdn_layout_of(config, mamba_ssm_cache_dtype=ssm_dtype, **common)
         linear = [LinearGroup("gdn", num_linear, layout)]
         divide(config.num_attention_heads, tp, "attention num_attention_heads")
         kv_heads = config.num_key_value_heads

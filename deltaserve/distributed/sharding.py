@@ -47,15 +47,15 @@ def copy_shard(param: torch.Tensor, loaded, dim: int | None, rank: int) -> None:
     param.data.copy_(read_loaded(loaded, dim, rank * local, local))
 
 
-def read_blocks(loaded, block_sizes: list[int], rank: int, world_size: int) -> torch.Tensor:
-    """Rank ``rank``'s share of every dim-0 block of ``loaded`` (blocks of ``block_sizes`` rows side by
+def read_blocks(loaded, block_sizes: list[int], rank: int, world_size: int, dim: int = 0) -> torch.Tensor:
+    """Rank ``rank``'s share of every block of ``loaded`` along ``dim`` (blocks of ``block_sizes`` side by
     side, e.g. ``[q | k | v]``), concatenated in block order; one read per block."""
     parts, offset = [], 0
     for size in block_sizes:
         local = size // world_size
-        parts.append(read_loaded(loaded, 0, offset + rank * local, local))
+        parts.append(read_loaded(loaded, dim, offset + rank * local, local))
         offset += size
-    return torch.cat(parts, dim=0)
+    return torch.cat(parts, dim=dim)
 
 
 def blocks_slot(module: torch.nn.Module, name: str, block_sizes: list[int], rank: int, world_size: int) -> WeightSlot:

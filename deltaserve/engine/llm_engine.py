@@ -90,7 +90,8 @@ class LLMEngine:
 
             config = dataclasses.replace(config, model=str(default_tiny_model()))
         _check_device(config.device)
-        self.hf_config = load_model_config(config.model)
+        # NOTE: the text model's config (a vision-language checkpoint nests it as text_config).
+        self.hf_config = load_model_config(config.model).get_text_config()
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
         # Tensor parallelism: the workers start first and load their shards while rank 0 loads its own.
         self.executor = start_executor(config, self.hf_config)  # None at TP 1

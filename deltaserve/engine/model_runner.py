@@ -42,7 +42,7 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
     checkpoint slots plus the whole KV cache (the cache gives both back whenever a request needs them).
     """
     bs = config.block_size
-    model_limit = getattr(hf_config, "max_position_embeddings", None) or 1 << 20
+    model_limit = getattr(hf_config.get_text_config(), "max_position_embeddings", None) or 1 << 20
     max_len = config.max_model_len
     if max_len is None:
         max_len = min(model_limit, DEFAULT_MAX_MODEL_LEN.get(device.type, 4096))
@@ -88,7 +88,11 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
 
 
 def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
-    groups = model.state_groups(tp_size=config.tensor_parallel_size, cache_dtype=config.cache_dtype)
+    groups = model.state_groups(
+        tp_size=config.tensor_parallel_size,
+        cache_dtype=config.cache_dtype,
+        mamba_ssm_cache_dtype=config.mamba_ssm_cache_dtype,
+    )
     return sum(g.num_layers * (num_slots + 1) * g.layout.bytes_per_slot for g in groups.values())
 
 
@@ -130,7 +134,11 @@ class ModelRunner:
             config = dataclasses.replace(config, num_kv_blocks=num_blocks)
             self.config = resolve_cache_sizes(config, hf_config, model, self.device)
         self.step_sender = step_sender
-        groups = model.state_groups(tp_size=config.tensor_parallel_size, cache_dtype=self.config.cache_dtype)
+        groups = model.state_groups(
+            tp_size=config.tensor_parallel_size,
+            cache_dtype=self.config.cache_dtype,
+            mamba_ssm_cache_dtype=self.config.mamba_ssm_cache_dtype,
+        )
         self.state_pool = StatePool(groups, self.config.num_state_slots, device=self.device)
         spec = model.kv_cache_spec(self.config.cache_dtype)
         self.kv_cache = torch.zeros(

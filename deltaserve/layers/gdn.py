@@ -32,7 +32,8 @@ def _grouped_index(groups: int, parts: list[int], picks: list[int]) -> torch.Ten
     width = sum(parts)
     starts = [sum(parts[:i]) for i in range(len(parts))]
     index = [g * width + starts[p] + c for p in picks for g in range(groups) for c in range(parts[p])]
-    return torch.tensor(index, dtype=torch.long)
+    # NOTE: on the CPU even inside a meta-device context (models are built on meta and loaded later).
+    return torch.tensor(index, dtype=torch.long, device="cpu")
 
 
 class GatedDeltaNet(DeltaRuleMixer):
@@ -91,9 +92,14 @@ class GatedDeltaNet(DeltaRuleMixer):
             group = num_v_heads // num_k_heads
             parts = [head_k_dim, head_k_dim, group * head_v_dim, group * head_v_dim]
             # NOTE: one gather of the projection's columns each, instead of splits of strided views and copies.
-            self.register_buffer("_qkv_index", _grouped_index(num_k_heads, parts, [0, 1, 2]), persistent=False)
-            self.register_buffer("_z_index", _grouped_index(num_k_heads, parts, [3]), persistent=False)
-            self.register_buffer("_ba_index", _grouped_index(num_k_heads, [group, group], [0, 1]), persistent=False)
+            # Plain attributes copied to each device on first use, not buffers: a model built on the meta
+            # device and given storage with to_empty() (as the loader does) would leave buffers uninitialised.
+            self._gather_index = {
+                "qkv": _grouped_index(num_k_heads, parts, [0, 1, 2]),
+                "z": _grouped_index(num_k_heads, parts, [3]),
+                "ba": _grouped_index(num_k_heads, [group, group], [0, 1]),
+            }
+            self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
         else:
             self.in_proj_qkv = MergedColumnParallelLinear(hidden_size, self.conv_blocks, dtype=dtype)
             self.in_proj_z = column(hidden_size, value_dim)
@@ -136,14 +142,20 @@ class GatedDeltaNet(DeltaRuleMixer):
             dtype=dtype,
         )
 
+    def _index(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, device)
+        if key not in self._device_index:
+            self._device_index[key] = self._gather_index[name].to(device)
+        return self._device_index[key]
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``mixed_qkv [T, conv_dim]`` (``[q | k | v]``), ``z [T, Hv, Dv]``, ``b, a [T, Hv]`` from ``x [T, hidden]``."""
         shape = (x.shape[0], self.num_v_heads, self.head_v_dim)
         if self.projection == "qkvz":
             qkvz, ba = self.in_proj_qkvz(x), self.in_proj_ba(x)
-            ba = ba.index_select(-1, self._ba_index)
-            z = qkvz.index_select(-1, self._z_index).view(shape)
-            return qkvz.index_select(-1, self._qkv_index), z, *ba.split(self.num_v_heads, dim=-1)
+            ba = ba.index_select(-1, self._index("ba", x.device))
+            z = qkvz.index_select(-1, self._index("z", x.device)).view(shape)
+            return qkvz.index_select(-1, self._index("qkv", x.device)), z, *ba.split(self.num_v_heads, dim=-1)
         return self.in_proj_qkv(x), self.in_proj_z(x).view(shape), self.in_proj_b(x), self.in_proj_a(x)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:

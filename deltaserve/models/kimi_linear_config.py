@@ -40,7 +40,7 @@ def check_raw_config(raw: dict) -> None:
         )
 
 
-def _positive(config, *names: str, allow_zero: bool = False) -> None:
+def require_positive(config, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(config, name, None)
         low = 0 if allow_zero else 1
@@ -50,7 +50,7 @@ def _positive(config, *names: str, allow_zero: bool = False) -> None:
 
 def check_config(config) -> None:
     """Sizes and layer lists of a transformers ``KimiLinearConfig``."""
-    _positive(config, "vocab_size", "hidden_size", "num_hidden_layers")
+    require_positive(config, "vocab_size", "hidden_size", "num_hidden_layers")
     n = config.num_hidden_layers
     for name, allowed in (("layer_types", LAYER_TYPES), ("mlp_layer_types", MLP_LAYER_TYPES)):
         types = list(getattr(config, name) or [])
@@ -60,17 +60,17 @@ def check_config(config) -> None:
         if bad:
             raise ValueError(f"{name}[{bad[0][0]}] = {bad[0][1]!r}; allowed: {allowed}")
     if "linear_attention" in config.layer_types:
-        _positive(config, "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
+        require_positive(config, "linear_num_heads", "linear_head_dim", "linear_conv_kernel_dim")
     if "full_attention" in config.layer_types:
-        _positive(config, "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
-        _positive(config, "qk_rope_head_dim", allow_zero=True)
+        require_positive(config, "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        require_positive(config, "qk_rope_head_dim", allow_zero=True)
         if config.q_lora_rank is not None:
-            _positive(config, "q_lora_rank")
+            require_positive(config, "q_lora_rank")
     if "dense" in config.mlp_layer_types:
-        _positive(config, "intermediate_size")
+        require_positive(config, "intermediate_size")
     if "sparse" in config.mlp_layer_types:
-        _positive(config, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
-        _positive(config, "n_shared_experts", allow_zero=True)
+        require_positive(config, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
+        require_positive(config, "n_shared_experts", allow_zero=True)
         experts, top_k, groups, topk_group = (
             config.num_experts,
             config.num_experts_per_tok,

@@ -3,19 +3,23 @@
 Weights are matched by the checkpoint's names. Every module contributes its own parameters and
 persistent buffers under their names; a module with a ``checkpoint_weights()`` method (such as the
 stacked MoE experts) instead names its checkpoint tensors itself, as
-``{relative name: (expected shape, load(loaded) -> None)}`` (vLLM's ``weight_loader`` idea), and a
+``{relative name: (expected shape, load(loaded) -> None)}`` (vLLM's ``weight_loader`` idea); it is
+called with ``stored(relative name) -> bool`` so that it can follow the checkpoint's format. A
 module with ``weight_loaders()`` (the tensor-parallel layers) replaces the slots of some of its (or
 its children's) parameters the same way. The expected shape is the checkpoint's; a loader gets the
 tensor as a safetensors slice and reads only the part this rank holds (``read_loaded``).
-Any missing, unexpected or mis-shaped tensor is an error that names it.
+Any missing, unexpected or mis-shaped tensor is an error that names it, except tensors under a
+model's ``ignored_checkpoint_prefixes`` (weights it does not use, such as an MTP head), which are
+skipped with one log line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Container, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,6 +35,8 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_LISTED = 8  # problems listed per kind in an error message
 LOAD_PROGRESS_BYTES = 1 << 30  # checkpoints at least this large show a progress bar while loading
 
+logger = logging.getLogger(__name__)
+
 WeightSlot = tuple[tuple[int, ...], Callable[[object], None]]
 
 
@@ -38,14 +44,15 @@ def _copy_into(param: torch.Tensor) -> Callable[[object], None]:
     return lambda loaded: param.data.copy_(read_loaded(loaded))
 
 
-def checkpoint_slots(model: nn.Module) -> dict[str, WeightSlot]:
-    """Checkpoint tensor name -> (expected shape, loader) for every weight of ``model``."""
+def checkpoint_slots(model: nn.Module, stored: Container[str] = ()) -> dict[str, WeightSlot]:
+    """Checkpoint tensor name -> (expected shape, loader) for every weight of ``model``; ``stored``: the
+    checkpoint's tensor names, for modules whose names depend on the checkpoint's format."""
     slots: dict[str, WeightSlot] = {}
     seen: set[int] = set()  # NOTE: a tied weight is loaded once, under its first name
 
     def visit(module: nn.Module, prefix: str) -> None:
         if hasattr(module, "checkpoint_weights"):
-            for name, slot in module.checkpoint_weights().items():
+            for name, slot in module.checkpoint_weights(lambda n: prefix + n in stored).items():
                 slots[prefix + name] = (tuple(slot[0]), slot[1])
             return
         tensors = list(module.named_parameters(recurse=False))
@@ -127,12 +134,25 @@ def _listed(title: str, lines: list[str]) -> list[str]:
     return out
 
 
+def _ignored(model: nn.Module, files: dict[str, Path]) -> set[str]:
+    """Checkpoint names under the model's ``ignored_checkpoint_prefixes`` (``{prefix: why}``), logged once each."""
+    ignored: set[str] = set()
+    for prefix, why in getattr(model, "ignored_checkpoint_prefixes", {}).items():
+        names = {name for name in files if name.startswith(prefix)}
+        if names:
+            logger.info("skipping %d checkpoint tensors under %s: %s", len(names), prefix, why)
+            ignored |= names
+    return ignored
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Copy every checkpoint tensor into ``model`` (cast to each parameter's dtype), after checking that
     names and shapes match exactly; otherwise a ValueError lists the problems."""
     path = Path(path)
     files = checkpoint_files(path)
-    slots = checkpoint_slots(model)
+    ignored = _ignored(model, files)
+    files = {name: file for name, file in files.items() if name not in ignored}
+    slots = checkpoint_slots(model, files)
     shapes = checkpoint_shapes(files)
     missing = [f"{n} (expected shape {list(slot[0])})" for n, slot in slots.items() if n not in files]
     unexpected = [f"{n} (shape {list(shape)})" for n, shape in shapes.items() if n not in slots]
@@ -216,5 +236,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto", device: str 
     with torch.device("meta"):
         model = model_class(config, torch_dtype)
     model = model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
     load_weights(model, path)
     return model.eval().requires_grad_(False)

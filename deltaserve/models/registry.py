@@ -7,6 +7,11 @@ import importlib
 # architecture name -> "module:Class"
 _MODELS: dict[str, str] = {
     "KimiLinearForCausalLM": "deltaserve.models.kimi_linear:KimiLinearForCausalLM",
+    "Qwen3NextForCausalLM": "deltaserve.models.qwen3_next:Qwen3NextForCausalLM",
+    "Qwen3_5ForCausalLM": "deltaserve.models.qwen3_5:Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM": "deltaserve.models.qwen3_5:Qwen3_5MoeForCausalLM",
+    "Qwen3_5ForConditionalGeneration": "deltaserve.models.qwen3_5:Qwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration": "deltaserve.models.qwen3_5:Qwen3_5MoeForConditionalGeneration",
 }
 
 

@@ -1,8 +1,10 @@
-"""A built-in tiny random Kimi-Linear checkpoint in the real format, for tests, demos and ``make run``.
+"""Built-in tiny random checkpoints in the real formats, for tests, demos and ``make run``.
 
 ``make_tiny(dir)`` writes config.json (the layout of moonshotai/Kimi-Linear-48B-A3B's, tiny sizes),
 model.safetensors (checkpoint names, float32) and a byte-level BPE tokenizer that
-``AutoTokenizer.from_pretrained`` loads. The tensors are listed here from the config dict itself, not
+``AutoTokenizer.from_pretrained`` loads; ``arch="qwen3_next" | "qwen3_5" | "qwen3_5_moe"`` writes a
+tiny Qwen3-Next / Qwen3.5 checkpoint instead (:mod:`deltaserve.models.tiny_qwen`), with the same
+tokenizer. The tensors are listed here from the config dict itself, not
 from the model class, so loading it checks the model's names independently.
 """
 
@@ -19,36 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from deltaserve.models.tiny_tokenizer import NUM_BYTE_TOKENS, make_tokenizer
+
 TINY_VERSION = 2  # bump when the tiny checkpoint changes, so cached copies are rebuilt
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")
-NUM_BYTE_TOKENS = 256
 VOCAB_SIZE = 320  # 256 bytes + 3 special tokens, rounded up to a multiple of 64
-# NOTE: "<role>: <content>\n" per message, then "assistant:". transformers renders templates with
-# trim_blocks, which drops a newline right after a block tag: those are written as {{ '\n' }}. With tools, modelled on Qwen's template:
-# a system turn lists them in <tools></tools> and asks for <tool_call>{"name", "arguments"}</tool_call>
-# blocks (the hermes format); an assistant's tool calls are written back as such blocks and a tool's
-# answer inside <tool_response></tool_response>.
-_TOOLS_SYSTEM = (
-    "{% set ns = namespace(first=0) %}{% if tools %}system: "
-    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% set ns.first = 1 %}{% endif %}"
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
-    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}{{ '\\n' }}</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
-    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>\n{% endif %}'
-)
-_MESSAGES = (
-    "{% for message in messages[ns.first:] %}"
-    "{% if message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
-    "assistant: {{ message['content'] or '' }}{% for call in message['tool_calls'] %}"
-    "{% set f = call['function'] if call['function'] is defined else call %}"
-    '<tool_call>\n{"name": "{{ f[\'name\'] }}", "arguments": {{ f[\'arguments\'] | tojson }}}\n</tool_call>'
-    "{% endfor %}{{ '\\n' }}"
-    "{% elif message['role'] == 'tool' %}tool: <tool_response>\n{{ message['content'] }}\n</tool_response>\n"
-    "{% else %}{{ message['role'] }}: {{ message['content'] }}\n{% endif %}{% endfor %}"
-)
-CHAT_TEMPLATE = _TOOLS_SYSTEM + _MESSAGES + "{% if add_generation_prompt %}assistant:{% endif %}"
 
 _TINY_CONFIG = {
     "architectures": ["KimiLinearForCausalLM"],
@@ -190,63 +166,63 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> tor
     return torch.randn(shape, generator=gen) * 0.1
 
 
-def random_weights(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic float32 weights for every checkpoint tensor of ``config``."""
+ARCHS = ("kimi_linear", "qwen3_next", "qwen3_5", "qwen3_5_moe")
+
+
+def arch_config_dict(arch: str = "kimi_linear", overrides: dict | None = None) -> dict:
+    """The tiny config.json dict of ``arch`` (one of :data:`ARCHS`)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}; got {arch!r}")
+    if arch == "kimi_linear":
+        return tiny_config_dict(overrides)
+    from deltaserve.models.tiny_qwen import tiny_qwen_config_dict
+
+    return tiny_qwen_config_dict(arch, overrides)
+
+
+def random_weights(config: dict, seed: int = 0, fused_experts: bool = False) -> dict[str, torch.Tensor]:
+    """Deterministic float32 weights for every checkpoint tensor of ``config`` (Qwen MoE experts fused
+    into ``gate_up_proj`` / ``down_proj`` when ``fused_experts``)."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = checkpoint_shapes(config)
-    return {name: _init_tensor(name, shapes[name], gen).contiguous() for name in sorted(shapes)}
+    if config["model_type"] == "kimi_linear":
+        shapes, init = checkpoint_shapes(config), _init_tensor
+    else:
+        from deltaserve.models.tiny_qwen import init_qwen_tensor, qwen_checkpoint_shapes
+
+        shapes = qwen_checkpoint_shapes(config, fused_experts)
+        # NOTE: an MTP tensor as the releases carry, which the loader must skip.
+        shapes["mtp.fc.weight"] = (config["hidden_size"], 2 * config["hidden_size"])
+
+        def init(name, shape, gen):
+            return init_qwen_tensor(name, shape, gen, _init_tensor)
+
+    return {name: init(name, shapes[name], gen).contiguous() for name in sorted(shapes)}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's printable stand-in character for each byte (what the ByteLevel pre-tokenizer emits)."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
-
-
-def make_tokenizer():
-    """Byte-level BPE without merges: token ``b`` is byte ``b``; then the special tokens (ids 256, 257, 258)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {char: b for b, char in _bytes_to_unicode().items()}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    bos, eos, pad = SPECIAL_TOKENS
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=pad,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-    )
-
-
-def make_tiny(path: str | os.PathLike, seed: int = 0, overrides: dict | None = None) -> Path:
+def make_tiny(
+    path: str | os.PathLike,
+    seed: int = 0,
+    overrides: dict | None = None,
+    arch: str = "kimi_linear",
+    fused_experts: bool | None = None,
+) -> Path:
     """Write the tiny checkpoint (config.json, model.safetensors, tokenizer files) into ``path``; returns it.
 
     The same ``seed`` and ``overrides`` give the same bytes. ``overrides`` replace config keys (see
-    :func:`tiny_config_dict`), e.g. ``{"q_lora_rank": 16}``.
+    :func:`tiny_config_dict`), e.g. ``{"q_lora_rank": 16}``. ``fused_experts`` (Qwen MoE; default:
+    fused for ``qwen3_5_moe``, per expert for ``qwen3_next``) picks the expert tensor format.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = tiny_config_dict(overrides)
+    config = arch_config_dict(arch, overrides)
+    if fused_experts is None:
+        fused_experts = arch == "qwen3_5_moe"
     tokenizer = make_tokenizer()
     if len(tokenizer) > config["vocab_size"]:
         raise ValueError(f"vocab_size = {config['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens")
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(random_weights(config, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    weights = random_weights(config, seed, fused_experts)
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(path))
     (path / "deltaserve_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "seed": seed}) + "\n")
     return path

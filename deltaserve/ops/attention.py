@@ -1,9 +1,12 @@
-"""Paged MLA attention over the compressed latent KV cache: torch reference.
+"""Paged attention over the KV cache, both kinds: MLA over the compressed latent, GQA over per-head K/V.
 
-The cache holds, per token, the latent ``[c_kv (kv_lora_rank, normed) | k_pe (qk_rope_head_dim)]``
+MLA: the cache holds, per token, the latent ``[c_kv (kv_lora_rank, normed) | k_pe (qk_rope_head_dim)]``
 shared by all heads (``entry_dim = kv_lora_rank + qk_rope_head_dim``). Keys and values are rebuilt
 from the latent with the two halves of ``kv_b_proj``:
 ``k_nope = c_kv @ w_uk^T``, ``v = c_kv @ w_uv^T`` per head; the key is ``[k_nope | k_pe]``.
+
+GQA: the cache holds, per token, ``[K (Hkv * D) | V (Hkv * D)]`` (see :mod:`deltaserve.kv.spec`);
+query head ``h`` attends with KV head ``h // (H / Hkv)``.
 
 Each public op dispatches (see :mod:`deltaserve.ops`): on CUDA inputs to the same-named function
 of ``deltaserve/ops/gpu/attention.py`` when it imports, else to the torch reference ``<name>_ref``.
@@ -15,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from deltaserve.kv.spec import split_kv
 from deltaserve.ops import dispatch
 
 
@@ -90,6 +94,50 @@ def paged_mla_attention_ref(
     return out
 
 
+def paged_gqa_attention_ref(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    *,
+    num_kv_heads: int,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    seq_lens: torch.Tensor | Sequence[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal grouped-query attention of each sequence's new tokens over its whole cached sequence.
+
+    q: ``[T, H, D]``; kv_cache: ``[num_blocks, block_size, 2 * Hkv * D]``, already holding this step's
+    keys and values; ``cu_seqlens``, ``seq_lens`` and ``block_tables`` as in
+    :func:`paged_mla_attention_ref`. Returns ``[T, H, D]`` in q's dtype; the math runs in float32.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    k_cache, v_cache = split_kv(kv_cache, num_kv_heads, head_dim)
+    block_size = kv_cache.shape[1]
+    cu, lens = _as_list(cu_seqlens), _as_list(seq_lens)
+    out = q.new_empty(q.shape)
+    for b, seq_len in enumerate(lens):
+        start, end = cu[b], cu[b + 1]
+        num_new = end - start
+        if num_new == 0:
+            continue
+        blocks = block_tables[b, : -(-seq_len // block_size)].long()
+        if bool((blocks < 0).any()):
+            raise ValueError(f"sequence {b}: block table {block_tables[b].tolist()} has no block for {seq_len} tokens")
+        # [L, H, D]: each KV head repeated for its group of query heads
+        keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        values = values.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        scores = torch.einsum("qhd,lhd->hql", q[start:end].float(), keys) * scale
+        query_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
+        key_pos = torch.arange(seq_len, device=q.device)
+        scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+        out[start:end] = torch.einsum("hql,lhd->qhd", torch.softmax(scores, dim=-1), values).to(out.dtype)
+    return out
+
+
 def write_kv_cache(latent: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """See :func:`write_kv_cache_ref`."""
     dispatch("attention", "write_kv_cache", latent, write_kv_cache_ref)(latent, kv_cache, slot_mapping)
@@ -110,4 +158,22 @@ def paged_mla_attention(
     impl = dispatch("attention", "paged_mla_attention", q, paged_mla_attention_ref)
     return impl(
         q, kv_cache, w_uk, w_uv, cu_seqlens=cu_seqlens, seq_lens=seq_lens, block_tables=block_tables, scale=scale
+    )
+
+
+def paged_gqa_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    *,
+    num_kv_heads: int,
+    cu_seqlens: torch.Tensor | Sequence[int],
+    seq_lens: torch.Tensor | Sequence[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """See :func:`paged_gqa_attention_ref`; on CUDA the Triton kernel of ``ops/gpu/attention_gqa.py``."""
+    impl = dispatch("attention_gqa", "paged_gqa_attention", q, paged_gqa_attention_ref)
+    return impl(
+        q, kv_cache, num_kv_heads=num_kv_heads, cu_seqlens=cu_seqlens, seq_lens=seq_lens,
+        block_tables=block_tables, scale=scale,
     )

@@ -1,5 +1,9 @@
-"""RMSNorm and gated RMSNorm, computed in float32 (Kimi-Linear's ``KimiLinearRMSNorm`` / ``RMSNormGated``,
-Qwen3-Next's ``Qwen3NextRMSNormGated``: the gate through sigmoid for KDA, SiLU for GDN)."""
+"""RMSNorm, zero-centred RMSNorm and gated RMSNorm, computed in float32.
+
+Kimi-Linear's ``KimiLinearRMSNorm`` / ``RMSNormGated``; Qwen3-Next's and Qwen3.5's ``RMSNorm``, which
+stores ``w`` and scales by ``1 + w`` (zero-centred), and ``Qwen3NextRMSNormGated`` (the gate through
+sigmoid for KDA, SiLU for GDN).
+"""
 
 from __future__ import annotations
 
@@ -38,6 +42,12 @@ def gated_rms_norm_ref(
     return (_normalize(x, eps) * weight.float() * gate).to(x.dtype)
 
 
+def zero_centered_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Torch reference of :func:`zero_centered_rms_norm`."""
+    # NOTE: scaled in float32 and rounded once, as Qwen3NextRMSNorm does (Kimi rounds before the weight).
+    return (_normalize(x, eps) * (1.0 + weight.float())).to(x.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * RMSNorm(x)`` over the last dim, float32 statistics; returns ``x.dtype``."""
     return dispatch("norm", "rms_norm", x, rms_norm_ref)(x, weight, eps)
@@ -52,3 +62,8 @@ def gated_rms_norm(
     """
     _check_activation(activation)
     return dispatch("norm", "gated_rms_norm", x, gated_rms_norm_ref)(x, gate, weight, eps, activation)
+
+
+def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(1 + weight) * RMSNorm(x)`` over the last dim, all in float32; returns ``x.dtype``."""
+    return dispatch("norm", "zero_centered_rms_norm", x, zero_centered_rms_norm_ref)(x, weight, eps)

@@ -1,5 +1,5 @@
-"""The engine on the GPU: greedy tokens equal the CPU engine's (fp32, tiny model, with and without
-CUDA graphs), and the GPU attention / MoE ops equal their torch references."""
+"""The engine on the GPU: greedy tokens equal the CPU engine's (fp32, the tiny Kimi-Linear and GDN
+models, with and without CUDA graphs), and the GPU attention / MoE ops equal their torch references."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 from conftest import rel_err  # noqa: E402
 from helpers_engine import assert_all_free, random_prompts  # noqa: E402
-from helpers_model import make_checkpoint  # noqa: E402
+from helpers_model import GDN_ARCHS, make_checkpoint  # noqa: E402
 
 from deltaserve import LLM, SamplingParams  # noqa: E402
 from deltaserve.ops import gpu_impl  # noqa: E402
@@ -22,13 +22,13 @@ from deltaserve.ops.gpu import moe as gpu_moe  # noqa: E402
 from deltaserve.ops.moe import fused_experts, fused_experts_ref  # noqa: E402
 
 # Greedy tokens are compared up to the first step where the CPU engine's top-2 logprobs are closer
-# than this: the GPU's fp32 KDA prefill (fla, tf32 tiles) may break such a near-tie either way.
+# than this: the GPU's fp32 KDA/GDN prefill (fla, tf32 tiles) may break such a near-tie either way.
 TIE_MARGIN = 1e-3
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("engine_gpu"))
+@pytest.fixture(scope="module", params=("kimi_linear", *GDN_ARCHS))
+def checkpoint(request, tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("engine_gpu"), arch=request.param)
 
 
 def greedy_run(llm: LLM, prompts, lengths):
@@ -69,6 +69,7 @@ def test_gpu_engine_greedy_fp32_equals_cpu_engine(checkpoint, enforce_eager):
 def test_gpu_ops_are_dispatched():
     assert gpu_impl("attention", "paged_mla_attention") is not None
     assert gpu_impl("attention", "write_kv_cache") is not None
+    assert gpu_impl("attention_gqa", "paged_gqa_attention") is not None
     assert gpu_impl("moe", "fused_experts") is not None
     print(f"torch._grouped_mm: {hasattr(torch, '_grouped_mm')}, "
           f"bf16 grouped path: {gpu_moe.grouped_mm_supported(torch.cuda.current_device())}")

@@ -13,12 +13,31 @@ pytest.importorskip("fla")
 from conftest import rel_err  # noqa: E402
 
 from deltaserve.ops import gpu_impl  # noqa: E402
-from deltaserve.ops.norm import gated_rms_norm, gated_rms_norm_ref, rms_norm, rms_norm_ref  # noqa: E402
+from deltaserve.ops.norm import (  # noqa: E402
+    gated_rms_norm,
+    gated_rms_norm_ref,
+    rms_norm,
+    rms_norm_ref,
+    zero_centered_rms_norm,
+    zero_centered_rms_norm_ref,
+)
 
 
 def test_gpu_dispatch_is_used():
     assert gpu_impl("norm", "rms_norm") is not None
     assert gpu_impl("norm", "gated_rms_norm") is not None
+    assert gpu_impl("norm", "zero_centered_rms_norm") is not None
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape", [(37, 2048), (29, 16, 256)], ids=["hidden", "per_head"])
+def test_zero_centered_rms_norm_matches_reference(dtype, bound, shape):
+    # Qwen's norms: (1 + w) * RMSNorm(x); per head for q_norm / k_norm on a non-contiguous split view
+    x = (3 * torch.randn(*shape[:-1], 2 * shape[-1])).to(dtype)[..., : shape[-1]]
+    weight = (0.1 * torch.randn(shape[-1])).to(dtype)
+    out = zero_centered_rms_norm(x.cuda(), weight.cuda(), 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out.cpu(), zero_centered_rms_norm_ref(x, weight, 1e-6)) < bound
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -31,12 +50,13 @@ def test_rms_norm_matches_reference(dtype, bound, dim):
     assert rel_err(out.cpu(), rms_norm_ref(x, weight, 1e-6)) < bound
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "silu"])
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_gated_rms_norm_matches_reference_per_head(dtype, bound):
-    # KDA's output norm: o [T, H, D] normalised per head, gate [T, H, D]
+def test_gated_rms_norm_matches_reference_per_head(dtype, bound, activation):
+    # KDA's (sigmoid) and GDN's (SiLU) output norm: o [T, H, D] normalised per head, gate [T, H, D]
     x = torch.randn(29, 4, 128).to(dtype)
     gate = torch.randn(29, 4, 128).to(dtype)
     weight = (1 + 0.1 * torch.randn(128)).float()
-    out = gated_rms_norm(x.cuda(), gate.cuda(), weight.cuda(), 1e-5)
+    out = gated_rms_norm(x.cuda(), gate.cuda(), weight.cuda(), 1e-5, activation)
     assert out.dtype == dtype and out.shape == x.shape
-    assert rel_err(out.cpu(), gated_rms_norm_ref(x, gate, weight, 1e-5)) < bound
+    assert rel_err(out.cpu(), gated_rms_norm_ref(x, gate, weight, 1e-5, activation)) < bound

@@ -95,6 +95,19 @@ def chunk_delta_rule(
     return out.squeeze(0)
 
 
+# PTX griddepcontrol (sm_90+), issued as fla's kernels do: wait for the previous grid's completion and
+# memory; let the next grid (launched with launch_pdl) start its prologue.
+@triton.jit
+def _grid_dependency_wait():
+    tl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _grid_launch_dependents():
+    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip
+
+
 @triton.jit
 def _delta_rule_decode_kernel(
     q, k, v, g, beta, o, state, state_indices,
@@ -103,7 +116,8 @@ def _delta_rule_decode_kernel(
     stride_gb, stride_gh, stride_bb, stride_bh, stride_ob, stride_oh,
     stride_ss, stride_sh, stride_sv,
     HV: tl.constexpr, GROUP: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr,
-    HEAD_GATE: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr,
+    HEAD_GATE: tl.constexpr, L2NORM: tl.constexpr, EPS: tl.constexpr, USE_PDL: tl.constexpr,
+    EVICT: tl.constexpr,
 ):
     # One program: one (sequence, value head) and BV rows of its (V, K) state; the v-block varies
     # fastest so consecutive programs stream one contiguous head state. Value head i_hv reads q/k
@@ -117,7 +131,16 @@ def _delta_rule_decode_kernel(
     i_hk = i_hv // GROUP
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
-    # NOTE: the inputs do not depend on the slot: issue their loads before the state's (which waits on it).
+    slot = tl.load(state_indices + i_b).to(tl.int64)
+    p_h = state + slot * stride_ss + i_hv * stride_sh + o_v[:, None] * stride_sv + o_k[None, :]
+    if EVICT:
+        b_h = tl.load(p_h, eviction_policy="evict_first").to(tl.float32)  # [BV, K]
+    else:
+        b_h = tl.load(p_h).to(tl.float32)
+    if USE_PDL:
+        # NOTE: the state and slot ids were read above, before the previous kernel (which produced q, k, v,
+        # g, beta) is done: the caller guarantees that kernel writes neither.
+        _grid_dependency_wait()
     b_q = tl.load(q + i_b * stride_qb + i_hk * stride_qh + o_k).to(tl.float32)
     b_k = tl.load(k + i_b * stride_kb + i_hk * stride_kh + o_k).to(tl.float32)
     b_v = tl.load(v + i_b * stride_vb + i_hv * stride_vh + o_v).to(tl.float32)
@@ -126,9 +149,8 @@ def _delta_rule_decode_kernel(
         b_decay = tl.exp(tl.load(g + i_b * stride_gb + i_hv * stride_gh).to(tl.float32))
     else:
         b_decay = tl.exp(tl.load(g + i_b * stride_gb + i_hv * stride_gh + o_k).to(tl.float32))[None, :]
-    slot = tl.load(state_indices + i_b).to(tl.int64)
-    p_h = state + slot * stride_ss + i_hv * stride_sh + o_v[:, None] * stride_sv + o_k[None, :]
-    b_h = tl.load(p_h).to(tl.float32)  # [BV, K]
+    if USE_PDL:
+        _grid_launch_dependents()
     if L2NORM:
         b_q = b_q / tl.sqrt(tl.sum(b_q * b_q) + EPS)
         b_k = b_k / tl.sqrt(tl.sum(b_k * b_k) + EPS)
@@ -137,7 +159,10 @@ def _delta_rule_decode_kernel(
     b_v = (b_v - tl.sum(b_h * b_k[None, :], 1)) * b_beta
     b_h = b_h + b_v[:, None] * b_k[None, :]
     b_o = tl.sum(b_h * b_q[None, :], 1)
-    tl.store(p_h, b_h.to(state.dtype.element_ty))
+    if EVICT:
+        tl.store(p_h, b_h.to(state.dtype.element_ty), eviction_policy="evict_first")
+    else:
+        tl.store(p_h, b_h.to(state.dtype.element_ty))
     tl.store(o + i_b * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
 
 
@@ -149,13 +174,14 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
     """``(block_v, num_warps)`` of the decode kernel for a batch.
 
-    NOTE: small batches split each head's V rows finer, so that one request's state is spread over
-    enough programs to keep every SM loading (measured on an H200, benchmarks/RESULTS.md).
+    NOTE: one warp per 8 rows of a head's state (4 at small batches, so that one request's 2 MiB spread
+    over 1024 programs at Qwen3-Next dims) measured best or level with the best at batch 1..256 on an
+    H200 (benchmarks/RESULTS.md); the former 32 rows x 8 warps was 3-6% slower at batch 64 and 256.
     """
     rows = batch * num_v_heads * v_dim
     if rows <= 16 * 32 * 128:  # up to batch 16 at 32 heads of 128 rows
-        return min(8, v_dim), 2
-    return min(32, v_dim), 8
+        return min(4, v_dim), 1
+    return min(8, v_dim), 1
 
 
 def fused_recurrent_delta_rule(
@@ -171,11 +197,15 @@ def fused_recurrent_delta_rule(
     use_qk_l2norm_in_kernel: bool = True,
     block_v: int | None = None,
     num_warps: int | None = None,
+    launch_pdl: bool = False,
+    evict_first: bool = False,
 ) -> torch.Tensor:
     """Decode step (one token per sequence), one launch, in place on the slots.
 
     ``q, k [B, Hk, K]``, ``v [B, Hv, V]``, ``g [B, Hv]`` or ``[B, Hv, K]``, ``beta [B, Hv]``, any batch/head
     strides (views of a fused projection are read where they lie); returns ``o [B, Hv, V]`` in ``q.dtype``.
+    ``launch_pdl`` (sm_90+, benchmarks only so far) starts the kernel while the previous one finishes and
+    reads the slots' states before waiting for it: only valid when that kernel writes no state of these slots.
     """
     if q.dim() != 3 or q.shape[0] != state_indices.shape[0]:
         raise ValueError(
@@ -204,7 +234,8 @@ def fused_recurrent_delta_rule(
         g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), out.stride(0), out.stride(1),
         recurrent_state.stride(0), recurrent_state.stride(1), recurrent_state.stride(2),
         HV=shape.num_v_heads, GROUP=shape.num_v_heads // shape.num_k_heads, K=k_dim, V=v_dim, BV=block_v,
-        HEAD_GATE=shape.head_gate, L2NORM=use_qk_l2norm_in_kernel, EPS=L2NORM_EPS, num_warps=num_warps,
+        HEAD_GATE=shape.head_gate, L2NORM=use_qk_l2norm_in_kernel, EPS=L2NORM_EPS, USE_PDL=launch_pdl,
+        EVICT=evict_first, num_warps=num_warps, **({"launch_pdl": True} if launch_pdl else {}),
     )  # fmt: skip
     return out
 

@@ -21,6 +21,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y.view(x.shape)
 
 
+def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(1 + weight) * RMSNorm(x)``, float32 throughout, one norm launch; returns ``x.dtype``."""
+    y, _, _, _ = layer_norm_fwd(_rows(x), 1.0 + weight.float(), None, eps, is_rms_norm=True)
+    return y.view(x.shape)
+
+
 def gated_rms_norm(
     x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"
 ) -> torch.Tensor:
