@@ -17,6 +17,99 @@ def make_tp_checkpoint(path: Path) -> Path:
     return make_tiny(Path(path) / "tiny-tp", seed=1, overrides=TP_OVERRIDES)
 
 
+LOGITS_TOL = 1e-5
+# One engine setting for every scenario: chunks of 16 tokens, few blocks (so preemption), prefix caching.
+ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=16, block_size=4, num_kv_blocks=24, seed=0)
+
+
+def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    from helpers_engine import random_prompts
+
+    return random_prompts(lengths, seed=seed)
+
+
+SHARED_PREFIX = _prompts([20], 7)[0]
+SCENARIOS = {
+    "alone": ([_prompts([7], 1)[0]], 8),
+    "batched": (_prompts([5, 9, 12], 2), 6),
+    "chunked": (_prompts([37], 3), 6),  # chunks of 16 tokens
+    "preempted": (_prompts([14, 14, 14, 14], 4), 14),  # 4 x 7 blocks > 24
+    "prefix_hits": ([SHARED_PREFIX + t for t in _prompts([3, 5, 6], 5)], 5),
+}
+
+
+def greedy(n: int):
+    from deltaserve import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def tapped(llm):
+    """``llm`` with a :class:`LogitsTap` on its (rank 0) sampler."""
+    llm.llm_engine.runner.sampler = LogitsTap(llm.llm_engine.runner.sampler)
+    return llm
+
+
+def run_scenario(llm, name: str) -> dict:
+    """Tokens, per-step logits and counters of one scenario, from an empty prefix cache."""
+    llm.reset_prefix_cache()
+    tap = llm.llm_engine.runner.sampler
+    tap.logits.clear()
+    before = llm.get_metrics()
+    prompts, n = SCENARIOS[name]
+    rounds = 2 if name == "prefix_hits" else 1  # the second round hits the checkpoints
+    tokens = [o.outputs[0].token_ids for _ in range(rounds) for o in llm.generate(prompts, greedy(n), use_tqdm=False)]
+    after = llm.get_metrics()
+    counters = {k: after[k] - before[k] for k in ("num_preemptions", "prefix_cache_hits")}
+    return {"tokens": tokens, "logits": list(tap.logits), **counters}
+
+
+def assert_same_run(got: dict, want: dict, name: str) -> None:
+    """Identical greedy tokens and counters; every step's logits within ``LOGITS_TOL``."""
+    assert got["tokens"] == want["tokens"]
+    assert len(got["logits"]) == len(want["logits"])
+    for step, (a, b) in enumerate(zip(got["logits"], want["logits"])):
+        assert a.shape == b.shape and not a.isnan().any(), step
+        assert (a - b).abs().max().item() <= LOGITS_TOL, f"step {step}: {(a - b).abs().max().item():.2e}"
+    if name == "preempted":
+        assert got["num_preemptions"] > 0 and got["num_preemptions"] == want["num_preemptions"]
+    if name == "prefix_hits":
+        assert got["prefix_cache_hits"] >= 3 and got["prefix_cache_hits"] == want["prefix_cache_hits"]
+
+
+def pool_states(runner, group: str, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's ``(conv, recurrent)`` states of ``slots`` in pool ``group``, ``[layers, len(slots), ...]``."""
+    index = torch.tensor(slots)
+    pool = runner.state_pool
+    return pool.conv[group][:, index].clone(), pool.recurrent[group][:, index].clone()
+
+
+def assert_checkpoints_sharded(tp_llm, reference_llm, group: str) -> None:
+    """The prefix-cache checkpoints both engines hold (matched by key) hold, on every rank, that rank's
+    share of each conv block (``[q | k | v]``) and its heads of the TP-1 recurrent state."""
+
+    def slots(llm) -> dict:
+        return {entry.key: entry.slot for entry in llm.llm_engine.prefix_cache.index.entries()}
+
+    ours, theirs = slots(tp_llm), slots(reference_llm)
+    # NOTE: the cache budget is per rank, where states shrink with TP and the KV cache may not, so
+    # TP may keep a checkpoint that TP 1 evicted; the ones both keep are compared.
+    keys = sorted(ours.keys() & theirs.keys())
+    assert len(keys) >= 3
+    ref_runner = reference_llm.llm_engine.runner
+    conv1, rec1 = pool_states(ref_runner, group, [theirs[k] for k in keys])
+    blocks = ref_runner.state_pool.groups[group].layout.conv_split
+    tp = tp_llm.llm_engine.config.tensor_parallel_size
+    states = tp_llm.llm_engine.collective_rpc(pool_states, group, [ours[k] for k in keys])
+    for rank, (conv, rec) in enumerate(states):
+        offsets = [sum(blocks[:i]) for i in range(len(blocks))]
+        parts = [conv1[..., o + rank * (n // tp) : o + (rank + 1) * (n // tp)] for o, n in zip(offsets, blocks)]
+        heads = rec1.shape[2] // tp
+        assert (conv - torch.cat(parts, dim=-1)).abs().max() <= LOGITS_TOL, rank
+        assert (rec - rec1[:, :, rank * heads : (rank + 1) * heads]).abs().max() <= LOGITS_TOL, rank
+        assert rec.abs().sum() > 0
+
+
 class LogitsTap:
     """Wraps a runner's sampler and keeps a copy of the float32 logits of every step."""
 
@@ -93,9 +186,3 @@ def gdn_worker(rank: int, world_size: int, init_method: str, weights: dict, hidd
         gather_to_first(run_gdn_layer(projection, path, hidden, world_size))
     destroy_distributed()
 
-
-def pool_states(runner, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's KDA ``(conv, recurrent)`` states of ``slots``, ``[layers, len(slots), ...]``."""
-    index = torch.tensor(slots)
-    pool = runner.state_pool
-    return pool.conv["kda"][:, index].clone(), pool.recurrent["kda"][:, index].clone()

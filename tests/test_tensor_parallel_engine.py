@@ -1,8 +1,8 @@
-"""Tensor parallelism on the CPU (gloo, real worker processes): TP 2 and 4 against TP 1.
+"""Tensor parallelism on the CPU (gloo, real worker processes), Kimi-Linear at TP 2 and 4 against TP 1.
 
 Every scenario runs on a TP-1 engine and a TP-N engine of the same settings (so the same schedule)
-and compares greedy tokens (identical) and the logits of every step (within 1e-5, float32). TP 2
-is also checked against transformers' model directly.
+and compares greedy tokens (identical) and the logits of every step (within 1e-5, float32). TP is
+also checked against transformers' model directly.
 """
 
 from __future__ import annotations
@@ -11,54 +11,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from deltaserve import LLM, SamplingParams
+from deltaserve import LLM
 from deltaserve.state.layout import kda_layout
-from helpers_engine import GreedyReference, random_prompts
+from helpers_engine import GreedyReference
 from helpers_model import reference_model
-from helpers_tp import LogitsTap, make_tp_checkpoint, pool_states
+from helpers_tp import (
+    ENGINE, SCENARIOS, assert_checkpoints_sharded, assert_same_run, greedy, make_tp_checkpoint, run_scenario, tapped,
+)  # fmt: skip
 
-ENGINE = dict(max_num_seqs=4, max_num_batched_tokens=16, block_size=4, num_kv_blocks=24, seed=0)
 HEADS, HEAD_DIM, KERNEL, KDA_LAYERS = 4, 16, 4, 3
-LOGITS_TOL = 1e-5
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-
-
-SHARED = random_prompts([20], seed=7)[0]
-SCENARIOS = {
-    "alone": ([random_prompts([7], seed=1)[0]], 8),
-    "batched": (random_prompts([5, 9, 12], seed=2), 6),
-    "chunked": (random_prompts([37], seed=3), 6),  # chunks of 16 tokens
-    "preempted": (random_prompts([14, 14, 14, 14], seed=4), 14),  # 4 x 7 blocks > 24
-    "prefix_hits": ([SHARED + t for t in random_prompts([3, 5, 6], seed=5)], 5),
-}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_tp_checkpoint(tmp_path_factory.mktemp("tp"))
-
-
-def run(llm: LLM, name: str) -> dict:
-    """Tokens, per-step logits and counters of one scenario, from an empty prefix cache."""
-    llm.reset_prefix_cache()
-    tap = llm.llm_engine.runner.sampler
-    tap.logits.clear()
-    before = llm.get_metrics()
-    prompts, n = SCENARIOS[name]
-    tokens = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(n), use_tqdm=False)]
-    if name == "prefix_hits":  # a second round over the same prompts hits the checkpoints
-        tokens += [o.outputs[0].token_ids for o in llm.generate(prompts, greedy(n), use_tqdm=False)]
-    after = llm.get_metrics()
-    counters = {k: after[k] - before[k] for k in ("num_preemptions", "prefix_cache_hits")}
-    return {"tokens": tokens, "logits": list(tap.logits), **counters}
-
-
-def tapped(llm: LLM) -> LLM:
-    llm.llm_engine.runner.sampler = LogitsTap(llm.llm_engine.runner.sampler)
-    return llm
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +34,8 @@ def reference_llm(checkpoint):
 
 @pytest.fixture(scope="module")
 def reference(reference_llm):
-    # NOTE: prefix_hits last: its checkpoints stay in the cache for the pool test.
-    return {name: run(reference_llm, name) for name in SCENARIOS}
+    # NOTE: prefix_hits last: its checkpoints stay in the cache for the checkpoint test.
+    return {name: run_scenario(reference_llm, name) for name in SCENARIOS}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda tp: f"tp{tp}")
@@ -81,22 +47,18 @@ def tp_llm(request, checkpoint):
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_greedy_tokens_and_logits_match_tp1(tp_llm, reference, name):
-    got, want = run(tp_llm, name), reference[name]
-    assert got["tokens"] == want["tokens"]
-    assert len(got["logits"]) == len(want["logits"])
-    for step, (a, b) in enumerate(zip(got["logits"], want["logits"])):
-        assert a.shape == b.shape and not a.isnan().any(), step
-        assert (a - b).abs().max().item() <= LOGITS_TOL, f"step {step}: {(a - b).abs().max().item():.2e}"
-    if name == "preempted":
-        assert got["num_preemptions"] > 0 and got["num_preemptions"] == want["num_preemptions"]
-    if name == "prefix_hits":
-        assert got["prefix_cache_hits"] >= 3 and got["prefix_cache_hits"] == want["prefix_cache_hits"]
+    assert_same_run(run_scenario(tp_llm, name), reference[name], name)
 
 
-def test_tp_greedy_matches_transformers(tp_llm, checkpoint):
+@pytest.fixture(scope="module")
+def transformers_tokens(checkpoint):
     prompt, n = SCENARIOS["alone"][0][0], SCENARIOS["alone"][1]
-    expected = GreedyReference(reference_model(checkpoint))(prompt, n)
-    assert tp_llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].token_ids == expected
+    return GreedyReference(reference_model(checkpoint))(prompt, n)
+
+
+def test_tp_greedy_matches_transformers(tp_llm, transformers_tokens):
+    prompt, n = SCENARIOS["alone"][0][0], SCENARIOS["alone"][1]
+    assert tp_llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].token_ids == transformers_tokens
 
 
 def test_each_rank_pool_holds_the_per_rank_layout(tp_llm):
@@ -135,24 +97,7 @@ def test_each_rank_holds_its_slice_of_the_checkpoint(tp_llm, checkpoint):
         assert torch.equal(w["A_log"], a_log[:, :, rank * heads : (rank + 1) * heads])
 
 
-def checkpoint_slots(llm: LLM) -> dict[tuple, int]:
-    return {entry.key: entry.slot for entry in llm.llm_engine.prefix_cache.index.entries()}
-
-
-def test_prefix_cache_checkpoints_hold_the_same_states_on_every_rank_as_at_tp1(tp_llm, reference, reference_llm):
-    # The checkpoints are copied (on rank 0 when decided, on the other ranks from the step broadcast):
-    # each rank's slots hold its heads of the TP-1 engine's checkpoint states.
-    run(tp_llm, "prefix_hits")
-    ours, theirs = checkpoint_slots(tp_llm), checkpoint_slots(reference_llm)
-    # NOTE: the cache budget is per rank, where states shrink with TP and the latent KV does not, so
-    # TP may keep a checkpoint that TP 1 evicted; the ones both keep are compared.
-    keys = sorted(ours.keys() & theirs.keys())
-    assert len(keys) >= 3
-    conv1, rec1 = pool_states(reference_llm.llm_engine.runner, [theirs[k] for k in keys])
-    tp = tp_llm.llm_engine.config.tensor_parallel_size
-    width, heads = HEADS * HEAD_DIM // tp, HEADS // tp
-    for rank, (conv, rec) in enumerate(tp_llm.llm_engine.collective_rpc(pool_states, [ours[k] for k in keys])):
-        parts = [conv1[..., p * HEADS * HEAD_DIM + rank * width :][..., :width] for p in range(3)]
-        assert (conv - torch.cat(parts, dim=-1)).abs().max() <= LOGITS_TOL, rank
-        assert (rec - rec1[:, :, rank * heads : (rank + 1) * heads]).abs().max() <= LOGITS_TOL, rank
-        assert rec.abs().sum() > 0
+def test_prefix_cache_checkpoints_hold_each_ranks_share_of_the_tp1_states(tp_llm, reference, reference_llm):
+    # Checkpoints are copied on rank 0 when decided and on the other ranks from the step broadcast.
+    run_scenario(tp_llm, "prefix_hits")
+    assert_checkpoints_sharded(tp_llm, reference_llm, "kda")
