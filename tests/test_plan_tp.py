@@ -17,7 +17,7 @@ from deltaserve.models.registry import resolve
 from deltaserve.state.layout import gdn_layout, kda_layout
 
 KIMI_48B = Path(__file__).parent / "data" / "kimi-linear-48b-a3b-config.json"
-QWEN3_NEXT_80B = Path("/work/shared/reference/qwen3-next-80b-a3b-config.json")
+QWEN3_NEXT_80B = Path(__file__).parent / "data" / "qwen3-next-80b-a3b-config.json"
 
 
 def plan_rows(capsys, config: Path, tp: int) -> dict[str, list[str]]:
@@ -62,8 +62,15 @@ def test_kimi_48b_per_rank_layouts(capsys, kimi_48b_config, tp):
     assert mla.num_heads == 32 // tp and mla.kv_a_proj_with_mqa.weight.shape[0] == 512 + 64  # latent replicated
 
 
+@pytest.fixture(scope="module")
+def qwen3_next_80b_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen80b")
+    (path / "config.json").write_text(QWEN3_NEXT_80B.read_text())
+    return load_model_config(path)
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8, 16])
-def test_qwen3_next_80b_per_rank_layouts(capsys, tp):
+def test_qwen3_next_80b_per_rank_layouts(capsys, qwen3_next_80b_config, tp):
     rows = plan_rows(capsys, QWEN3_NEXT_80B, tp)
     config = json.loads(QWEN3_NEXT_80B.read_text())
     layout = gdn_layout(16, 32, 128, 128, conv_kernel_size=4, tp_size=tp, model_dtype=torch.bfloat16)
@@ -75,3 +82,13 @@ def test_qwen3_next_80b_per_rank_layouts(capsys, tp):
     # 2 KV heads x head_dim 256 x (K, V) x bf16, split up to TP 2 and replicated (1 a rank) beyond.
     kv_heads = max(1, 2 // tp)
     assert rows["attention"][2] == f"{2 * kv_heads * 256 * 2:,}"
+    # The model's layers built as rank 0 of tp (meta device) hold exactly these heads and channels.
+    c = qwen3_next_80b_config
+    with tp_layout(0, tp), torch.device("meta"):
+        model = resolve(c)(c, torch.bfloat16)
+    gdn = model.model.layers[model.linear_layer_ids[0]].linear_attn
+    assert gdn.conv_split == layout.conv_split and gdn.recurrent_shape == layout.recurrent_shape
+    assert model.state_groups(tp_size=tp, mamba_ssm_cache_dtype="bfloat16")["gdn"].layout == layout
+    attn = model.model.layers[model.attn_layer_ids[0]].self_attn
+    assert (attn.num_heads, attn.num_kv_heads) == (16 // tp, kv_heads)
+    assert f"{model.kv_cache_spec().bytes_per_token:,}" == rows["attention"][2]

@@ -57,13 +57,24 @@ def test_greedy_tokens_and_logits_match_tp1(case, name):
     assert_same_run(run_scenario(llm, name), reference[name], name)
 
 
-def test_tp_greedy_matches_transformers(case):
+@pytest.fixture(scope="module")
+def transformers_tokens():
+    """transformers' greedy tokens of the ``alone`` prompt, per checkpoint (its model loaded once)."""
+    cache = {}
+
+    def get(path: Path) -> list[int]:
+        if path not in cache:
+            prompt, n = SCENARIOS["alone"][0][0], SCENARIOS["alone"][1]
+            cache[path] = GreedyReference(reference_model(path))(prompt, n)
+        return cache[path]
+
+    return get
+
+
+def test_tp_greedy_matches_transformers(case, transformers_tokens):
     llm, _, _, path = case
-    if llm.llm_engine.config.tensor_parallel_size != 2:
-        return  # NOTE: transformers' model is loaded once per architecture (seconds on 2 cores)
     prompt, n = SCENARIOS["alone"][0][0], SCENARIOS["alone"][1]
-    expected = GreedyReference(reference_model(path))(prompt, n)
-    assert llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].token_ids == expected
+    assert llm.generate([prompt], greedy(n), use_tqdm=False)[0].outputs[0].token_ids == transformers_tokens(path)
 
 
 def test_each_rank_pool_and_kv_cache_hold_the_per_rank_shapes(case):

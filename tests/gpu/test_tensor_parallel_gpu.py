@@ -75,6 +75,21 @@ def test_tp2_nccl_matches_tp1(checkpoint, reference, enforce_eager):
         llm.shutdown()
 
 
+def test_tp2_nccl_qwen3_next_matches_tp1(tmp_path):
+    from deltaserve.models.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "qwen", seed=2, arch="qwen3_next")
+    want = greedy(LLM(str(path), **ENGINE))
+    torch.cuda.empty_cache()
+    llm = LLM(str(path), tensor_parallel_size=2, **ENGINE)
+    try:
+        outputs, logits = greedy(llm)
+        agree_until_tie(outputs, want[0])
+        assert rel_err(logits[0], want[1][0]) < 1e-3
+    finally:
+        llm.shutdown()
+
+
 def test_a_killed_nccl_worker_fails_the_engine_without_hanging(checkpoint):
     llm = LLM(str(checkpoint), tensor_parallel_size=2, **ENGINE)
     try:
