@@ -201,7 +201,8 @@ def test_bfloat16_recurrent_state_stays_close(layers):
 def test_bind_state_rejects_a_layout_of_other_heads(layers):
     _, ours, _ = layers
     for layout, field in ((gdn_layout(HK, 2 * HV, DK, DV, conv_kernel_size=K), "conv_split"),
-                          (gdn_layout(HK, HV, DK, DV, conv_kernel_size=3), "conv_kernel_size")):  # fmt: skip
+                          (gdn_layout(HK, HV, DK, DV, conv_kernel_size=3), "conv_kernel_size"),
+                          (gdn_layout(HK, HV, DK, DV, conv_kernel_size=K, ssm_dtype="float16"), "recurrent_dtype")):  # fmt: skip
         pool = StatePool({"gdn": StateGroup(layout, num_layers=1)}, num_slots=1)
         with pytest.raises(ValueError, match=field):
             ours.bind_state(pool.layer_state("gdn", 0), layout)

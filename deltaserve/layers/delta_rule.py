@@ -28,6 +28,7 @@ class DeltaRuleMixer(nn.Module):
         conv_kernel_size: int,
         layer_idx: int,
         conv_activation: str | None = "silu",
+        recurrent_dtypes: tuple[torch.dtype, ...] = (torch.float32,),
     ):
         super().__init__()
         self.state_kind = state_kind
@@ -36,6 +37,7 @@ class DeltaRuleMixer(nn.Module):
         self.conv_kernel_size = conv_kernel_size
         self.layer_idx = layer_idx
         self.conv_activation = conv_activation
+        self.recurrent_dtypes = recurrent_dtypes
         self.conv_state: torch.Tensor | None = None  # [slots+1, L, conv_dim], SD view of the pool
         self.recurrent_state: torch.Tensor | None = None  # [slots+1, Hv, Dv, Dk]
 
@@ -50,6 +52,11 @@ class DeltaRuleMixer(nn.Module):
         for field, (want, got) in expected.items():
             if want != got:
                 raise ValueError(f"layer {self.layer_idx}: state layout {field} must be {want}, got {got}")
+        if layout.recurrent_dtype not in self.recurrent_dtypes:
+            raise ValueError(
+                f"layer {self.layer_idx}: state layout recurrent_dtype must be one of {self.recurrent_dtypes}, "
+                f"got {layout.recurrent_dtype}"
+            )
         if layer_state.recurrent_state is None or tuple(layer_state.recurrent_state.shape[1:]) != self.recurrent_shape:
             raise ValueError(f"layer {self.layer_idx}: the pool holds no recurrent state of shape {self.recurrent_shape}")
         conv = layer_state.conv_state

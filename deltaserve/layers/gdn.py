@@ -72,8 +72,9 @@ class GatedDeltaNet(DeltaRuleMixer):
         num_k_heads = divide(num_k_heads, tp_size, "GDN linear_num_key_heads")
         num_v_heads = divide(num_v_heads, tp_size, "GDN linear_num_value_heads")
         key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        # NOTE: float32 (the engine's default for GDN) or bfloat16 (opt-in) recurrent states; the kernels take both.
         super().__init__("gdn", (key_dim, key_dim, value_dim), (num_v_heads, head_v_dim, head_k_dim),
-                         conv_kernel_size, layer_idx, conv_activation)  # fmt: skip
+                         conv_kernel_size, layer_idx, conv_activation, (torch.float32, torch.bfloat16))  # fmt: skip
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.conv_blocks = [full_key_dim, full_key_dim, full_value_dim]
         self.hidden_size = hidden_size

@@ -174,9 +174,9 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
     """``(block_v, num_warps)`` of the decode kernel for a batch.
 
-    NOTE: one warp per 8 rows of a head's state (4 at small batches, so that one request's 2 MiB spread
-    over 1024 programs at Qwen3-Next dims) measured best or level with the best at batch 1..256 on an
-    H200 (benchmarks/RESULTS.md); the former 32 rows x 8 warps was 3-6% slower at batch 64 and 256.
+    NOTE: one warp per 8 rows of a head's state (4 at small batches, so that one request's 2 MiB spreads
+    over 1024 programs at Qwen3-Next dims) measured best or within 2% of the best at batch 1..256 on an
+    H200, for GDN and in KDA's decode step (benchmarks/RESULTS.md); 32 rows x 8 warps was 2-4% slower at 256.
     """
     rows = batch * num_v_heads * v_dim
     if rows <= 16 * 32 * 128:  # up to batch 16 at 32 heads of 128 rows
@@ -240,7 +240,8 @@ def fused_recurrent_delta_rule(
     return out
 
 
-@triton.jit
+# NOTE: the row count changes every step: no specialisation on it, no recompiles.
+@triton.jit(do_not_specialize=["num_rows"])
 def _gdn_gate_kernel(a, b, A_log, dt_bias, g, beta, num_rows, stride_a, stride_b,
                      HV: tl.constexpr, BH: tl.constexpr, BT: tl.constexpr):
     o_t = tl.program_id(0) * BT + tl.arange(0, BT)
