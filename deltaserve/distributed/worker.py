@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -79,7 +80,8 @@ def run_worker(config: EngineConfig) -> None:
 
 def worker_main(rank: int, world_size: int, config: EngineConfig, init_method: str, timeout_s: float) -> None:
     """Entry point of a spawned worker process."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # NOTE: Ctrl-C reaches the whole process group; only rank 0 acts on it (it stops the workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         init_distributed(rank, world_size, device=config.device, init_method=init_method, timeout_s=timeout_s)
         run_worker(config)
