@@ -35,10 +35,6 @@ class TPGroup:
     cpu_group: dist.ProcessGroup | None = None
     backend: str = "none"
 
-    @property
-    def is_first_rank(self) -> bool:
-        return self.rank == 0
-
 
 _TP_GROUP = TPGroup()
 
