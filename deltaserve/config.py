@@ -34,16 +34,13 @@ class EngineConfig:
     # context); "bfloat16" is the opt-in. KDA states are float32 whatever this says.
     mamba_ssm_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True
-    # Prefix caching: token spacing of state checkpoints (independent of block_size; None = the
-    # chunk size max_num_batched_tokens) and the memory budget of cached checkpoints and blocks
-    # (bytes; None = the checkpoint slots plus the KV cache).
-    # NOTE: a checkpoint inside a prompt ends a prefill chunk, i.e. costs a forward step (about 100 ms
-    # a cut on an H200 with a Kimi-shaped model: interval 256 made unique 1000-2000-token prompts 60%
-    # slower to first token). The cache checkpoints where sharing is seen instead (where a prompt
-    # leaves blocks that others hold or compute, e.g. the end of a system prompt, from its second
-    # user on) and at prompt and request ends, which cost no step; interval checkpoints at the chunk
-    # size fall where a long prompt's chunks end anyway. A smaller interval makes a prefix's second
-    # user hit already, at that cost.
+    # Prefix caching: token spacing of state checkpoints (a multiple of the chunked kernel's chunk,
+    # 64; None = 256) and the memory budget of cached checkpoints and blocks (bytes; None = the
+    # checkpoint slots plus the KV cache).
+    # NOTE: prefills save these checkpoints inside the forward (the chunked delta rule has the state
+    # at every 64-token boundary), so a fine interval costs no forward step; what is kept is chosen
+    # by value per byte (deltaserve.kv.checkpoint_index). extra={"checkpoints_in_forward": False}
+    # makes checkpoints end chunks instead (one forward step each; default interval = the chunk size).
     checkpoint_interval: int | None = None
     prefix_cache_budget_bytes: int | None = None
     tensor_parallel_size: int = 1

@@ -9,10 +9,56 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+
+
+@dataclass(frozen=True)
+class StateCheckpoints:
+    """States to save inside one forward, without ending a chunk (prefix-cache checkpoints).
+
+    Entry ``i``: after the first ``offsets[i]`` new tokens of sequence ``seq_indices[i]`` of the
+    batch, copy the layer's two states into pool slot ``slots[i]``: the recurrent state, and as
+    conv state the last ``state_len`` conv inputs before that position. Host lists; ``offsets``
+    are positive multiples of the chunked kernel's chunk size, below the sequence's query length.
+    """
+
+    seq_indices: list[int]
+    offsets: list[int]
+    slots: list[int]
+    token_indices: list[int]  # flat batch index of the first token after each checkpoint
+    # NOTE: host copies of the batch's query lengths and state slots, so no op reads them back from the device.
+    query_lens: list[int]
+    seq_slots: list[int]
+    _device_cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def on_device(self, key: tuple, make) -> object:
+        """``make()`` once per forward for ``key`` (device tensors every layer reuses: one copy, not one per layer)."""
+        if key not in self._device_cache:
+            self._device_cache[key] = make()
+        return self._device_cache[key]
+
+    @classmethod
+    def from_batch(
+        cls, per_seq: list[list[tuple[int, int]]], query_lens: list[int], seq_slots: list[int]
+    ) -> "StateCheckpoints | None":
+        """From ``(offset, slot)`` pairs per sequence (the scheduler's); None when there are none."""
+        rows, start = [], 0
+        for b, (pairs, n) in enumerate(zip(per_seq, query_lens)):
+            rows += [(b, offset, slot, start + offset) for offset, slot in sorted(pairs)]
+            start += n
+        if not rows:
+            return None
+        return cls(*(list(column) for column in zip(*rows)), list(query_lens), list(seq_slots))
+
+    def for_sequence(self, b: int) -> list[tuple[int, int]]:
+        """``(offset, slot)`` pairs of sequence ``b``, ascending."""
+        return [(o, s) for i, o, s in zip(self.seq_indices, self.offsets, self.slots) if i == b]
 
 
 @dataclass
@@ -27,6 +73,7 @@ class ForwardContext:
     - ``block_tables``: ``[B, max_blocks]`` int32 KV block ids (``-1`` padding) for full-attention layers.
     - ``slot_mapping``: ``[T]`` int64, flat KV cache position (``block * block_size + offset``) of each
       new token, ``-1`` where nothing is written.
+    - ``checkpoints``: states the linear layers save inside this forward, or None.
     """
 
     cu_seqlens: torch.Tensor
@@ -37,6 +84,7 @@ class ForwardContext:
     block_tables: torch.Tensor | None = None
     slot_mapping: torch.Tensor | None = None
     block_size: int = 16
+    checkpoints: StateCheckpoints | None = None
 
     # NOTE: cached: every KDA/MLA layer reads these once per forward, and the host lists they
     # derive from are not changed after the context is built.
@@ -87,12 +135,14 @@ def make_forward_context(
     *,
     block_tables: list[list[int]] | None = None,
     block_size: int = 16,
+    checkpoints: list[list[tuple[int, int]]] | None = None,
     device: torch.device | str = "cpu",
 ) -> ForwardContext:
     """Build a context from host lists: the model runner's one way to do it (tests use it too).
 
     Each list becomes one tensor and one host-to-device copy; ``block_tables`` rows are padded
-    with ``-1`` and ``slot_mapping`` is derived from them.
+    with ``-1`` and ``slot_mapping`` is derived from them. ``checkpoints``: ``(offset, slot)`` pairs
+    per sequence (see :class:`StateCheckpoints`).
     """
     cu = [0]
     for n in query_lens:
@@ -118,6 +168,7 @@ def make_forward_context(
         block_tables=tables,
         slot_mapping=slots,
         block_size=block_size,
+        checkpoints=StateCheckpoints.from_batch(checkpoints, query_lens, state_indices) if checkpoints else None,
     )
 
 

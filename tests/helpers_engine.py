@@ -35,9 +35,10 @@ def assert_all_free(stats: dict) -> None:
     """No request is left and none holds a slot or KV block; what is still in use is exactly what the
     prefix cache's own bookkeeping says it holds (its checkpoints' slots and the blocks they reference)."""
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0, stats
-    assert stats["state_slots_running"] == 0 and stats["kv_blocks_running"] == 0, stats
-    assert stats["state_slots_used"] == stats["state_slots_cached"] == stats.get("prefix_cache_checkpoints", 0), stats
-    assert stats["kv_blocks_used"] == stats["kv_blocks_cached"] == stats.get("prefix_cache_blocks_held", 0), stats
+    assert stats["state_slots_used"] == stats["kv_blocks_used"] == 0, stats
+    assert stats["state_pool_usage_perc"] == stats["kv_cache_usage_perc"] == 0, stats
+    assert stats["state_slots_cached"] == stats.get("prefix_cache_checkpoints", 0), stats
+    assert stats["kv_blocks_cached"] == stats.get("prefix_cache_blocks_held", 0), stats
 
 
 def assert_all_free_after_reset(engine) -> None:
@@ -45,4 +46,4 @@ def assert_all_free_after_reset(engine) -> None:
     assert_all_free(engine.get_metrics())
     engine.reset_prefix_cache()
     stats = engine.get_metrics()
-    assert stats["state_slots_used"] == 0 and stats["kv_blocks_used"] == 0, stats
+    assert stats["state_slots_cached"] == 0 and stats["kv_blocks_cached"] == 0, stats

@@ -55,7 +55,8 @@ def test_prefix_cache_hits_equal_misses_and_transformers(tiny):
     checkpoint, reference = tiny
     (system,) = random_prompts([16], seed=3)
     prompts = [system + suffix for suffix in random_prompts([3, 9, 1, 5], seed=4)]
-    cached = make_llm(checkpoint, checkpoint_interval=8)
+    # NOTE: checkpoints ending chunks, at a small interval; in-forward ones: test_prefix_capture_engine.py
+    cached = make_llm(checkpoint, checkpoint_interval=8, extra={"checkpoints_in_forward": False})
     outputs = generate_tokens(cached, prompts[:1]) + generate_tokens(cached, prompts[1:])
     # a multi-turn chat: the second turn restores the whole first turn from its final checkpoint
     turn = prompts[0] + outputs[0] + random_prompts([4], seed=5)[0]

@@ -193,8 +193,8 @@ def test_abort_frees_slot_and_blocks_at_once(checkpoint):
     final = engine.abort_request("a")
     after = engine.stats()
     assert final.finished and final.outputs[0].finish_reason == "abort" and len(final.outputs[0].token_ids) == 2
-    assert after["state_slots_running"] == before["state_slots_running"] - 1
-    assert after["kv_blocks_running"] == before["kv_blocks_running"] - 3  # 12 tokens in blocks of 4
+    assert after["state_slots_used"] == before["state_slots_used"] - 1
+    assert after["kv_blocks_used"] == before["kv_blocks_used"] - 3  # 12 tokens in blocks of 4
     assert engine.abort_request("a") is None
     while engine.has_unfinished_requests():
         engine.step()

@@ -48,9 +48,17 @@ class FakeModel:
     def entry(self, seq: Sequence, pos: int) -> torch.Tensor:
         return self.kv[0, seq.block_table[pos // self.bs], pos % self.bs]
 
+    def save(self, slot: int, h: int, window: list[int]) -> None:
+        recurrent, conv = self.pool.recurrent["kda"][0, slot].view(-1), self.pool.conv["kda"][0, slot]
+        recurrent.fill_(0)
+        recurrent[0] = h
+        conv.fill_(0)
+        conv[:, 0] = torch.tensor(window, dtype=conv.dtype)
+
     def run(self, batch) -> list:
         out = []
-        for seq, n, sample in zip(batch.seqs, batch.num_new_tokens, batch.do_sample):
+        checkpoints = batch.checkpoints or [[] for _ in batch.seqs]
+        for seq, n, sample, cuts in zip(batch.seqs, batch.num_new_tokens, batch.do_sample, checkpoints):
             start = seq.num_computed_tokens
             recurrent = self.pool.recurrent["kda"][0, seq.state_slot].view(-1)
             conv = self.pool.conv["kda"][0, seq.state_slot]  # [3, dim] (SD), newest last
@@ -58,15 +66,15 @@ class FakeModel:
                 assert self.entry(seq, pos).tolist() == [seq.token_ids[pos], pos], f"KV of {pos} is wrong"
             h = int(recurrent[0]) if start else 0
             window = [int(v) for v in conv[:, 0]] if start else [0, 0, 0]
+            saves = {start + offset: slot for offset, slot in cuts}  # in-forward checkpoints
             for pos in range(start, start + n):
+                if pos in saves:
+                    self.save(saves[pos], h, window)
                 t = seq.token_ids[pos]
                 h = (h * 31 + t + 1) % MOD
                 window = window[1:] + [t]
                 self.entry(seq, pos).copy_(torch.tensor([t, pos], dtype=torch.float32))
-            recurrent.fill_(0)
-            recurrent[0] = h
-            conv.fill_(0)
-            conv[:, 0] = torch.tensor(window, dtype=conv.dtype)
+            self.save(seq.state_slot, h, window)
             kv = sum(int(self.entry(seq, p)[0]) * (p + 1) for p in range(start + n))
             token = int(h + sum(w * (i + 1) for i, w in enumerate(window)) + kv) % VOCAB
             out.append((token, 0.0, None) if sample else None)
@@ -79,13 +87,14 @@ def stop_at_length(seq: Sequence) -> None:
 
 
 def make_system(*, num_slots=16, num_blocks=64, block_size=4, interval=8, budget=1 << 30, max_num_seqs=4,
-                max_num_batched_tokens=64):
+                max_num_batched_tokens=64, capture_grid=None):
     pool = StatePool({"kda": StateGroup(kda_layout(1, 2, model_dtype=torch.float32), 1)}, num_slots)
     for tensor in (pool.conv["kda"], pool.recurrent["kda"]):
         tensor.fill_(float("nan"))  # NOTE: a slot read before it was written or restored shows up as NaN
     kv_cache = torch.full((1, num_blocks, block_size, 2), float("nan"))
     manager = BlockManager(num_blocks, block_size)
-    cache = PrefixCache(manager, pool, kv_cache, checkpoint_interval=interval, budget_bytes=budget)
+    cache = PrefixCache(manager, pool, kv_cache, checkpoint_interval=interval, budget_bytes=budget,
+                        capture_grid=capture_grid)
     scheduler = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, state_pool=pool,
                           block_manager=manager, check_stop=stop_at_length, prefix_cache=cache)
     return scheduler, cache, FakeModel(pool, kv_cache, block_size)

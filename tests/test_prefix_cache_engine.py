@@ -1,5 +1,7 @@
-"""Prefix caching through the whole engine (tiny Kimi-Linear, float32, CPU).
+"""Prefix caching through the whole engine (tiny Kimi-Linear, float32, CPU), checkpoints ending chunks.
 
+These run the fallback where checkpoints end prefill chunks (``checkpoints_in_forward`` off), at
+small intervals; ``test_prefix_capture_engine.py`` covers checkpoints taken inside the forward.
 A hit must give the greedy tokens of transformers and of the same engine without the cache, skip
 exactly the restored prompt tokens, leave cached checkpoints bit-identical while other requests
 run, and give every slot and block back on ``reset_prefix_cache()``.
@@ -37,6 +39,7 @@ def plain(checkpoint):
 def make_llm(checkpoint, **kwargs) -> LLM:
     kwargs.setdefault("block_size", 4)
     kwargs.setdefault("checkpoint_interval", 8)
+    kwargs.setdefault("extra", {"checkpoints_in_forward": False})
     return LLM(model=str(checkpoint), dtype="float32", **kwargs)
 
 
@@ -139,7 +142,7 @@ def test_prefix_caching_off_keeps_nothing(checkpoint, plain):
     generate_tokens(plain, [system + [1], system + [2]])
     stats = plain.get_metrics()
     assert stats["prefix_cache_hit_tokens"] == 0 and stats["checkpoints_stored"] == 0
-    assert stats["state_slots_used"] == 0 and stats["kv_blocks_used"] == 0
+    assert stats["state_slots_cached"] == 0 and stats["kv_blocks_cached"] == 0
 
 
 def test_pool_gets_checkpoint_slots_and_a_budget_by_default(checkpoint):
@@ -156,9 +159,9 @@ def test_pool_gets_checkpoint_slots_and_a_budget_by_default(checkpoint):
 def test_bench_shared_prefix_reports_hits_and_ttft_with_and_without_the_cache(checkpoint, capsys):
     from deltaserve.cli import main
 
-    argv = ["--num-requests", "6", "--system-prompt-len", "40", "--min-input", "4", "--max-input", "8",
+    argv = ["--num-requests", "6", "--system-prompt-len", "70", "--min-input", "4", "--max-input", "8",
             "--min-output", "2", "--max-output", "3", "--num-conversations", "2", "--num-turns", "3",
-            "--block-size", "4", "--checkpoint-interval", "8", "--max-num-seqs", "2"]
+            "--block-size", "4", "--checkpoint-interval", "64", "--max-num-seqs", "2"]
     assert main(["bench", "--model", str(checkpoint), "--dtype", "float32", "--workload", "shared-prefix", *argv]) == 0
     out = capsys.readouterr().out
     rows = {(r[0], r[1]): r[2:] for r in (line.replace("system prompt", "system").split() for line in out.splitlines())

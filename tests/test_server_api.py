@@ -265,3 +265,16 @@ def test_logprobs_of_masked_tokens_stay_valid_json(server):
         for choice in chunk["choices"]:
             for top in choice["logprobs"]["top_logprobs"]:
                 assert min(top.values()) == -9999.0
+
+
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(client, server):
+    # A prompt's end is a checkpoint: a prompt extending it restores all of it.
+    prompt = "cached tokens are reported " * 2
+    first = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL_NAME, prompt=prompt + "again", max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    metrics = read_metrics(server.url)
+    assert metrics["deltaserve_prefix_cache_hit_tokens"] >= first.usage.prompt_tokens
+    assert metrics["deltaserve_prefix_cache_miss_tokens"] >= first.usage.prompt_tokens
+    assert metrics["deltaserve_kv_cache_usage_perc"] == 0 and metrics["deltaserve_state_slots_cached"] > 0

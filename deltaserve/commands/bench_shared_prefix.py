@@ -4,7 +4,8 @@ Two parts, each run twice on the same engine (prefix cache off, then on, the cac
 each run), with the same prompts and per-request seeds:
 
 - system prompt: ``--num-requests`` requests = one random system prompt of ``--system-prompt-len``
-  tokens + a distinct random suffix (``--min-input``..``--max-input`` tokens), all submitted at once.
+  tokens + a distinct random suffix (``--min-input``..``--max-input`` tokens); the first is sent
+  alone (a system prompt is first seen in one request), the others at once when it has finished.
 - chat: ``--num-conversations`` conversations of ``--num-turns`` turns, run side by side; turn 1 is
   the system prompt + a user text, turn ``t`` = turn ``t-1``'s prompt + its output + a new user text;
   a conversation submits its next turn as soon as the previous one finishes.
@@ -73,10 +74,15 @@ def make_parts(args: argparse.Namespace, vocab_size: int) -> tuple[list[Turn], l
     return requests, chats, user_texts
 
 
-def run_part(engine, turns: list[Turn], args, user_texts: list[tuple] | None = None) -> PartResult:
-    """Run ``turns`` (and, with ``user_texts``, the chats' later turns) to completion; counters and TTFTs."""
+def run_part(engine, turns: list[Turn], args, user_texts: list[tuple] | None = None,
+             first_alone: bool = False) -> PartResult:
+    """Run ``turns`` (and, with ``user_texts``, the chats' later turns) to completion; counters and TTFTs.
+
+    ``first_alone``: the first turn runs to its end before the others are submitted.
+    """
     before = engine.stats()
     pending = {f"{t.conversation}.{t.index}.{i}": t for i, t in enumerate(turns)}
+    held = list(pending.items())[1:] if first_alone else []
     arrival, ttft, num_requests = {}, [], 0
 
     def submit(request_id: str, turn: Turn) -> None:
@@ -88,9 +94,13 @@ def run_part(engine, turns: list[Turn], args, user_texts: list[tuple] | None = N
         num_requests += 1
 
     start = time.perf_counter()
-    for request_id, turn in pending.items():
+    for request_id, turn in list(pending.items())[: 1 if first_alone else None]:
         submit(request_id, turn)
-    while engine.has_unfinished_requests():
+    while engine.has_unfinished_requests() or held:
+        if not engine.has_unfinished_requests():
+            for request_id, turn in held:
+                submit(request_id, turn)
+            held = []
         outputs = engine.step()
         now = time.perf_counter()
         for out in outputs:
@@ -130,7 +140,7 @@ def run(args: argparse.Namespace, llm) -> int:
     for part, turns, texts in (("system prompt", requests, None), ("chat", chats, user_texts)):
         for enabled in (False, True):
             engine.set_prefix_caching(enabled)  # NOTE: also empties the cache: each run starts cold
-            results[part, enabled] = run_part(engine, turns, args, texts)
+            results[part, enabled] = run_part(engine, turns, args, texts, first_alone=texts is None)
     config = engine.config
     print(
         f"workload=shared-prefix model={config.model} dtype={config.dtype} device={config.device} "

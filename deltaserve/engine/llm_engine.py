@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 import weakref
@@ -22,6 +23,7 @@ from deltaserve.distributed.worker import build_runner
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
 from deltaserve.engine.prefix_hooks import NoPrefixCache
+from deltaserve.engine.model_runner import checkpoints_in_forward
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
@@ -29,7 +31,10 @@ from deltaserve.engine.warmup import run_warmup
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.prefix_cache import PrefixCache
+from deltaserve.ops.delta_rule import CHUNK_SIZE
 from deltaserve.structured import GrammarCompiler, StructuredMatcher, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "tiktoken.model", "vocab.json")
 
@@ -116,8 +121,10 @@ class LLMEngine:
                 self.runner.kv_cache,
                 checkpoint_interval=self.config.checkpoint_interval,
                 budget_bytes=self.config.prefix_cache_budget_bytes,
+                capture_grid=CHUNK_SIZE if checkpoints_in_forward(self.config) else None,
                 cache_ops=self.runner.cache_ops,
             )
+            logger.info(self.prefix_cache.describe())
         self.scheduler = Scheduler(
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
@@ -296,7 +303,8 @@ class LLMEngine:
                 )
             )
         return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished
+            request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished,
+            num_cached_tokens=request.seqs[0].num_cached_tokens or 0,
         )
 
     def _decode_logprob_tokens(self, entry: dict[int, Logprob]) -> None:
@@ -311,13 +319,14 @@ class LLMEngine:
     def stats(self) -> dict:
         """Counters (see ``EngineMetrics``), queue and cache occupancy, and prefix-cache counters.
 
-        Slots and blocks in use are split into those of running sequences (``*_running``) and those
-        only the prefix cache holds (``*_cached``); ``reset_prefix_cache()`` gives the latter back.
+        Usage counts what running sequences hold (``*_used``, ``*_usage_perc``): slots and blocks
+        that only the prefix cache holds count as free, as vLLM's ``kv_cache_usage_perc``, since the
+        cache gives them back whenever a request needs them; they are ``*_cached``.
         """
         pool = self.runner.state_pool
         running = self.scheduler.running
-        slots_running = sum(seq.state_slot is not None for seq in running)
-        blocks_running = len({block_id for seq in running for block_id in seq.block_table})
+        slots_used = sum(seq.state_slot is not None for seq in running)
+        blocks_used = len({block_id for seq in running for block_id in seq.block_table})
         out = self.metrics.as_dict()
         out.update(
             num_running=self.num_running,
@@ -327,16 +336,17 @@ class LLMEngine:
             prefix_cache_queries=0,
             prefix_cache_hits=0,
             prefix_cache_hit_tokens=0,
+            prefix_cache_miss_tokens=0,
             checkpoints_stored=0,
             checkpoints_evicted=0,
-            state_slots_used=pool.num_used_slots,
-            state_slots_running=slots_running,
-            state_slots_cached=pool.num_used_slots - slots_running,
+            state_slots_used=slots_used,
+            state_slots_cached=pool.num_used_slots - slots_used,
             state_slots_total=pool.num_slots,
-            kv_blocks_used=self.block_manager.num_used_blocks,
-            kv_blocks_running=blocks_running,
-            kv_blocks_cached=self.block_manager.num_used_blocks - blocks_running,
+            state_pool_usage_perc=slots_used / pool.num_slots,
+            kv_blocks_used=blocks_used,
+            kv_blocks_cached=self.block_manager.num_used_blocks - blocks_used,
             kv_blocks_total=self.block_manager.num_blocks,
+            kv_cache_usage_perc=blocks_used / self.block_manager.num_blocks,
         )
         out.update(self.scheduler.prefix_cache.stats())
         return out

@@ -31,11 +31,23 @@ DEFAULT_MAX_MODEL_LEN = {"cpu": 4096, "cuda": 32768}
 # Default KV cache size when num_kv_blocks is not given (bytes, CPU) / share of free memory (GPU).
 DEFAULT_CPU_KV_BYTES = 1 << 30
 DEFAULT_GPU_KV_FRACTION = 0.8
+# Tokens between prefix-cache checkpoints taken inside the forward (a multiple of the chunk size 64).
+DEFAULT_CHECKPOINT_INTERVAL = 256
+
+
+def checkpoints_in_forward(config: EngineConfig) -> bool:
+    """Whether prefill forwards save prefix-cache checkpoints without ending a chunk.
+
+    NOTE: the one place that chooses; ``extra={"checkpoints_in_forward": False}`` ends chunks at
+    checkpoints instead (one forward step each), the behaviour before in-forward capture.
+    """
+    return bool(config.extra.get("checkpoints_in_forward", True))
 
 
 def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.device) -> EngineConfig:
     """Fill in ``max_model_len``, ``num_state_slots``, ``num_kv_blocks``, ``prefix_cache_budget_bytes``
-    and ``checkpoint_interval`` (default: ``max_num_batched_tokens``).
+    and ``checkpoint_interval`` (default: ``DEFAULT_CHECKPOINT_INTERVAL`` where the forward captures
+    checkpoints, else ``max_num_batched_tokens``, where long prompts' chunks end anyway).
 
     With prefix caching the pool holds ``max_num_seqs`` slots for requests plus up to ``max_num_seqs``
     for checkpoints (fewer if ``prefix_cache_budget_bytes`` holds fewer); the default budget is those
@@ -80,7 +92,9 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
     budget = config.prefix_cache_budget_bytes
     if budget is None:
         budget = max(0, num_slots - config.max_num_seqs) * slot_bytes + block_bytes * num_blocks
-    interval = config.checkpoint_interval or config.max_num_batched_tokens
+    interval = config.checkpoint_interval
+    if interval is None:
+        interval = DEFAULT_CHECKPOINT_INTERVAL if checkpoints_in_forward(config) else config.max_num_batched_tokens
     return dataclasses.replace(
         config, max_model_len=max_len, num_state_slots=num_slots, num_kv_blocks=num_blocks,
         prefix_cache_budget_bytes=budget, checkpoint_interval=interval,
@@ -101,6 +115,7 @@ class StepInputs:
     """One step's work, as host lists: all a TP rank needs to run the forward (it travels pickled).
 
     ``sample_ends``: for each sequence that samples, the flat token offset just past its new tokens.
+    ``checkpoints``: ``(offset, slot)`` pairs per sequence of the states the forward saves (or None).
     ``cache_ops``: the pool/KV writes made since the previous step, to replay first (other ranks).
     """
 
@@ -111,6 +126,7 @@ class StepInputs:
     state_slots: list[int]
     block_tables: list[list[int]]
     sample_ends: list[int]
+    checkpoints: list[list[tuple[int, int]]] | None = None
     cache_ops: list[CacheOp] = field(default_factory=list)
 
 
@@ -179,6 +195,7 @@ class ModelRunner:
             state_slots=[seq.state_slot for seq in batch.seqs],
             block_tables=[list(seq.block_table) for seq in batch.seqs],
             sample_ends=_ends(batch, rows),
+            checkpoints=batch.checkpoints,
         )
 
     def prepare(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
@@ -189,6 +206,7 @@ class ModelRunner:
             inputs.state_slots,
             block_tables=inputs.block_tables,
             block_size=self.config.block_size,
+            checkpoints=inputs.checkpoints,
             device=self.device,
         )
 

@@ -37,10 +37,15 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """All sequences of one request so far; ``finished`` once every sequence has finished."""
+    """All sequences of one request so far; ``finished`` once every sequence has finished.
+
+    ``num_cached_tokens``: prompt tokens restored from the prefix cache (vLLM's name; the first
+    sequence's, at its first admission).
+    """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int = 0

@@ -9,9 +9,13 @@ The scheduler calls, in a sequence's life:
    It must return fewer than ``seq.num_tokens`` (the last token is always computed, for logits).
 2. ``clip_chunk(seq, num_new_tokens)`` for every chunk: a cache may end a chunk early so that it
    ends on a checkpoint position (a recurrent state can only be saved where a forward stops).
-3. ``on_computed(seq)`` after each forward that advanced ``seq.num_computed_tokens``: register
+3. ``checkpoint_slots(seq, num_new_tokens)`` for every prefill chunk of the batch, once the batch
+   is final: ``(offset, slot)`` pairs asking the forward to save the states after ``offset`` of
+   the chunk's tokens into ``slot`` without ending the chunk (offsets are multiples of the chunked
+   kernel's chunk size, below ``num_new_tokens``).
+4. ``on_computed(seq)`` after each forward that advanced ``seq.num_computed_tokens``: register
    newly full blocks (chained hash, tokens) and save state checkpoints.
-4. ``on_release(seq)`` before the sequence's blocks and slot are freed (finish, abort, preemption).
+5. ``on_release(seq)`` before the sequence's blocks and slot are freed (finish, abort, preemption).
    A cache may keep the slot (a checkpoint of the state after all computed tokens): it then sets
    ``seq.state_slot = None`` and the scheduler does not free it.
 
@@ -31,6 +35,8 @@ class PrefixCacheHooks(Protocol):
 
     def clip_chunk(self, seq: Sequence, num_new_tokens: int) -> int: ...
 
+    def checkpoint_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]: ...
+
     def on_computed(self, seq: Sequence) -> None: ...
 
     def on_release(self, seq: Sequence) -> None: ...
@@ -48,6 +54,9 @@ class NoPrefixCache:
 
     def clip_chunk(self, seq: Sequence, num_new_tokens: int) -> int:
         return num_new_tokens
+
+    def checkpoint_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        return []
 
     def on_computed(self, seq: Sequence) -> None:
         pass

@@ -28,6 +28,8 @@ class ScheduledBatch:
     do_sample: list[bool] = field(default_factory=list)
     # Per sequence: True when this step is a (chunked) prefill or recompute, False for a decode.
     is_prefill: list[bool] = field(default_factory=list)
+    # Per sequence: (offset, slot) pairs, states to save inside the forward (prefix-cache checkpoints).
+    checkpoints: list[list[tuple[int, int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -151,6 +153,8 @@ class Scheduler:
                 self._release(seq)
                 break
             self.block_manager.allocate(seq, seq.num_computed_tokens + num_new)
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = seq.num_computed_tokens  # NOTE: the first admission's, as vLLM
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -163,6 +167,8 @@ class Scheduler:
             batch.do_sample.append(seq.num_computed_tokens + num_new == seq.num_tokens)
             # NOTE: a prompt's last token alone after a prefix-cache hit is still a prompt token.
             batch.is_prefill.append(seq.is_prefill or seq.num_computed_tokens < seq.num_prompt_tokens)
+            # NOTE: asked last, once no sequence of the batch can be preempted any more.
+            batch.checkpoints.append(self.prefix_cache.checkpoint_slots(seq, num_new) if batch.is_prefill[-1] else [])
         return batch
 
     def _reserve_blocks(self, seq: Sequence, num_new: int, picks: _Picks) -> bool:

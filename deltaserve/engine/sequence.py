@@ -49,6 +49,8 @@ class Sequence:
         self.state_slot: int | None = None
         self.block_table: list[int] = []
         self.num_preemptions = 0
+        # Prompt tokens restored from the prefix cache when first admitted (None before that).
+        self.num_cached_tokens: int | None = None
         # Output bookkeeping.
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None

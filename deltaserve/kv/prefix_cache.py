@@ -9,7 +9,7 @@ filled last block is copied into a fresh block (its first ``p % block_size`` row
 layers, one op) that the sequence then fills, and the states are copied into the sequence's slot
 with one fused :func:`copy_slots`.
 
-Checkpoint positions; ``clip_chunk`` ends prefill chunks there, so the state is exact:
+Where checkpoints are taken:
 
 - the end of the tokens to compute (the prompt), and the release of a sequence (finish, abort,
   preemption), where its own slot is adopted, no copy: the next turn of a chat (previous prompt +
@@ -17,13 +17,21 @@ Checkpoint positions; ``clip_chunk`` ends prefill chunks there, so the state is 
 - branch points: where the sequence stops sharing full blocks with blocks already hashed or with
   the tokens of a running sequence, e.g. the end of a system prompt, as soon as a second request
   shares it (Marconi's admission rule, Pan et al., MLSys 2025: states only where reuse is seen);
-- every ``checkpoint_interval`` tokens (the engine's default is the chunk size, where the chunks of
-  a long prompt end anyway).
+- every ``checkpoint_interval`` tokens.
 
-A position already cached, or promised by another running sequence, never cuts a chunk: a
-checkpoint costs a forward step only where it is new. Eviction is least recently used, to stay
-within ``budget_bytes`` and whenever a sequence needs a slot or blocks (``make_room``): running
-requests always win over cached entries. Lookup and hashing: :mod:`deltaserve.kv.checkpoint_index`.
+With ``capture_grid`` (the chunk size of the chunked delta rule, 64), interval and branch
+checkpoints are **captured inside the forward**: the chunked kernel has the state at every
+``capture_grid`` tokens from a sequence's first new token, so the scheduler tells a prefill which
+of those positions to save into which slots (:meth:`checkpoint_slots`) and the chunk is not cut.
+An interval or branch position off that grid is taken at the deepest grid position at or below
+it. Without ``capture_grid`` (a kernel that cannot capture), ``clip_chunk`` ends prefill chunks at
+checkpoint positions, one forward step each.
+
+A position already cached, or promised by another running sequence, is not taken again.
+Retention is by value per byte under ``budget_bytes``
+(:mod:`deltaserve.kv.checkpoint_index`); whenever a sequence needs a slot or blocks
+(``make_room``) the lowest-valued entries go, so running requests always win over cached ones.
+Slots, blocks and the budget: :mod:`deltaserve.kv.checkpoint_store`.
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ import torch
 
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
-from deltaserve.kv.checkpoint_index import Checkpoint, CheckpointIndex, chain_hashes, checkpoint_key, decrement
+from deltaserve.kv.checkpoint_index import PRIOR, Checkpoint, chain_hashes, checkpoint_key, decrement
+from deltaserve.kv.checkpoint_store import CheckpointStore
 from deltaserve.state.cache_ops import CacheOps
 from deltaserve.state.pool import StatePool
 
@@ -46,8 +55,10 @@ class _Live:
 
     hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks seen so far
     num_registered: int = 0  # leading blocks of its table registered in the block manager
-    wanted: list[int] = field(default_factory=list)  # checkpoint positions ahead, ascending
+    wanted: list[tuple[int, str]] = field(default_factory=list)  # chunk-end checkpoints ahead: (position, kind)
     promised: list[tuple] = field(default_factory=list)  # the keys of those positions
+    targets: list[tuple[int, str]] = field(default_factory=list)  # in-forward checkpoints ahead, ascending
+    captures: list[Checkpoint] = field(default_factory=list)  # slots the running forward writes
     pending: list[int] = field(default_factory=list)  # its hashes counted in PrefixCache._pending
     num_cached: int = 0  # tokens restored by match
     ran: bool = False  # a forward has computed some of its tokens
@@ -57,8 +68,9 @@ class PrefixCache:
     """The scheduler's prefix-cache hooks (``deltaserve.engine.prefix_hooks``) for hybrid models.
 
     ``kv_cache``: ``[attn_layers, num_blocks, block_size, entry_dim]`` or None (no attention layers).
-    ``cache_ops`` makes the state and KV copies (default: on ``state_pool`` and ``kv_cache`` directly;
-    under TP, rank 0's, which logs them for the other ranks).
+    ``capture_grid``: token spacing at which the forward can save states without ending a chunk
+    (None: checkpoints end chunks). ``cache_ops`` makes the state and KV copies (default: on
+    ``state_pool`` and ``kv_cache`` directly; under TP, rank 0's, which logs them for the other ranks).
     """
 
     def __init__(
@@ -69,23 +81,50 @@ class PrefixCache:
         *,
         checkpoint_interval: int,
         budget_bytes: int,
+        capture_grid: int | None = None,
         cache_ops: CacheOps | None = None,
     ):
-        self.ops = cache_ops if cache_ops is not None else CacheOps(state_pool, kv_cache)
+        if capture_grid is not None and checkpoint_interval % capture_grid:
+            raise ValueError(
+                f"checkpoint_interval = {checkpoint_interval} must be a multiple of {capture_grid} "
+                f"(the chunk size at which the forward saves states)"
+            )
         self.bm = block_manager
         self.pool = state_pool
-        self.kv_cache = kv_cache
+        self.ops = cache_ops if cache_ops is not None else CacheOps(state_pool, kv_cache)
+        self.store = CheckpointStore(block_manager, state_pool, kv_cache, budget_bytes, self.ops)
+        self.index = self.store.index
         self.block_size = block_manager.block_size
         self.interval = checkpoint_interval
-        self.budget_bytes = budget_bytes
-        slot_bytes = state_pool.bytes_total // (state_pool.num_slots + 1)
-        block_bytes = 0 if kv_cache is None else kv_cache[:, 0].numel() * kv_cache.element_size()
-        self.index = CheckpointIndex(slot_bytes, block_bytes)
+        self.grid = capture_grid
         self._pending: Counter[int] = Counter()  # block hashes of running sequences' tokens
         self._promised: set[tuple] = set()
         self._live: dict[int, _Live] = {}
-        self.num_queries = self.num_hits = self.num_hit_tokens = 0
-        self.num_stored = self.num_evicted = 0
+        self.num_queries = self.num_hits = self.num_hit_tokens = self.num_miss_tokens = self.num_captured = 0
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.store.budget_bytes
+
+    @budget_bytes.setter
+    def budget_bytes(self, value: int) -> None:
+        self.store.budget_bytes = value
+
+    @property
+    def num_stored(self) -> int:
+        return self.store.num_stored
+
+    @property
+    def num_evicted(self) -> int:
+        return self.store.num_evicted
+
+    def describe(self) -> str:
+        """Where checkpoints are taken and the budget, in one line (logged at start)."""
+        where = (f"inside the forward every {self.interval} tokens (on the {self.grid}-token chunk grid)"
+                 if self.grid else f"at chunk ends every {self.interval} tokens (one forward step each)")
+        return (f"prefix caching: state checkpoints {where}, at branch points, prompt ends and request ends; "
+                f"budget {self.budget_bytes / 2**20:.1f} MiB ({self.index.slot_bytes / 2**20:.2f} MiB of states "
+                f"per checkpoint, {self.pool.num_slots} pool slots)")
 
     # ---- hooks -------------------------------------------------------------------------------
 
@@ -95,22 +134,50 @@ class PrefixCache:
         live = self._live[seq.seq_id] = _Live()
         hashes = chain_hashes(seq.token_ids, self.block_size, seq.num_tokens // self.block_size, live.hashes)
         hit = self.index.lookup(
-            seq.token_ids, hashes, self.block_size, seq.num_tokens - 1, lambda e, k: self._blocks_match(seq, e, k)
+            seq.token_ids, hashes, self.block_size, seq.num_tokens - 1,
+            lambda e, k: self.store.blocks_match(seq.token_ids, e, k),
         )
-        if hit is not None and self._restore(seq, hit):
+        if hit is not None and self.store.restore(seq, hit):
             live.num_cached = hit.num_tokens
             self.num_hits += 1
             self.num_hit_tokens += hit.num_tokens
+        self.num_miss_tokens += seq.num_tokens - live.num_cached
         self._plan(seq, live)
         return live.num_cached
 
     def clip_chunk(self, seq: Sequence, num_new_tokens: int) -> int:
         live = self._live.get(seq.seq_id)
         start = seq.num_computed_tokens
-        for pos in live.wanted if live is not None else ():
+        for pos, _ in live.wanted if live is not None else ():
             if pos > start:
                 return min(num_new_tokens, pos - start)
         return num_new_tokens
+
+    def checkpoint_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]]:
+        """``(offset, slot)`` pairs: save the states after ``offset`` of this step's new tokens into ``slot``.
+
+        Offsets are positive multiples of ``capture_grid`` below ``num_new_tokens``; the slots (and
+        the blocks the checkpoints cover) are taken now and become hits after ``on_computed``.
+        """
+        live = self._live.get(seq.seq_id)
+        if live is None or self.grid is None:
+            return []
+        start, stop = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
+        chosen: dict[int, str] = {}
+        for pos, kind in live.targets:
+            if pos >= stop:
+                break
+            grid_pos = start + (pos - start) // self.grid * self.grid  # the deepest capturable at or below
+            if grid_pos > start and PRIOR[kind] >= PRIOR[chosen.get(grid_pos, "interval")]:
+                chosen[grid_pos] = kind
+        out = []
+        for pos, kind in sorted(chosen.items()):
+            entry = self.store.admit(seq, self._key(seq, live, pos), pos, kind, slot=None)
+            if entry is not None:
+                entry.ready = False
+                live.captures.append(entry)
+                out.append((pos - start, entry.slot))
+        return out
 
     def on_computed(self, seq: Sequence) -> None:
         live = self._live.get(seq.seq_id)
@@ -118,17 +185,28 @@ class PrefixCache:
             return
         live.ran = True
         self._register(seq, live)
-        while live.wanted and live.wanted[0] <= seq.num_computed_tokens:
-            pos = live.wanted.pop(0)
+        for entry in live.captures:
+            entry.ready = True
+        self.num_captured += len(live.captures)
+        live.captures.clear()
+        computed = seq.num_computed_tokens
+        while live.targets and live.targets[0][0] <= computed:
+            pos, kind = live.targets.pop(0)
+            if pos == computed:
+                self._store(seq, live, pos, kind, adopt=False)  # the forward ended there: a copy, no step
+        while live.wanted and live.wanted[0][0] <= computed:
+            pos, kind = live.wanted.pop(0)
             self._promised.discard(live.promised.pop(0))
-            if pos == seq.num_computed_tokens:
-                self._store(seq, live, pos, adopt=False)
+            if pos == computed:
+                self._store(seq, live, pos, kind, adopt=False)
 
     def on_release(self, seq: Sequence) -> None:
         """Checkpoint the state after all computed tokens by taking ``seq.state_slot`` over (then None)."""
         live = self._live.pop(seq.seq_id, None)
         if live is None:
             return
+        for entry in live.captures:  # NOTE: released before its forward ran: nothing was written
+            self.store.drop(entry)
         self._promised.difference_update(live.promised)
         decrement(self._pending, live.pending)
         if not live.ran:
@@ -136,19 +214,18 @@ class PrefixCache:
             self.num_queries -= 1
             self.num_hits -= live.num_cached > 0
             self.num_hit_tokens -= live.num_cached
+            self.num_miss_tokens -= seq.num_tokens - live.num_cached
         elif seq.num_computed_tokens > 0 and seq.state_slot is not None:
             self._register(seq, live)
-            self._store(seq, live, seq.num_computed_tokens, adopt=True)
+            self._store(seq, live, seq.num_computed_tokens, "release", adopt=True)
 
     def make_room(self, num_slots: int = 0, num_blocks: int = 0) -> None:
-        """Evict least recently used checkpoints until the pools have these many free slots and blocks."""
-        while self.pool.num_free_slots < num_slots or self.bm.num_free_blocks < num_blocks:
-            if not self._evict_oldest():
-                return
+        """Evict the lowest-valued checkpoints until the pools have these many free slots and blocks."""
+        self.store.make_room(num_slots, num_blocks)
 
     def reset(self) -> None:
         """Drop every checkpoint and forget the hashes of free blocks; running sequences keep theirs."""
-        while self._evict_oldest():
+        while self.store.evict():
             pass
         self.bm.forget_free_hashes()
 
@@ -157,7 +234,9 @@ class PrefixCache:
             prefix_cache_queries=self.num_queries,
             prefix_cache_hits=self.num_hits,
             prefix_cache_hit_tokens=self.num_hit_tokens,
+            prefix_cache_miss_tokens=self.num_miss_tokens,
             checkpoints_stored=self.num_stored,
+            checkpoints_captured=self.num_captured,
             checkpoints_evicted=self.num_evicted,
             prefix_cache_checkpoints=len(self.index),
             prefix_cache_blocks_held=len(self.index.holders),
@@ -165,53 +244,33 @@ class PrefixCache:
             prefix_cache_budget_bytes=self.budget_bytes,
         )
 
-    # ---- restore and plan --------------------------------------------------------------------
-
-    def _blocks_match(self, seq: Sequence, entry: Checkpoint, num_full: int) -> bool:
-        """The token check of a hit: ``entry``'s first ``num_full`` blocks hold ``seq``'s tokens."""
-        bs = self.block_size
-        return all(
-            self.bm.blocks[b].token_ids == seq.token_ids[i * bs : (i + 1) * bs]
-            for i, b in enumerate(entry.block_ids[:num_full])
-        )
-
-    def _restore(self, seq: Sequence, entry: Checkpoint) -> bool:
-        """Share ``entry``'s full blocks, copy its partial block and states; False (nothing kept) if no block."""
-        num_full, rows = divmod(entry.num_tokens, self.block_size)
-        self.index.touch(entry)
-        for block_id in entry.block_ids[:num_full]:
-            self.bm.share(seq, block_id)
-        if rows:
-            self.make_room(num_blocks=1)  # NOTE: entry is the newest now, so it goes last
-            if entry not in self.index or not self.bm.can_allocate(1):
-                self.bm.free(seq)
-                return False
-            self.bm.allocate(seq, entry.num_tokens)
-            # [attn_layers, rows, entry_dim]: the tokens of the block before the sequence's first new one.
-            self.ops.copy_kv_rows(entry.block_ids[num_full], seq.block_table[num_full], rows)
-        self.ops.copy_states([entry.slot], [seq.state_slot])
-        return True
+    # ---- plan, register, store ----------------------------------------------------------------
 
     def _plan(self, seq: Sequence, live: _Live) -> None:
-        """Choose the checkpoint positions ``seq`` stops at (those nobody has or promised), and promise them."""
+        """Choose the checkpoint positions of ``seq``: chunk ends it stops at (promised), in-forward targets."""
         bs, end, hashes = self.block_size, seq.num_tokens, live.hashes
-        first = (live.num_cached // self.interval + 1) * self.interval
-        wanted = set(range(first, end, self.interval)) | {end}
+        # NOTE: with in-forward capture the interval counts from the restored prefix, whose grid the
+        # forward's chunks are on; chunk ends fall anywhere, so there it counts from 0 (shared by all).
+        first = live.num_cached + self.interval if self.grid else (live.num_cached // self.interval + 1) * self.interval
+        positions = {pos: "interval" for pos in range(first, end, self.interval)}
         shared = 0
         while shared < len(hashes) and (hashes[shared] in self.bm.hash_to_block_id or hashes[shared] in self._pending):
             shared += 1
         if live.num_cached < shared * bs < end:
-            wanted.add(shared * bs)  # where seq leaves a prefix that others hold or are computing
-        for pos in sorted(wanted):
+            positions[shared * bs] = "branch"  # where seq leaves a prefix that others hold or are computing
+        if self.grid is not None:
+            # NOTE: captured inside the forward at no step; which grid position is known per chunk.
+            live.targets = sorted(positions.items())
+            positions = {}
+        positions[end] = "prompt_end"
+        for pos, kind in sorted(positions.items()):
             key = checkpoint_key(seq.token_ids, hashes, bs, pos)
             if key not in self._promised and self.index.get(key) is None:
-                live.wanted.append(pos)
+                live.wanted.append((pos, kind))
                 live.promised.append(key)
                 self._promised.add(key)
         live.pending = list(hashes)
         self._pending.update(live.pending)
-
-    # ---- register, store, evict --------------------------------------------------------------
 
     def _register(self, seq: Sequence, live: _Live) -> None:
         """Hash the blocks of ``seq`` that became full, so that other sequences find and check them."""
@@ -224,34 +283,16 @@ class PrefixCache:
                 self.bm.register(block_id, hashes[i], seq.token_ids[i * bs : (i + 1) * bs])
         live.num_registered = max(live.num_registered, num_full)
 
-    def _store(self, seq: Sequence, live: _Live, pos: int, adopt: bool) -> None:
-        """Checkpoint ``seq``'s states after ``pos`` computed tokens: a copy, or its slot itself (``adopt``)."""
+    def _key(self, seq: Sequence, live: _Live, pos: int) -> tuple:
         hashes = chain_hashes(seq.token_ids, self.block_size, pos // self.block_size, live.hashes)
-        key = checkpoint_key(seq.token_ids, hashes, self.block_size, pos)
-        existing = self.index.get(key)
-        if existing is not None:
-            if existing.num_tokens == pos and self._blocks_match(seq, existing, pos // self.block_size):
-                self.index.touch(existing)
-            return  # NOTE: a hash collision keeps the older entry: a miss later, never a wrong hit
-        block_ids = seq.block_table[: -(-pos // self.block_size)]
-        while self.index.bytes_held(block_ids) > self.budget_bytes or (not adopt and self.pool.num_free_slots == 0):
-            if not self._evict_oldest():
-                return
-        if adopt:
-            slot, seq.state_slot = seq.state_slot, None
-        else:
-            slot = self.pool.allocate(1)[0]
-            self.ops.copy_states([seq.state_slot], [slot])
-        self.bm.hold(block_ids)
-        self.index.add(Checkpoint(pos, key[0], key[1], slot, list(block_ids)))
-        self.num_stored += 1
+        return checkpoint_key(seq.token_ids, hashes, self.block_size, pos)
 
-    def _evict_oldest(self) -> bool:
-        entry = self.index.pop_oldest()
+    def _store(self, seq: Sequence, live: _Live, pos: int, kind: str, adopt: bool) -> None:
+        """Checkpoint ``seq``'s states after ``pos`` computed tokens: a copy, or its slot itself (``adopt``)."""
+        entry = self.store.admit(seq, self._key(seq, live, pos), pos, kind, slot=seq.state_slot if adopt else None)
         if entry is None:
-            return False
-        self.pool.free([entry.slot])
-        # NOTE: tail first, as BlockManager.free: a chain's head stays longest among the free blocks.
-        self.bm.release(list(reversed(entry.block_ids)))
-        self.num_evicted += 1
-        return True
+            return
+        if adopt:
+            seq.state_slot = None
+        else:
+            self.ops.copy_states([seq.state_slot], [entry.slot])

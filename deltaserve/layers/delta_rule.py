@@ -82,9 +82,10 @@ class DeltaRuleMixer(nn.Module):
         reading and writing the conv states in the slots; returns ``act(conv) [T, conv_dim]``."""
         if ctx.is_decode_only:
             return causal_conv1d_update(mixed_qkv, weight, self.conv_state, ctx.state_indices, self.conv_activation)
+        # NOTE: ctx.checkpoints: the conv windows at prefix-cache checkpoints inside the prefill, once for all kinds.
         return causal_conv1d_fn(
             mixed_qkv, weight, self.conv_state,
-            ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, self.conv_activation,
+            ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state, self.conv_activation, ctx.checkpoints,
         )  # fmt: skip
 
     def split_qkv(self, mixed_qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,9 +104,11 @@ class DeltaRuleMixer(nn.Module):
         beta: torch.Tensor,
         ctx: ForwardContext,
     ) -> torch.Tensor:
-        """The delta rule on the slots in place: the recurrent step when the batch is decode-only, else chunked."""
+        """The delta rule on the slots in place: the recurrent step when the batch is decode-only, else chunked
+        (which also writes the states at the forward context's prefix-cache checkpoints)."""
         if ctx.is_decode_only:
             return fused_recurrent_delta_rule(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         return chunk_delta_rule(
-            q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state
+            q, k, v, g, beta, self.recurrent_state, ctx.cu_seqlens, ctx.state_indices, ctx.has_initial_state,
+            checkpoints=ctx.checkpoints,
         )

@@ -6,10 +6,16 @@ newest last, in SD orientation ``[L, D]``; callers holding a DS pool pass ``.tra
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from deltaserve.ops import dispatch
+from deltaserve.ops.state_checkpoints import save_conv_windows
+
+if TYPE_CHECKING:
+    from deltaserve.forward_context import StateCheckpoints
 
 
 def _activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -92,14 +98,18 @@ def causal_conv1d_fn(
     state_indices: torch.Tensor,
     has_initial_state: torch.Tensor,
     activation: str | None = "silu",
+    checkpoints: "StateCheckpoints | None" = None,
 ) -> torch.Tensor:
     """Causal depthwise conv of each sequence of a flat batch; updates the sequences' conv states in place.
 
     ``x [T, D]``, ``weight [D, K]``, ``conv_state [num_slots+1, L, D]`` (SD view), ``cu_seqlens [B+1]``
     int32, ``state_indices [B]`` int32, ``has_initial_state [B]`` bool. A sequence starts from the
     last ``K-1`` rows of its slot (or zeros); its slot then holds its last ``L`` inputs. Returns
-    ``act(conv(x))`` ``[T, D]`` in ``x.dtype``.
+    ``act(conv(x))`` ``[T, D]`` in ``x.dtype``. ``checkpoints``: slots that also get the window of
+    ``L`` inputs before a position inside a sequence (one gather, any device).
     """
+    if checkpoints is not None:
+        save_conv_windows(x, conv_state, checkpoints)
     impl = dispatch("conv1d", "causal_conv1d_fn", x, causal_conv1d_fn_ref)
     return impl(x, weight, conv_state, cu_seqlens, state_indices, has_initial_state, activation)
 

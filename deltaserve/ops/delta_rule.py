@@ -14,14 +14,20 @@ The two layer kinds differ only in the gate and the head counts:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from deltaserve.ops import dispatch
+from deltaserve.ops.state_checkpoints import check_checkpoints
+
+if TYPE_CHECKING:
+    from deltaserve.forward_context import StateCheckpoints
 
 L2NORM_EPS = 1e-6
+# Tokens per chunk of the chunked kernels; a prefill has the state at every chunk boundary.
+CHUNK_SIZE = 64
 
 
 def l2norm(x: torch.Tensor, eps: float = L2NORM_EPS) -> torch.Tensor:
@@ -82,9 +88,9 @@ def _prepare(q, k, v, g, beta, shape: DeltaRuleShape, scale, use_qk_l2norm_in_ke
     return q * scale, k, v, g, beta
 
 
-def _chunk_sequence(q, k, v, g, beta, state, chunk_size):
+def _chunk_sequence(q, k, v, g, beta, state, chunk_size, save=None):
     """One sequence, heads first: ``q,k [H,n,K]``, ``g [H,n,K or 1]``, ``v [H,n,V]``, ``beta [H,n]``,
-    ``state [H,K,V]`` (math order).
+    ``state [H,K,V]`` (math order). ``save(offset, state)`` gets the state at each inner chunk boundary.
 
     WY / UT-transform form (as transformers' ``chunk_kimi_delta_attention``): within a chunk with
     cumulative log-decay ``G``, ``T = (I - A)^-1`` with ``A[i,j] = -b_i (k_i * exp(G_i - G_j)) . k_j``
@@ -113,6 +119,8 @@ def _chunk_sequence(q, k, v, g, beta, state, chunk_size):
         out[:, start:end] = (q_c * G.exp()) @ state + qk @ v_new
         G_last = G[:, -1:]  # [H, 1, K or 1]
         state = state * G_last.transpose(1, 2).exp() + (k_c * (G_last - G).exp()).transpose(1, 2) @ v_new
+        if save is not None and end < length:
+            save(end, state)
     return out, state
 
 
@@ -129,7 +137,8 @@ def chunk_delta_rule_ref(
     *,
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
+    checkpoints: "StateCheckpoints | None" = None,
 ) -> torch.Tensor:
     """Torch reference of :func:`chunk_delta_rule` (loops over sequences and chunks, vectorised inside a chunk)."""
     shape = check_shapes(q, k, v, g, beta, recurrent_state, "chunk_delta_rule")
@@ -137,6 +146,9 @@ def chunk_delta_rule_ref(
     out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
     bounds = cu_seqlens.tolist()
     initial = has_initial_state.tolist()
+    if checkpoints is not None:
+        query_lens = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+        check_checkpoints(checkpoints, query_lens, recurrent_state.shape[0] - 1, chunk_size)
     for b, slot in enumerate(state_indices.tolist()):
         start, end = bounds[b], bounds[b + 1]
         if end == start:
@@ -146,7 +158,14 @@ def chunk_delta_rule_ref(
         else:
             state = qf.new_zeros((shape.num_v_heads, shape.k_dim, shape.v_dim))
         seq = [t[start:end].transpose(0, 1) for t in (qf, kf, vf, gf, bf)]  # heads first
-        o, state = _chunk_sequence(*seq, state, chunk_size)
+        save = None
+        if checkpoints is not None and (targets := dict(checkpoints.for_sequence(b))):
+
+            def save(offset: int, state: torch.Tensor, targets=targets) -> None:
+                if offset in targets:
+                    recurrent_state[targets[offset]] = state.transpose(-1, -2).to(recurrent_state.dtype)
+
+        o, state = _chunk_sequence(*seq, state, chunk_size, save)
         out[start:end] = o.transpose(0, 1).to(q.dtype)
         recurrent_state[slot] = state.transpose(-1, -2).to(recurrent_state.dtype)
     return out
@@ -194,19 +213,23 @@ def chunk_delta_rule(
     *,
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
-    chunk_size: int = 64,
+    chunk_size: int = CHUNK_SIZE,
+    checkpoints: "StateCheckpoints | None" = None,
 ) -> torch.Tensor:
     """The delta rule over a flat varlen batch; reads and writes each sequence's slot in place.
 
     ``q, k [T, Hk, Dk]``, ``v [T, Hv, Dv]``, ``g`` float32 log-decay ``[T, Hv, Dk]`` (KDA) or ``[T, Hv]``
     (GDN), ``beta [T, Hv]``, ``recurrent_state [num_slots+1, Hv, Dv, Dk]`` (float32 or bfloat16, stored
     ``(Dv, Dk)``). A sequence starts from its slot when ``has_initial_state`` else zeros; its final
-    state is written back. Returns ``o [T, Hv, Dv]`` in ``q.dtype``.
+    state is written back. Returns ``o [T, Hv, Dv]`` in ``q.dtype``. ``checkpoints``: the state after
+    chunk boundary ``offset`` of a sequence is also written to the checkpoint's slot, in the pool's
+    dtype (float32 for KDA), and the chunk goes on (prefix-cache checkpoints at no extra step).
     """
     impl = dispatch("delta_rule", "chunk_delta_rule", q, chunk_delta_rule_ref)
     return impl(
         q, k, v, g, beta, recurrent_state, cu_seqlens, state_indices, has_initial_state,
         scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
+        checkpoints=checkpoints,
     )  # fmt: skip
 
 

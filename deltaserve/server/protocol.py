@@ -95,10 +95,15 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):

@@ -23,6 +23,7 @@ from deltaserve.server.protocol import (
     CompletionLogprobs,
     CompletionResponse,
     TopLogprob,
+    PromptTokensDetails,
     UsageInfo,
 )
 from deltaserve.server.tool_parsers import ToolParser
@@ -38,7 +39,8 @@ def sse(payload: dict | str) -> str:
 def usage_of(output: Any) -> UsageInfo:
     prompt = len(output.prompt_token_ids)
     completion = sum(len(c.token_ids) for c in output.outputs)
-    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=output.num_cached_tokens))
 
 
 def _finite(logprob: float | None) -> float:

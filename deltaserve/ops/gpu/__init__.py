@@ -15,3 +15,10 @@ machine never imports Triton or fla. Modules, each mirroring the public op modul
 - ``norm``: fla-core's fused RMSNorm and sigmoid-gated RMSNorm;
 - ``state_copy``: fused slot-to-slot copies over all layers (used by ``deltaserve.state.copy``).
 """
+
+import os
+
+# NOTE: fla memoises chunk indices per cu_seqlens object in a queue of FLA_TENSOR_CACHE_SIZE
+# entries (4 by default, a host sync on a miss); a forward that saves prefix-cache checkpoints
+# runs its prefill in rounds, one cu_seqlens each, for every linear layer. Set before fla is imported.
+os.environ.setdefault("FLA_TENSOR_CACHE_SIZE", "64")

@@ -16,6 +16,7 @@ from fla.ops.kda import chunk_kda as fla_chunk_kda
 from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_fused_recurrent_kda_fwd
 
 from deltaserve.ops.delta_rule import L2NORM_EPS, DeltaRuleShape, check_shapes
+from deltaserve.ops.state_checkpoints import check_checkpoints, chunk_in_rounds
 
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -59,12 +60,25 @@ def chunk_delta_rule(
     scale: float | None = None,
     use_qk_l2norm_in_kernel: bool = True,
     chunk_size: int = 64,
+    checkpoints=None,
 ) -> torch.Tensor:
     """Varlen chunked delta rule through fla: ``chunk_gated_delta_rule`` for a per-head gate (GDN, GVA in
     the kernel), ``chunk_kda`` for a per-channel one. Initial states are gathered from the slots (zeros
-    where ``has_initial_state`` is False), final states scattered back. Returns ``o [T, Hv, V]``."""
+    where ``has_initial_state`` is False), final states scattered back. Returns ``o [T, Hv, V]``.
+
+    ``checkpoints``: fla returns final states only, so the sequences are run in rounds split at the
+    checkpoint offsets (:func:`deltaserve.ops.state_checkpoints.chunk_in_rounds`: whole chunks, the
+    state kept in the pool's dtype between rounds, so exact; more launches, no extra forward step).
+    """
     shape = check_shapes(q, k, v, g, beta, recurrent_state, "chunk_delta_rule")
     _check_state(recurrent_state, "chunk_delta_rule")
+    if checkpoints is not None:
+        # NOTE: checked on the context's host lists: reading cu_seqlens back would sync every layer.
+        check_checkpoints(checkpoints, checkpoints.query_lens, recurrent_state.shape[0] - 1, chunk_size)
+        return chunk_in_rounds(
+            chunk_delta_rule, q, k, v, g, beta, recurrent_state, cu_seqlens, state_indices, has_initial_state,
+            checkpoints, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
+        )  # fmt: skip
     num_seqs = state_indices.shape[0]
     if q.shape[0] == 0 or num_seqs == 0:
         return torch.empty(v.shape, dtype=q.dtype, device=q.device)
