@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from deltaserve.spec_decode.config import SpeculativeConfig
+
 
 @dataclass
 class EngineConfig:
@@ -44,9 +46,13 @@ class EngineConfig:
     checkpoint_interval: int | None = None
     prefix_cache_budget_bytes: int | None = None
     tensor_parallel_size: int = 1
+    # Speculative decoding, vLLM's dict: {"method": "ngram" | "mtp" | "synthetic",
+    # "num_speculative_tokens": k, ...} (see deltaserve.spec_decode.config.SpeculativeConfig).
+    speculative_config: dict | SpeculativeConfig | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -61,6 +67,13 @@ class EngineConfig:
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        spec = self.speculative_config
+        if tp > 1 and spec is not None and spec.method == "mtp":
+            # NOTE: the MTP head runs on rank 0 only, between steps; n-gram and synthetic drafts need no forward.
+            raise ValueError(
+                f"speculative_config method 'mtp' is not supported with tensor_parallel_size > 1 (got {tp}); "
+                "use method 'ngram' under tensor parallelism"
+            )
         if self.mamba_ssm_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 "mamba_ssm_cache_dtype must be one of auto, float32, bfloat16, float16; "

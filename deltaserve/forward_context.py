@@ -10,7 +10,7 @@ import contextlib
 import contextvars
 import functools
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -74,6 +74,9 @@ class ForwardContext:
     - ``slot_mapping``: ``[T]`` int64, flat KV cache position (``block * block_size + offset``) of each
       new token, ``-1`` where nothing is written.
     - ``checkpoints``: states the linear layers save inside this forward, or None.
+    - ``spec_decode``: the verify rows of a speculative step (a ``deltaserve.spec_decode.VerifyBatch``,
+      the first rows of the batch), else None: linear layers then read their states without writing
+      them and keep their inputs for the commit.
     """
 
     cu_seqlens: torch.Tensor
@@ -85,6 +88,7 @@ class ForwardContext:
     slot_mapping: torch.Tensor | None = None
     block_size: int = 16
     checkpoints: StateCheckpoints | None = None
+    spec_decode: Any = None
 
     # NOTE: cached: every KDA/MLA layer reads these once per forward, and the host lists they
     # derive from are not changed after the context is built.

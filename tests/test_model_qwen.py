@@ -101,7 +101,7 @@ def test_fused_and_per_expert_checkpoints_load_the_same_model(tmp_path):
             per_expert.update({f"{prefix}experts.{e}.down_proj.weight": t.contiguous() for e, t in enumerate(tensor)})
         else:
             per_expert[name] = tensor
-    assert len(per_expert) == len(tensors) + 4 * (3 * 8 - 2)  # 4 MoE layers of 8 experts
+    assert len(per_expert) == len(tensors) + 5 * (3 * 8 - 2)  # 4 MoE layers and the mtp.* head's, of 8 experts
     fused = load_model(fused_path)
     save_file(per_expert, str(fused_path / "model.safetensors"))
     ids = prompt(9, seed=11)

@@ -57,6 +57,15 @@ def test_tensor_parallel_size_must_be_a_positive_integer(value):
         LLM(tensor_parallel_size=value)
 
 
+def test_mtp_drafts_with_tensor_parallel_are_refused_before_workers_start(checkpoint):
+    mtp = {"method": "mtp", "num_speculative_tokens": 1}
+    with pytest.raises(ValueError, match=r"method 'mtp' is not supported with tensor_parallel_size > 1 \(got 2\)"):
+        LLM(str(checkpoint), tensor_parallel_size=2, speculative_config=mtp)
+    from deltaserve.config import EngineConfig
+
+    assert EngineConfig(speculative_config=mtp).speculative_config.method == "mtp"  # TP 1: allowed
+
+
 def test_cli_takes_tensor_parallel_size_and_reports_a_bad_one(checkpoint, capsys):
     from deltaserve.cli import main
 

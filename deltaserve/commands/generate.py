@@ -24,6 +24,22 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--mamba-ssm-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
         help="GDN recurrent-state dtype (default auto: the config's mamba_ssm_dtype, else float32)",
     )  # fmt: skip
+    parser.add_argument(
+        "--speculative-config", type=_json_dict, default=None,
+        help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'',
+    )  # fmt: skip
+
+
+def _json_dict(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+    return value
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -36,6 +52,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         trust_remote_code=args.trust_remote_code,
         tensor_parallel_size=args.tensor_parallel_size,
+        speculative_config=args.speculative_config,
         mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
     )
 

@@ -244,15 +244,19 @@ class LLMEngine:
                 raise RuntimeError(f"nothing could be scheduled with work pending: {self.stats()}")
             return []
         start = time.perf_counter()
+        num_tokens_before = sum(seq.num_tokens for seq in batch.seqs)
         try:
             sampled = self.runner.run(batch)
         except Exception as exc:
             if self.executor is not None:
                 self.executor.check(exc)  # a dead worker: WorkerDiedError naming it
             raise
-        progressed = self.scheduler.postprocess(batch, sampled)
+        progressed = self.scheduler.postprocess(batch, sampled, commit=self.runner.commit_verified)
+        # NOTE: drafts for the next step are proposed here, once this step's tokens are known.
+        self.runner.propose_drafts(self.scheduler.running, self.block_manager)
+        num_sampled = sum(seq.num_tokens for seq in batch.seqs) - num_tokens_before
         self.metrics.record_step(
-            batch.num_prefill_tokens, batch.num_decode_tokens, len(progressed), time.perf_counter() - start
+            batch.num_prefill_tokens, batch.num_decode_tokens, num_sampled, time.perf_counter() - start
         )
         outputs = []
         for request_id in dict.fromkeys(seq.request_id for seq in progressed):
@@ -268,6 +272,8 @@ class LLMEngine:
         so kernel compilation and autotuning happen here instead of in requests. Returns its seconds."""
         seconds = run_warmup(self)
         self.metrics = EngineMetrics()
+        if self.runner.speculator is not None:
+            self.runner.speculator.reset_metrics()
         self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
         return seconds
 
@@ -300,6 +306,8 @@ class LLMEngine:
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
+                    num_draft_tokens=seq.num_draft_tokens,
+                    num_accepted_tokens=seq.num_accepted_tokens,
                 )
             )
         return RequestOutput(
@@ -349,6 +357,8 @@ class LLMEngine:
             kv_cache_usage_perc=blocks_used / self.block_manager.num_blocks,
         )
         out.update(self.scheduler.prefix_cache.stats())
+        if self.runner.speculator is not None:
+            out.update(self.runner.speculator.metrics.as_stats())
         return out
 
     def reset_prefix_cache(self) -> None:

@@ -22,6 +22,10 @@ from deltaserve.engine.cuda_graph import make_decode_graphs
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.spec_decode.mtp import StepOutputs
+from deltaserve.spec_decode.speculator import Speculator
+from deltaserve.spec_decode.structured import mask_verify_logits
+from deltaserve.spec_decode.verify import VerifyBatch
 from deltaserve.state.cache_ops import CacheOp, CacheOps
 from deltaserve.state.pool import StatePool
 
@@ -69,7 +73,11 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
             if config.prefix_cache_budget_bytes is not None and slot_bytes > 0:
                 num_checkpoint_slots = min(num_checkpoint_slots, config.prefix_cache_budget_bytes // slot_bytes)
         num_slots = config.max_num_seqs + num_checkpoint_slots
-    block_bytes = model.kv_cache_spec(config.cache_dtype).bytes_per_block(bs)
+    kv_spec = model.kv_cache_spec(config.cache_dtype)
+    block_bytes = kv_spec.bytes_per_block(bs)
+    spec_config = config.speculative_config
+    if spec_config is not None and spec_config.method == "mtp" and kv_spec.num_layers:
+        block_bytes += block_bytes // kv_spec.num_layers  # NOTE: the MTP head's own attention layer
     num_blocks = config.num_kv_blocks
     if num_blocks is None:
         per_block = max(1, block_bytes)
@@ -114,7 +122,8 @@ def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
 class StepInputs:
     """One step's work, as host lists: all a TP rank needs to run the forward (it travels pickled).
 
-    ``sample_ends``: for each sequence that samples, the flat token offset just past its new tokens.
+    ``sample_ends``: for each sequence that samples (verify rows aside), the flat token offset just
+    past its new tokens. ``num_verify_seqs``: the first rows verify drafts (logits at all their tokens).
     ``checkpoints``: ``(offset, slot)`` pairs per sequence of the states the forward saves (or None).
     ``cache_ops``: the pool/KV writes made since the previous step, to replay first (other ranks).
     """
@@ -126,6 +135,7 @@ class StepInputs:
     state_slots: list[int]
     block_tables: list[list[int]]
     sample_ends: list[int]
+    num_verify_seqs: int = 0
     checkpoints: list[list[tuple[int, int]]] | None = None
     cache_ops: list[CacheOp] = field(default_factory=list)
 
@@ -164,10 +174,24 @@ class ModelRunner:
         )
         model.bind_caches(self.state_pool, self.kv_cache)
         # Rank 0 of a TP group logs its cache writes for the other ranks.
-        self.cache_ops = CacheOps(self.state_pool, self.kv_cache, record=step_sender is not None)
+        self.cache_ops = CacheOps(
+            self.state_pool, self.kv_cache, record=step_sender is not None, commit=self._commit_verified
+        )
         self.sampler = Sampler(generator)
+        self.speculator = None
+        if self.config.speculative_config is not None:
+            self.speculator = Speculator(
+                self.config.speculative_config, self.sampler,
+                max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len, runner=self,
+            )  # fmt: skip
+        self._pending_verify: VerifyBatch | None = None
+        # A proposer that runs on the step's hidden states (MTP) gets them after each step.
+        self._keep_hidden = self.speculator is not None and hasattr(self.speculator.proposer, "observe")
+        self._last_step: StepOutputs | None = None
+        self._hidden: torch.Tensor | None = None  # the last eager forward's hidden states, when kept
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
-        self.cuda_graphs = make_decode_graphs(model, self.config, self.device)
+        # NOTE: not with MTP drafts: a replayed graph returns logits only, the MTP head needs the hidden states.
+        self.cuda_graphs = None if self._keep_hidden else make_decode_graphs(model, self.config, self.device)
 
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of this rank's pool tensors (``conv.<group>``, ``recurrent.<group>``) and KV cache."""
@@ -179,14 +203,22 @@ class ModelRunner:
         return shapes
 
     def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
-        """The host lists of ``batch``: flat token ids and positions, per-sequence metadata."""
+        """The host lists of ``batch``: flat token ids and positions, per-sequence metadata.
+
+        A verify row's tokens are its last sampled token and its drafts (``seq.spec_token_ids``).
+        """
+        num_verify = batch.num_verify_seqs
+        drafts = batch.num_draft_tokens or [0] * len(batch)
+        if any(n > 0 for n in drafts[num_verify:]):
+            raise ValueError("verify rows (sequences with drafts) must be the first rows of the batch")
         input_ids: list[int] = []
         positions: list[int] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+        for seq, num_new, num_drafts in zip(batch.seqs, batch.num_new_tokens, drafts):
             start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + num_new])
+            input_ids.extend(seq.token_ids[start : start + num_new - num_drafts])
+            input_ids.extend(seq.spec_token_ids[:num_drafts])
             positions.extend(range(start, start + num_new))
-        rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
@@ -195,6 +227,7 @@ class ModelRunner:
             state_slots=[seq.state_slot for seq in batch.seqs],
             block_tables=[list(seq.block_table) for seq in batch.seqs],
             sample_ends=_ends(batch, rows),
+            num_verify_seqs=num_verify,
             checkpoints=batch.checkpoints,
         )
 
@@ -217,36 +250,80 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
-        """The forward of one step: float32 logits ``[S, vocab]`` of the sampling sequences, or None."""
+        """The forward of one step: float32 logits ``[V + S, vocab]`` (every verify token, then each other
+        sampling sequence's last token), or None. Verify rows' states wait for :meth:`commit_verified`."""
         input_ids, positions, ctx = self.prepare(inputs)
+        num_verify = inputs.num_verify_seqs
         num_sampled = len(inputs.sample_ends)
+        self._hidden = None
         # NOTE: every TP rank decides the same way from the same inputs, so their collectives match.
-        if self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
+        if not num_verify and self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
             return self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
+        if num_verify:
+            ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
         with forward_context(ctx):
             hidden = self.model(input_ids, positions)  # [T, hidden]
-        if not num_sampled:
+        if self._keep_hidden:
+            self._hidden = hidden
+        verify_tokens = list(range(sum(inputs.query_lens[:num_verify])))
+        last = verify_tokens + [end - 1 for end in inputs.sample_ends]
+        if not last:
             return None
-        last = torch.tensor([end - 1 for end in inputs.sample_ends], device=self.device)
-        return self.model.compute_logits(hidden[last])  # [S, vocab] float32
+        return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])  # float32
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken | None]:
-        """Forward ``batch``; returns a sampled token per sequence that samples, else None."""
+    def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
+        """Forward ``batch``; returns a sampled token per sequence that samples (a verify row: its
+        accepted drafts and the target's next token), else None."""
         inputs = self.step_inputs(batch)
         if self.step_sender is not None:
             inputs.cache_ops = self.cache_ops.drain()
             self.step_sender(inputs)
         logits = self.execute(inputs)
+        self._last_step = None
+        if self._hidden is not None:
+            self._last_step = StepOutputs(batch, self._hidden, list(inputs.num_computed_tokens))
+        out: list = [None] * len(batch)
         if logits is None:
-            return [None] * len(batch)
-        rows = [i for i, sample in enumerate(batch.do_sample) if sample]
-        seqs = [batch.seqs[i] for i in rows]
-        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs], [s.structured for s in seqs])
-        out: list[SampledToken | None] = [None] * len(batch)
-        for i, token in zip(rows, sampled):
-            out[i] = token
+            return out
+        seqs, num_verify = batch.seqs, inputs.num_verify_seqs
+        if num_verify:
+            verify_tokens = sum(inputs.query_lens[:num_verify])
+            verify_rows = range(num_verify)
+            drafts = [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows]
+            verify_logits = mask_verify_logits(logits[:verify_tokens], [seqs[i].structured for i in verify_rows], drafts)
+            emitted = self.speculator.verify(
+                verify_logits, drafts, [seqs[i].params for i in verify_rows], [seqs[i].generator for i in verify_rows]
+            )
+            for i, tokens in zip(verify_rows, emitted):
+                out[i] = tokens
+            logits = logits[verify_tokens:]
+        rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
+        if rows:
+            sampled = self.sampler(logits, [seqs[i].params for i in rows], [seqs[i].generator for i in rows],
+                                   [seqs[i].structured for i in rows])  # fmt: skip
+            for i, token in zip(rows, sampled):
+                out[i] = token
         return out
+
+    def commit_verified(self, num_accepted_tokens: list[int]) -> None:
+        """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens.
+
+        NOTE: a cache op, so that the other TP ranks commit the same tokens before the next forward.
+        """
+        self.cache_ops.commit_verified(num_accepted_tokens)
+
+    def _commit_verified(self, num_accepted_tokens: list[int]) -> None:
+        verify, self._pending_verify = self._pending_verify, None
+        if verify is None:
+            raise RuntimeError("commit_verified without a verify step")
+        verify.commit(num_accepted_tokens)
+
+    def propose_drafts(self, seqs: list, block_manager=None) -> None:
+        """Drafts for the next step of each sequence that decodes (nothing without speculative_config)."""
+        if self.speculator is not None:
+            step, self._last_step = self._last_step, None
+            self.speculator.propose(seqs, step, block_manager)
 
 
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:

@@ -20,7 +20,8 @@ class CompletionOutput:
 
     ``finish_reason`` is ``None`` while running, then ``"stop"`` (EOS, a stop token id or string),
     ``"length"`` (``max_tokens`` or ``max_model_len``) or ``"abort"``; ``stop_reason`` is the stop
-    string or stop token id that ended it (``None`` for EOS and length).
+    string or stop token id that ended it (``None`` for EOS and length). With speculative decoding,
+    ``num_draft_tokens`` drafts were verified for it and ``num_accepted_tokens`` of them accepted.
     """
 
     index: int
@@ -30,6 +31,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -49,3 +52,11 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+
+    @property
+    def spec_decode_metrics(self) -> dict[str, int]:
+        """Draft tokens verified and accepted over the request's sequences (vLLM's counter names)."""
+        return {
+            "num_draft_tokens": sum(o.num_draft_tokens for o in self.outputs),
+            "num_accepted_tokens": sum(o.num_accepted_tokens for o in self.outputs),
+        }

@@ -55,15 +55,27 @@ class Sampler:
         token_ids = logits.argmax(dim=-1)
         if not all(p.is_greedy for p in params):
             probs = torch.softmax(processed, dim=-1)
-            # NOTE: argmax(p / E) with E ~ Exp(1) is a draw from p (the exponential race); each
-            # seeded row draws its own E, so its tokens do not depend on the rest of the batch.
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for row, generator in enumerate(generators):
-                if generator is not None:
-                    noise[row].exponential_(generator=generator)
             greedy = torch.tensor([p.is_greedy for p in params], device=device)
-            token_ids = torch.where(greedy, token_ids, (probs / noise).argmax(dim=-1))
+            token_ids = torch.where(greedy, token_ids, (probs / self.exponential_noise(probs, generators)).argmax(dim=-1))
 
+        return self.outputs(processed, token_ids, params)
+
+    def exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """``E ~ Exp(1)`` shaped as ``probs [S, V]``: ``argmax(probs / E)`` is a draw from each row.
+
+        NOTE: the exponential race; each seeded row draws its own ``E`` from its generator, so its
+        tokens do not depend on the rest of the batch.
+        """
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                noise[row].exponential_(generator=generator)
+        return noise
+
+    @staticmethod
+    def outputs(processed: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[SampledToken]:
+        """Each row's chosen token with its logprob (and top logprobs where asked) from ``processed [S, V]``."""
+        num_rows, vocab = processed.shape
         logprobs = torch.log_softmax(processed, dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
         want = [p.logprobs for p in params]

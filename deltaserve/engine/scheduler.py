@@ -28,8 +28,15 @@ class ScheduledBatch:
     do_sample: list[bool] = field(default_factory=list)
     # Per sequence: True when this step is a (chunked) prefill or recompute, False for a decode.
     is_prefill: list[bool] = field(default_factory=list)
+    # Per sequence: draft tokens verified after the last sampled token (the last of num_new_tokens).
+    # NOTE: sequences with drafts come first, so the verify rows are the batch's first rows.
+    num_draft_tokens: list[int] = field(default_factory=list)
     # Per sequence: (offset, slot) pairs, states to save inside the forward (prefix-cache checkpoints).
     checkpoints: list[list[tuple[int, int]]] = field(default_factory=list)
+
+    @property
+    def num_verify_seqs(self) -> int:
+        return sum(1 for n in self.num_draft_tokens if n > 0)
 
     @property
     def num_tokens(self) -> int:
@@ -121,13 +128,15 @@ class Scheduler:
         picks = _Picks(self.max_num_batched_tokens)
         preemptions_before = self.num_preemptions
 
-        # 1. Running sequences: decodes first, then chunked prefills; oldest first within each.
-        for seq in sorted(self.running, key=lambda s: (s.is_prefill, s.seq_id)):
+        # 1. Running sequences: decodes first (those with drafts to verify before those without),
+        # then chunked prefills; oldest first within each.
+        for seq in sorted(self.running, key=lambda s: (s.is_prefill, not s.spec_token_ids, s.seq_id)):
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted above to make room for an older sequence
             if picks.tokens_left <= 0:
                 break
-            num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, picks.tokens_left))
+            wanted = seq.num_uncomputed_tokens + (len(seq.spec_token_ids) if not seq.is_prefill else 0)
+            num_new = self.prefix_cache.clip_chunk(seq, min(wanted, picks.tokens_left))
             if self._reserve_blocks(seq, num_new, picks):
                 picks.add(seq, num_new)
 
@@ -161,12 +170,18 @@ class Scheduler:
             picks.add(seq, num_new)
 
         batch = ScheduledBatch()
-        for seq, num_new in picks.entries.values():
+        # NOTE: verify rows first; a sequence sorted among them may have lost its drafts to a clipped chunk.
+        entries = sorted(picks.entries.values(), key=lambda e: e[1] <= e[0].num_uncomputed_tokens)
+        for seq, num_new in entries:
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
-            batch.do_sample.append(seq.num_computed_tokens + num_new == seq.num_tokens)
+            # NOTE: >=, as a verify row runs past its tokens (its drafts are not in token_ids yet).
+            batch.do_sample.append(seq.num_computed_tokens + num_new >= seq.num_tokens)
             # NOTE: a prompt's last token alone after a prefix-cache hit is still a prompt token.
             batch.is_prefill.append(seq.is_prefill or seq.num_computed_tokens < seq.num_prompt_tokens)
+            num_drafts = max(0, num_new - seq.num_uncomputed_tokens)
+            batch.num_draft_tokens.append(num_drafts)
+            del seq.spec_token_ids[num_drafts:]  # drafts cut by the token budget or a chunk end are dropped
             # NOTE: asked last, once no sequence of the batch can be preempted any more.
             batch.checkpoints.append(self.prefix_cache.checkpoint_slots(seq, num_new) if batch.is_prefill[-1] else [])
         return batch
@@ -197,6 +212,7 @@ class Scheduler:
         self._release(seq)
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
@@ -211,23 +227,53 @@ class Scheduler:
 
     # ---- postprocess -------------------------------------------------------------------------
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[tuple | None]) -> list[Sequence]:
-        """Advance computed tokens, append sampled tokens, finish stopped sequences.
+    def postprocess(
+        self,
+        batch: ScheduledBatch,
+        sampled: list,
+        commit: Callable[[list[int]], None] | None = None,
+    ) -> list[Sequence]:
+        """Append sampled tokens, advance computed tokens, finish stopped sequences.
 
-        ``sampled[i]`` is ``(token_id, logprob, top_logprobs | None)`` where ``batch.do_sample[i]``,
-        else None. Returns the sequences that gained a token this step.
+        ``sampled[i]`` is ``(token_id, logprob, top_logprobs | None)`` where ``batch.do_sample[i]``, a
+        list of them for a verify row (its accepted drafts, then the target's token), else None.
+        Tokens are appended one at a time until one stops the sequence; a verify row then counts as
+        computed its last sampled token plus the drafts kept, and ``commit(num_accepted_tokens)``
+        (one entry per verify row, 0 for a row no longer running) makes the states hold them before
+        the prefix cache sees the new ``num_computed_tokens``. Returns the sequences that gained tokens.
         """
         progressed = []
-        for seq, num_new, sample in zip(batch.seqs, batch.num_new_tokens, sampled):
+        num_computed = []
+        drafts = batch.num_draft_tokens or [0] * len(batch)
+        for seq, num_new, num_drafts, sample in zip(batch.seqs, batch.num_new_tokens, drafts, sampled):
             if seq.status != SequenceStatus.RUNNING:
+                num_computed.append(0)
                 continue  # aborted after it was scheduled
-            seq.num_computed_tokens += num_new
-            self.prefix_cache.on_computed(seq)
             if sample is None:
+                num_computed.append(num_new)
                 continue
-            seq.append_token(*sample)
+            tokens = sample if isinstance(sample, list) else [sample]
+            kept = 0
+            for token in tokens:
+                seq.append_token(*token)
+                kept += 1
+                self.check_stop(seq)
+                if seq.finish_reason is not None:
+                    break
+            if num_drafts:
+                seq.num_draft_tokens += num_drafts
+                seq.num_accepted_tokens += len(tokens) - 1
+            # NOTE: a verify row computed its first token and the drafts now in token_ids, no more.
+            num_computed.append(kept if num_drafts else num_new)
             progressed.append(seq)
-            self.check_stop(seq)
+        num_verify = batch.num_verify_seqs
+        if num_verify and commit is not None:
+            commit(num_computed[:num_verify])
+        for seq, n in zip(batch.seqs, num_computed):
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += n
+            self.prefix_cache.on_computed(seq)
             if seq.finish_reason is not None:
                 self._release(seq)
                 self.running.remove(seq)

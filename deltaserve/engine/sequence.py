@@ -49,6 +49,10 @@ class Sequence:
         self.state_slot: int | None = None
         self.block_table: list[int] = []
         self.num_preemptions = 0
+        # Speculative decoding: drafts for the next step (not in token_ids until accepted) and counters.
+        self.spec_token_ids: list[int] = []
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         # Prompt tokens restored from the prefix cache when first admitted (None before that).
         self.num_cached_tokens: int | None = None
         # Output bookkeeping.

@@ -79,7 +79,12 @@ class DeltaRuleMixer(nn.Module):
 
     def short_conv(self, mixed_qkv: torch.Tensor, weight: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Causal depthwise conv of ``mixed_qkv [T, conv_dim]`` (``weight [conv_dim, K]``) over each sequence,
-        reading and writing the conv states in the slots; returns ``act(conv) [T, conv_dim]``."""
+        reading and writing the conv states in the slots; returns ``act(conv) [T, conv_dim]``.
+
+        In a speculative verify step the verify rows read their windows only (see ``spec_decode.verify``).
+        """
+        if ctx.spec_decode is not None:
+            return ctx.spec_decode.conv(mixed_qkv, weight, self.conv_state, self.conv_activation)
         if ctx.is_decode_only:
             return causal_conv1d_update(mixed_qkv, weight, self.conv_state, ctx.state_indices, self.conv_activation)
         # NOTE: ctx.checkpoints: the conv windows at prefix-cache checkpoints inside the prefill, once for all kinds.
@@ -105,7 +110,12 @@ class DeltaRuleMixer(nn.Module):
         ctx: ForwardContext,
     ) -> torch.Tensor:
         """The delta rule on the slots in place: the recurrent step when the batch is decode-only, else chunked
-        (which also writes the states at the forward context's prefix-cache checkpoints)."""
+        (which also writes the states at the forward context's prefix-cache checkpoints).
+
+        In a speculative verify step the verify rows read their states only and keep their inputs for the commit.
+        """
+        if ctx.spec_decode is not None:
+            return ctx.spec_decode.delta_rule(chunk_delta_rule, (q, k, v, g, beta), self.recurrent_state)
         if ctx.is_decode_only:
             return fused_recurrent_delta_rule(q, k, v, g, beta, self.recurrent_state, ctx.state_indices)
         return chunk_delta_rule(

@@ -145,11 +145,14 @@ def _ignored(model: nn.Module, files: dict[str, Path]) -> set[str]:
     return ignored
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = None) -> None:
     """Copy every checkpoint tensor into ``model`` (cast to each parameter's dtype), after checking that
-    names and shapes match exactly; otherwise a ValueError lists the problems."""
+    names and shapes match exactly; otherwise a ValueError lists the problems. ``only_prefix`` loads just
+    the tensors under it (e.g. ``"mtp."`` into a module holding the MTP head as ``mtp``)."""
     path = Path(path)
     files = checkpoint_files(path)
+    if only_prefix is not None:
+        files = {name: file for name, file in files.items() if name.startswith(only_prefix)}
     ignored = _ignored(model, files)
     files = {name: file for name, file in files.items() if name not in ignored}
     slots = checkpoint_slots(model, files)

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from deltaserve.models.tiny_tokenizer import NUM_BYTE_TOKENS, make_tokenizer
 
-TINY_VERSION = 2  # bump when the tiny checkpoint changes, so cached copies are rebuilt
+TINY_VERSION = 3  # bump when the tiny checkpoint changes, so cached copies are rebuilt
 VOCAB_SIZE = 320  # 256 bytes + 3 special tokens, rounded up to a multiple of 64
 
 _TINY_CONFIG = {
@@ -187,11 +187,11 @@ def random_weights(config: dict, seed: int = 0, fused_experts: bool = False) -> 
     if config["model_type"] == "kimi_linear":
         shapes, init = checkpoint_shapes(config), _init_tensor
     else:
-        from deltaserve.models.tiny_qwen import init_qwen_tensor, qwen_checkpoint_shapes
+        from deltaserve.models.tiny_qwen import init_qwen_tensor, mtp_checkpoint_shapes, qwen_checkpoint_shapes
 
         shapes = qwen_checkpoint_shapes(config, fused_experts)
-        # NOTE: an MTP tensor as the releases carry, which the loader must skip.
-        shapes["mtp.fc.weight"] = (config["hidden_size"], 2 * config["hidden_size"])
+        # NOTE: the MTP head as the releases carry it: skipped by the model's loader, loaded by the MTP drafter.
+        shapes.update(mtp_checkpoint_shapes(config, fused_experts))
 
         def init(name, shape, gen):
             return init_qwen_tensor(name, shape, gen, _init_tensor)

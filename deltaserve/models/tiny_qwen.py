@@ -130,6 +130,23 @@ def qwen_checkpoint_shapes(config: dict, fused_experts: bool = False) -> dict[st
     return shapes
 
 
+def mtp_checkpoint_shapes(config: dict, fused_experts: bool = False) -> dict[str, tuple[int, ...]]:
+    """The ``mtp.*`` head of Qwen3-Next / Qwen3.5 checkpoints: ``fc`` over ``[embedding; hidden]``, its two
+    pre-norms, one full-attention decoder layer (MoE as the model's layers), a final norm."""
+    hidden, index = config["hidden_size"], config["num_hidden_layers"]
+    one_layer = dict(config, layer_types=list(config["layer_types"]) + ["full_attention"])
+    layer = f"model.layers.{index}."
+    shapes = {
+        "mtp." + name[len("model."):].replace(f"layers.{index}.", "layers.0."): shape
+        for name, shape in qwen_checkpoint_shapes(one_layer, fused_experts).items()
+        if name.startswith(layer)
+    }
+    shapes["mtp.fc.weight"] = (hidden, 2 * hidden)
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        shapes[f"mtp.{norm}.weight"] = (hidden,)
+    return shapes
+
+
 def init_qwen_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, base_init) -> torch.Tensor:
     """Zero-centred norms get small random ``w`` (so ``1 + w`` differs from ``w``), the GDN output norm
     ``1 + noise``; everything else as the Kimi tiny model (``base_init``)."""

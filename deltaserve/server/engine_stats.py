@@ -27,6 +27,12 @@ GAUGES = {
     "prefix_cache_checkpoints": ("prefix_cache_checkpoints", "State checkpoints held now."),
     "prefix_cache_bytes": ("prefix_cache_bytes", "Bytes the prefix cache holds (checkpoint states and KV blocks)."),
     "prefix_cache_budget_bytes": ("prefix_cache_budget_bytes", "The prefix cache's byte budget."),
+    # Speculative decoding, vLLM's names (present only with a speculative_config).
+    "spec_decode_num_drafts": ("spec_decode_num_drafts", "Verify rows with drafts (one per sequence and step)."),
+    "spec_decode_num_draft_tokens": ("spec_decode_num_draft_tokens", "Draft tokens proposed and verified."),
+    "spec_decode_num_accepted_tokens": ("spec_decode_num_accepted_tokens", "Draft tokens accepted."),
+    "spec_decode_mean_acceptance_length": (
+        "spec_decode_mean_acceptance_length", "Tokens emitted per verify row (1 + accepted / drafts)."),
 }
 
 

@@ -1,4 +1,5 @@
-"""State and KV-cache writes made between forwards (prefix-cache restores and checkpoints, slot zeroing).
+"""State and KV-cache writes made between forwards (prefix-cache restores and checkpoints, slot zeroing,
+speculative decoding's commit of the accepted tokens).
 
 They run at once on the process that decides them (TP rank 0, where the scheduler and the prefix
 cache live); with ``record=True`` each is also logged, and the log travels with the next step's
@@ -9,7 +10,7 @@ replay, so every rank's pool holds what a single process would.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -18,19 +19,31 @@ from deltaserve.state.pool import StatePool
 
 
 class CacheOp(NamedTuple):
-    """``kind``: ``"zero"`` (slots), ``"copy"`` (src slots, dst slots) or ``"kv_rows"`` (src block,
-    dst block, rows: the first ``rows`` entries of every attention layer)."""
+    """``kind``: ``"zero"`` (slots), ``"copy"`` (src slots, dst slots), ``"kv_rows"`` (src block,
+    dst block, rows: the first ``rows`` entries of every attention layer) or ``"commit"`` (accepted
+    tokens per verify row of the last forward)."""
 
     kind: str
     args: tuple
 
 
 class CacheOps:
-    """The writes of one process's pool and KV cache (``[attn_layers, blocks, block_size, dim]`` or None)."""
+    """The writes of one process's pool and KV cache (``[attn_layers, blocks, block_size, dim]`` or None).
 
-    def __init__(self, pool: StatePool, kv_cache: torch.Tensor | None, *, record: bool = False):
+    ``commit``: replays the accepted tokens of the last forward's verify rows into their slots.
+    """
+
+    def __init__(
+        self,
+        pool: StatePool,
+        kv_cache: torch.Tensor | None,
+        *,
+        record: bool = False,
+        commit: Callable[[list[int]], None] | None = None,
+    ):
         self.pool = pool
         self.kv_cache = kv_cache
+        self._commit = commit
         self.log: list[CacheOp] | None = [] if record else None
         if record:
             pool.zero_hook = self._record_zero
@@ -47,6 +60,14 @@ class CacheOps:
             self.kv_cache[:, dst_block, :rows] = self.kv_cache[:, src_block, :rows]
         if self.log is not None:
             self.log.append(CacheOp("kv_rows", (src_block, dst_block, rows)))
+
+    def commit_verified(self, num_accepted_tokens: list[int]) -> None:
+        """Make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens."""
+        if self._commit is None:
+            raise RuntimeError("commit_verified on cache ops without a commit")
+        self._commit(num_accepted_tokens)
+        if self.log is not None:
+            self.log.append(CacheOp("commit", (list(num_accepted_tokens),)))
 
     def _record_zero(self, slots: list[int]) -> None:
         self.log.append(CacheOp("zero", (list(slots),)))
@@ -65,6 +86,8 @@ class CacheOps:
                 self.pool.zero(args[0])
             elif kind == "copy":
                 copy_slots(self.pool, *args)
+            elif kind == "commit":
+                self.commit_verified(*args)
             elif kind == "kv_rows":
                 src, dst, rows = args
                 if self.kv_cache is not None:

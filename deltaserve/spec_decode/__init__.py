@@ -1,0 +1,1 @@
+"""Speculative decoding: proposers (n-gram, MTP, synthetic), rejection sampling, multi-token verify."""
