@@ -37,11 +37,12 @@ def make_model(tmp_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def serve_in_thread(model_dir: Path, max_queue: int = 256, tool_call_parser: str | None = None,
-                    **engine_kwargs) -> Iterator[RunningServer]:
+def serve_in_thread(model_dir: Path, max_queue: int = 256, app_kwargs: dict | None = None, api_key: str | None = None,
+                    tool_call_parser: str | None = None, **engine_kwargs) -> Iterator[RunningServer]:
     """uvicorn serving ``create_app`` in a daemon thread; stopped (and checked stopped) on exit."""
     engine = LLMEngine(EngineConfig(model=str(model_dir), dtype="float32", **engine_kwargs))
-    app = create_app(engine, served_model_name=MODEL_NAME, max_queue=max_queue, tool_call_parser=tool_call_parser)
+    app = create_app(engine, served_model_name=MODEL_NAME, max_queue=max_queue, api_key=api_key,
+                     tool_call_parser=tool_call_parser, **(app_kwargs or {}))
     # NOTE: the socket is bound here and handed to uvicorn, so no other process can take the port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

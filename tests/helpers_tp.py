@@ -122,9 +122,9 @@ class LogitsTap:
         self.sampler = sampler
         self.logits = []
 
-    def __call__(self, logits, *args):
+    def __call__(self, logits, *args, **kwargs):
         self.logits.append(logits.detach().clone())
-        return self.sampler(logits, *args)
+        return self.sampler(logits, *args, **kwargs)
 
 
 # ---- GatedDeltaNet under TP, one layer, real processes -----------------------------------------------

@@ -27,7 +27,7 @@ def test_generate_prints_transformers_greedy_completion_and_speed(checkpoint, ca
     out = capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     expected = GreedyReference(reference_model(checkpoint))(tokenizer.encode(prompt), 6)
-    assert prompt + tokenizer.decode(expected, skip_special_tokens=True) in out
+    assert f"prompt:     {prompt!r}\ncompletion: {tokenizer.decode(expected, skip_special_tokens=True)!r}\n" in out
     assert "[6 tokens, finish_reason=length]" in out
     assert re.search(r"generated 6 tokens in [\d.]+ s \([\d.]+ tok/s\)", out)
 

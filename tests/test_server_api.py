@@ -160,7 +160,6 @@ def test_chat_logprobs_follow_the_chat_shape(client):
 # ---- errors: OpenAI's shape, status 400, the field named ----------------------------------------
 
 ERROR_CASES = {
-    "unknown model": ("completions", {"model": "gpt-4", "prompt": "a"}, "model"),
     "negative max_tokens": ("completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": -3}, "max_tokens"),
     "temperature too high": ("completions", {"model": MODEL_NAME, "prompt": "a", "temperature": 2.5}, "temperature"),
     "negative temperature": ("chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": "a"}],
@@ -171,8 +170,8 @@ ERROR_CASES = {
         {"role": "user", "content": "a" * MAX_MODEL_LEN}]}, "messages"),
     "max_tokens past the context": ("completions", {"model": MODEL_NAME, "prompt": "a", "max_tokens": MAX_MODEL_LEN},
                                     "max_tokens"),
-    "unsupported presence_penalty": ("completions", {"model": MODEL_NAME, "prompt": "a", "presence_penalty": 0.5},
-                                     "presence_penalty"),
+    "presence_penalty out of range": ("completions", {"model": MODEL_NAME, "prompt": "a", "presence_penalty": 2.5},
+                                      "presence_penalty"),
     "tool_choice naming no tool": ("chat/completions", {"model": MODEL_NAME, "messages": [
         {"role": "user", "content": "a"}], "tools": [{"type": "function", "function": {"name": "f"}}],
         "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
@@ -195,6 +194,14 @@ def test_bad_request_is_400_naming_the_field(server, case):
     assert error["type"] == "invalid_request_error"
     assert error["param"] == field
     assert field in error["message"]
+
+
+def test_unknown_model_is_404_model_not_found(server):
+    for endpoint, body in (("completions", {"model": "gpt-4", "prompt": "a"}),
+                           ("chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]})):
+        response = httpx.post(f"{server.url}/v1/{endpoint}", json=body, timeout=30)
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "model_not_found" and response.json()["error"]["param"] == "model"
 
 
 def test_malformed_json_is_400_in_the_openai_shape(server):

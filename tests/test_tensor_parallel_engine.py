@@ -101,3 +101,18 @@ def test_prefix_cache_checkpoints_hold_each_ranks_share_of_the_tp1_states(tp_llm
     # Checkpoints are copied on rank 0 when decided and on the other ranks from the step broadcast.
     run_scenario(tp_llm, "prefix_hits")
     assert_checkpoints_sharded(tp_llm, reference_llm, "kda")
+
+
+def test_prompt_logprobs_match_tp1(tp_llm, reference_llm):
+    # NOTE: the prompt's logits are all-gathered on every rank; 37 tokens in chunks of 16.
+    from deltaserve import SamplingParams
+
+    prompt = SCENARIOS["chunked"][0][0]
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, prompt_logprobs=1)
+    (got,) = tp_llm.generate([prompt], params, use_tqdm=False)
+    (want,) = reference_llm.generate([prompt], params, use_tqdm=False)
+    assert got.prompt_logprobs[0] is None and len(got.prompt_logprobs) == len(prompt)
+    for i in range(1, len(prompt)):
+        assert got.prompt_logprobs[i].keys() == want.prompt_logprobs[i].keys()
+        for token, entry in want.prompt_logprobs[i].items():
+            assert abs(got.prompt_logprobs[i][token].logprob - entry.logprob) < 1e-4

@@ -12,11 +12,12 @@ HELP = "complete one or more prompts with a model (default: the built-in tiny mo
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by ``generate`` and ``bench`` (EngineConfig fields)."""
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, capped)")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch (default 64)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step (default 2048)")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weights and activations dtype (auto: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, capped at 4096 on the CPU, 32768 on CUDA)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
     parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
                         help="TP ranks: worker processes started here, or the processes torchrun started")
@@ -83,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         llm = LLM(**engine_kwargs(args), seed=args.seed or 0)
         start = time.perf_counter()
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     for output in outputs:
         completion = output.outputs[0]
         num_tokens += len(completion.token_ids)
-        print(f"--- prompt: {output.prompt!r}")
-        print(f"{output.prompt}{completion.text}")
+        print(f"prompt:     {output.prompt!r}")
+        print(f"completion: {completion.text!r}")
         print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]")
     print(f"generated {num_tokens} tokens in {elapsed:.2f} s ({num_tokens / max(elapsed, 1e-9):.1f} tok/s)")
     return 0

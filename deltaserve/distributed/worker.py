@@ -46,7 +46,9 @@ def rank_config(config: EngineConfig) -> EngineConfig:
     return config
 
 
-def build_runner(config: EngineConfig, hf_config=None, generator: torch.Generator | None = None, step_sender=None):
+def build_runner(
+    config: EngineConfig, hf_config=None, generator: torch.Generator | None = None, eos_token_ids=None, step_sender=None
+):
     """This rank's model shard (read from the checkpoint's slices) and its runner."""
     from deltaserve.engine.model_runner import ModelRunner
     from deltaserve.models.loader import load_model, load_model_config
@@ -56,7 +58,7 @@ def build_runner(config: EngineConfig, hf_config=None, generator: torch.Generato
     single = tp_layout(0, 1) if config.tensor_parallel_size == 1 else contextlib.nullcontext()
     with single:
         model = load_model(config.model, dtype=config.dtype, device=config.device)
-    return ModelRunner(config, model, hf_config, generator, step_sender=step_sender)
+    return ModelRunner(config, model, hf_config, generator, eos_token_ids, step_sender=step_sender)
 
 
 def run_worker(config: EngineConfig) -> None:

@@ -42,7 +42,8 @@ class StopChecker:
             self.decode_new_text(seq, end=seq.num_tokens - 1, final=True)
             return
         new_text = self.decode_new_text(seq)
-        if new_text and params.stop:
+        # NOTE: stop strings count from min_tokens on (EOS and stop token ids are masked until then).
+        if new_text and params.stop and seq.num_output_tokens >= params.min_tokens:
             self._check_stop_strings(seq, len(new_text))
             if seq.finish_reason is not None:
                 return

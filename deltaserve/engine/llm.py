@@ -81,7 +81,12 @@ class LLM:
             progress = tqdm(total=len(prompts), desc="Processed prompts", dynamic_ncols=True)
         try:
             while engine.has_unfinished_requests():
-                for output in engine.step():
+                outputs = engine.step()
+                errors = {rid: exc for rid, exc in engine.pop_request_errors().items() if rid in order}
+                if errors:
+                    request_id, exc = next(iter(errors.items()))
+                    raise RuntimeError(f"prompt {order[request_id]} failed: {type(exc).__name__}: {exc}") from exc
+                for output in outputs:
                     if output.finished and output.request_id in order:
                         results[order[output.request_id]] = output
                         if progress is not None:

@@ -58,7 +58,11 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - transformers and tokenizers raise many kinds for a broken file
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"the tokenizer in {path} cannot be loaded: {type(exc).__name__}: {detail}") from exc
 
 
 def eos_token_ids(hf_config, tokenizer) -> set[int]:
@@ -102,17 +106,18 @@ class LLMEngine:
         self.executor = start_executor(config, self.hf_config)  # None at TP 1
         if self.executor is not None:
             weakref.finalize(self, self.executor.shutdown)
+        eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
         try:
             generator = torch.Generator(device=config.device).manual_seed(config.seed)
             step_sender = self.executor.send_step if self.executor is not None else None
-            self.runner = build_runner(config, self.hf_config, generator, step_sender=step_sender)
+            self.runner = build_runner(config, self.hf_config, generator, eos_ids, step_sender=step_sender)
         except Exception:
             if self.executor is not None:
                 self.executor.shutdown()
             raise
         self.config = self.runner.config
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size)
-        self.stop_checker = StopChecker(self.tokenizer, eos_token_ids(self.hf_config, self.tokenizer))
+        self.stop_checker = StopChecker(self.tokenizer, eos_ids)
         self.prefix_cache = None
         if self.config.enable_prefix_caching:
             self.prefix_cache = PrefixCache(
@@ -130,11 +135,13 @@ class LLMEngine:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             state_pool=self.runner.state_pool,
             block_manager=self.block_manager,
-            check_stop=self.stop_checker,
+            check_stop=self._check_stop,
             prefix_cache=self.prefix_cache,
         )
         self.metrics = EngineMetrics()
         self.requests: dict[str, _Request] = {}
+        # Requests that failed alone in a step (see _check_stop), until pop_request_errors().
+        self._request_errors: dict[str, BaseException] = {}
         self._seq_ids = itertools.count()
         self._grammar_compiler = None
         self._grammar_lock = threading.Lock()
@@ -154,6 +161,11 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
+        vocab = self.hf_config.vocab_size
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or {})):
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids must be in [0, {vocab}) (vocab_size); found {bad[:8]}")
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(
@@ -167,7 +179,8 @@ class LLMEngine:
         for index in range(params.n):
             generator = None
             if params.seed is not None:
-                generator = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+                # NOTE: modulo 2**64, the generator's seed range (a seed near the top must not overflow).
+                generator = torch.Generator(device=self.runner.device).manual_seed((params.seed + index) % 2**64)
             seqs.append(Sequence(next(self._seq_ids), request_id, index, token_ids, params, max_tokens, generator))
             if grammar is not None:
                 seqs[-1].structured = StructuredMatcher(grammar)
@@ -212,6 +225,20 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids must be in [0, {vocab}) (vocab_size); found {bad[:8]}")
         return text, token_ids
+
+    def _check_stop(self, seq: Sequence) -> None:
+        """The stop checker, with a failure (e.g. a tokenizer that cannot decode a token) ending this
+        sequence's request alone: it is aborted after the step and its error kept for the caller."""
+        try:
+            self.stop_checker(seq)
+        except Exception as exc:  # noqa: BLE001 - attributed to this request, reported by pop_request_errors
+            seq.finish_reason = "abort"
+            self._request_errors.setdefault(seq.request_id, exc)
+
+    def pop_request_errors(self) -> dict[str, BaseException]:
+        """``request_id -> exception`` of requests that failed alone since the last call (already aborted)."""
+        errors, self._request_errors = self._request_errors, {}
+        return errors
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now, returning its slot and blocks; its final output (``"abort"``) or None if unknown."""
@@ -259,7 +286,11 @@ class LLMEngine:
             batch.num_prefill_tokens, batch.num_decode_tokens, num_sampled, time.perf_counter() - start
         )
         outputs = []
+        for request_id in self._request_errors:
+            self.abort_request(request_id)
         for request_id in dict.fromkeys(seq.request_id for seq in progressed):
+            if request_id in self._request_errors:
+                continue
             request = self.requests[request_id]
             outputs.append(self._output(request))
             if request.finished:
@@ -297,23 +328,40 @@ class LLMEngine:
         for seq in request.seqs:
             if seq.logprobs:
                 self._decode_logprob_tokens(seq.logprobs[-1])
+            text = visible_text(seq)
+            offsets = None
+            if seq.text_offsets is not None:
+                offsets = [min(offset, len(text)) for offset in seq.text_offsets]
             completions.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=visible_text(seq),
+                    text=text,
                     token_ids=seq.output_token_ids,  # a fresh list (a slice)
                     cumulative_logprob=seq.cumulative_logprob,
                     logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
+                    text_offsets=offsets,
                     num_draft_tokens=seq.num_draft_tokens,
                     num_accepted_tokens=seq.num_accepted_tokens,
                 )
             )
         return RequestOutput(
             request.request_id, request.prompt, request.prompt_token_ids, completions, request.finished,
+            prompt_logprobs=self._prompt_logprobs(request.seqs[0]),
             num_cached_tokens=request.seqs[0].num_cached_tokens or 0,
         )
+
+    def _prompt_logprobs(self, seq: Sequence) -> list | None:
+        """The prompt's logprob entries (decoded) once all are computed, else None."""
+        entries = seq.prompt_logprobs
+        if entries is None or len(entries) < seq.num_prompt_tokens:
+            return None
+        if not seq.prompt_logprobs_decoded:
+            for entry in entries[1:]:
+                self._decode_logprob_tokens(entry)
+            seq.prompt_logprobs_decoded = True
+        return list(entries)
 
     def _decode_logprob_tokens(self, entry: dict[int, Logprob]) -> None:
         if self.tokenizer is None:

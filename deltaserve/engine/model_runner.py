@@ -19,6 +19,7 @@ import torch
 from deltaserve.config import EngineConfig
 from deltaserve.distributed.message_queue import min_over_ranks
 from deltaserve.engine.cuda_graph import make_decode_graphs
+from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_logits, prompt_rows
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
@@ -124,6 +125,7 @@ class StepInputs:
 
     ``sample_ends``: for each sequence that samples (verify rows aside), the flat token offset just
     past its new tokens. ``num_verify_seqs``: the first rows verify drafts (logits at all their tokens).
+    ``prompt_rows``: flat rows whose logits score the prompt (prompt logprobs).
     ``checkpoints``: ``(offset, slot)`` pairs per sequence of the states the forward saves (or None).
     ``cache_ops``: the pool/KV writes made since the previous step, to replay first (other ranks).
     """
@@ -136,6 +138,7 @@ class StepInputs:
     block_tables: list[list[int]]
     sample_ends: list[int]
     num_verify_seqs: int = 0
+    prompt_rows: list[int] = field(default_factory=list)
     checkpoints: list[list[tuple[int, int]]] | None = None
     cache_ops: list[CacheOp] = field(default_factory=list)
 
@@ -149,6 +152,7 @@ class ModelRunner:
         model,
         hf_config,
         generator: torch.Generator | None = None,
+        eos_token_ids: set[int] | None = None,
         step_sender: Callable[[StepInputs], None] | None = None,
     ):
         self.device = torch.device(config.device)
@@ -177,7 +181,7 @@ class ModelRunner:
         self.cache_ops = CacheOps(
             self.state_pool, self.kv_cache, record=step_sender is not None, commit=self._commit_verified
         )
-        self.sampler = Sampler(generator)
+        self.sampler = Sampler(generator, eos_token_ids)
         self.speculator = None
         if self.config.speculative_config is not None:
             self.speculator = Speculator(
@@ -228,6 +232,7 @@ class ModelRunner:
             block_tables=[list(seq.block_table) for seq in batch.seqs],
             sample_ends=_ends(batch, rows),
             num_verify_seqs=num_verify,
+            prompt_rows=prompt_rows(batch),
             checkpoints=batch.checkpoints,
         )
 
@@ -249,15 +254,19 @@ class ModelRunner:
         return to_device(inputs.input_ids), to_device(inputs.positions), ctx
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+    def execute(self, inputs: StepInputs, batch: ScheduledBatch | None = None) -> torch.Tensor | None:
         """The forward of one step: float32 logits ``[V + S, vocab]`` (every verify token, then each other
-        sampling sequence's last token), or None. Verify rows' states wait for :meth:`commit_verified`."""
+        sampling sequence's last token), or None. Verify rows' states wait for :meth:`commit_verified`.
+
+        ``batch`` (rank 0): its sequences asking for prompt logprobs get this step's entries.
+        """
         input_ids, positions, ctx = self.prepare(inputs)
         num_verify = inputs.num_verify_seqs
         num_sampled = len(inputs.sample_ends)
         self._hidden = None
         # NOTE: every TP rank decides the same way from the same inputs, so their collectives match.
-        if not num_verify and self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
+        eager = num_verify or inputs.prompt_rows
+        if not eager and self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
             return self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
         if num_verify:
             ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
@@ -265,6 +274,13 @@ class ModelRunner:
             hidden = self.model(input_ids, positions)  # [T, hidden]
         if self._keep_hidden:
             self._hidden = hidden
+        if inputs.prompt_rows:
+            if batch is not None:
+                collect_prompt_logprobs(self.model, hidden, batch)
+            else:
+                # NOTE: a TP worker computes the same logits slices, so the vocabulary all-gathers match.
+                for _ in prompt_logits(self.model, hidden, inputs.prompt_rows):
+                    pass
         verify_tokens = list(range(sum(inputs.query_lens[:num_verify])))
         last = verify_tokens + [end - 1 for end in inputs.sample_ends]
         if not last:
@@ -274,12 +290,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
         """Forward ``batch``; returns a sampled token per sequence that samples (a verify row: its
-        accepted drafts and the target's next token), else None."""
+        accepted drafts and the target's next token), else None.
+
+        Sequences asking for prompt logprobs get this chunk's entries appended (``prompt_logprobs``).
+        """
         inputs = self.step_inputs(batch)
         if self.step_sender is not None:
             inputs.cache_ops = self.cache_ops.drain()
             self.step_sender(inputs)
-        logits = self.execute(inputs)
+        logits = self.execute(inputs, batch)
         self._last_step = None
         if self._hidden is not None:
             self._last_step = StepOutputs(batch, self._hidden, list(inputs.num_computed_tokens))
@@ -301,7 +320,8 @@ class ModelRunner:
         rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
         if rows:
             sampled = self.sampler(logits, [seqs[i].params for i in rows], [seqs[i].generator for i in rows],
-                                   [seqs[i].structured for i in rows])  # fmt: skip
+                                   structured=[seqs[i].structured for i in rows],
+                                   histories=[seqs[i] for i in rows])  # fmt: skip
             for i, token in zip(rows, sampled):
                 out[i] = token
         return out

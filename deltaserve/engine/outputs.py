@@ -31,6 +31,8 @@ class CompletionOutput:
     logprobs: list[dict[int, Logprob]] | None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # With logprobs: where each token's text starts in ``text`` (clipped to its length).
+    text_offsets: list[int] | None = None
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
 
@@ -51,6 +53,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # With ``SamplingParams.prompt_logprobs``: one entry per prompt token (the first None), once computed.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_cached_tokens: int = 0
 
     @property

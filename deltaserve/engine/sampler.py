@@ -1,11 +1,20 @@
-"""Greedy / temperature / top-k / top-p sampling of one token per row, vectorised over the batch."""
+"""Sampling of one token per row, vectorised over the batch (the transformations: ``logits_processors``)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
+from deltaserve.engine.logits_processors import (
+    SamplingTensors,
+    apply_logit_bias,
+    apply_min_p,
+    apply_min_tokens,
+    apply_penalties,
+    apply_temperature,
+    apply_top_k_top_p,
+)
 from deltaserve.engine.outputs import Logprob
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.structured.logits import apply_structured_outputs
@@ -22,12 +31,15 @@ class SampledToken(NamedTuple):
 class Sampler:
     """Samples with per-row settings; rows without their own generator share ``generator``.
 
-    Logprobs come from ``log_softmax`` in float32 of the processed logits (temperature, top-k,
-    top-p applied); greedy rows (temperature 0 or top-k 1) use the raw logits.
+    Logprobs come from ``log_softmax`` in float32 of the processed logits (``min_tokens``,
+    ``logit_bias``, penalties, then temperature, ``min_p``, top-k, top-p); greedy rows (temperature
+    0 or top-k 1) take the argmax after the first three and skip the rest. ``eos_token_ids`` are the
+    tokens ``min_tokens`` holds back (with each row's ``stop_token_ids``).
     """
 
-    def __init__(self, generator: torch.Generator | None = None):
+    def __init__(self, generator: torch.Generator | None = None, eos_token_ids: set[int] | None = None):
         self.generator = generator
+        self.eos_token_ids = set(eos_token_ids or ())
 
     @torch.inference_mode()
     def __call__(
@@ -36,11 +48,13 @@ class Sampler:
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         structured: list | None = None,
+        histories: list[Any] | None = None,
     ) -> list[SampledToken]:
         """``logits``: ``[S, V]``; ``params`` and ``generators``: one per row. Does not modify ``logits``.
 
         ``structured``: per row a ``StructuredMatcher`` or None; constrained rows sample only what
         their grammar allows (greedy, sampled and logprobs alike), the other rows are untouched.
+        ``histories``: per row its ``Sequence`` (for penalties and ``min_tokens``), or None.
         """
         if logits.dim() != 2 or logits.shape[0] != len(params) or len(generators) != len(params):
             raise ValueError(
@@ -49,10 +63,11 @@ class Sampler:
             )
         num_rows, vocab = logits.shape
         device = logits.device
-        logits = apply_structured_outputs(logits.float(), structured)
-        processed = self.process_logits(logits, params)
+        tensors = SamplingTensors.build(params, histories, self.eos_token_ids, vocab, device)
+        adjusted = self.adjust_logits(apply_structured_outputs(logits.float(), structured), tensors)
+        processed = self.process_logits(adjusted, params)
 
-        token_ids = logits.argmax(dim=-1)
+        token_ids = adjusted.argmax(dim=-1)
         if not all(p.is_greedy for p in params):
             probs = torch.softmax(processed, dim=-1)
             greedy = torch.tensor([p.is_greedy for p in params], device=device)
@@ -78,48 +93,63 @@ class Sampler:
         num_rows, vocab = processed.shape
         logprobs = torch.log_softmax(processed, dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
-        want = [p.logprobs for p in params]
-        tops: list[dict[int, Logprob] | None] = [None] * num_rows
-        if any(k is not None for k in want):
-            ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist()
-            k_max = max(k for k in want if k is not None)
-            top_values, top_ids = logprobs.topk(min(k_max, vocab), dim=-1) if k_max > 0 else (None, None)
-            top_values = top_values.tolist() if top_values is not None else None
-            top_ids = top_ids.tolist() if top_ids is not None else None
-            chosen_list, token_list = chosen.tolist(), token_ids.tolist()
-            for row, k in enumerate(want):
-                if k is None:
-                    continue
-                entry = {token_list[row]: Logprob(chosen_list[row], ranks[row])}
-                for rank in range(k):
-                    token = top_ids[row][rank]
-                    if token not in entry:
-                        entry[token] = Logprob(top_values[row][rank], rank + 1)
-                tops[row] = entry
+        tops = top_logprob_entries(logprobs, token_ids, [p.logprobs for p in params])
         return [SampledToken(t, lp, top) for t, lp, top in zip(token_ids.tolist(), chosen.tolist(), tops)]
 
     @staticmethod
+    def adjust_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+        """What changes greedy decoding too: ``min_tokens``, ``logit_bias``, penalties."""
+        logits = apply_min_tokens(logits, tensors.min_tokens_mask)
+        logits = apply_logit_bias(logits, tensors.logit_bias)
+        return apply_penalties(logits, tensors)
+
+    @staticmethod
     def process_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Temperature, then top-k, then top-p; masked logits become ``-inf``. Returns a new tensor."""
-        num_rows, vocab = logits.shape
+        """Temperature, ``min_p``, top-k, top-p on sampling rows; masked logits become ``-inf``."""
+        vocab = logits.shape[-1]
         device = logits.device
-        temperature = torch.tensor(
-            [1.0 if p.is_greedy else float(p.temperature) for p in params], dtype=logits.dtype, device=device
-        )
-        processed = logits / temperature[:, None]
         sampling = [not p.is_greedy for p in params]
-        top_k = [p.effective_top_k if s and p.effective_top_k > 0 else vocab for p, s in zip(params, sampling)]
+
+        def per_row(values: list[float], dtype=torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        processed = apply_temperature(logits, per_row([float(p.temperature) if s else 1.0
+                                                       for p, s in zip(params, sampling)]))
+        # NOTE: whether a transformation is used at all is decided here, on host lists (no device sync).
+        min_p = [float(p.min_p) if s else 0.0 for p, s in zip(params, sampling)]
+        processed = apply_min_p(processed, per_row(min_p) if any(m > 0 for m in min_p) else None)
+        top_k = [min(p.effective_top_k, vocab) if s and p.effective_top_k > 0 else vocab
+                 for p, s in zip(params, sampling)]
         top_p = [float(p.top_p) if s else 1.0 for p, s in zip(params, sampling)]
-        if all(k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p):
-            return processed
-        sorted_logits, order = processed.sort(dim=-1, descending=True)
-        rank = torch.arange(vocab, device=device)
-        mask = rank[None, :] >= torch.tensor(top_k, device=device)[:, None]
-        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-        if any(p < 1.0 for p in top_p):
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            # Keep a token while the probability of the tokens before it is below top_p (the first always).
-            before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            mask = before >= torch.tensor(top_p, dtype=logits.dtype, device=device)[:, None]
-            sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-        return torch.empty_like(processed).scatter_(1, order, sorted_logits)
+        return apply_top_k_top_p(processed, per_row(top_k, torch.int64) if any(k < vocab for k in top_k) else None,
+                                 per_row(top_p) if any(p < 1.0 for p in top_p) else None)
+
+
+def top_logprob_entries(
+    logprobs: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]
+) -> list[dict[int, Logprob] | None]:
+    """Per row asking ``k``: the given token's ``Logprob`` (with its rank) plus the ``k`` best, else None.
+
+    ``logprobs``: ``[R, V]``; ``token_ids``: ``[R]`` (the sampled token, or a prompt token).
+    """
+    num_rows, vocab = logprobs.shape
+    if not any(k is not None for k in want):
+        return [None] * num_rows
+    chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
+    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist()
+    k_max = max(k for k in want if k is not None)
+    top_values, top_ids = logprobs.topk(min(k_max, vocab), dim=-1) if k_max > 0 else (None, None)
+    top_values = top_values.tolist() if top_values is not None else None
+    top_ids = top_ids.tolist() if top_ids is not None else None
+    chosen_list, token_list = chosen.tolist(), token_ids.tolist()
+    tops: list[dict[int, Logprob] | None] = [None] * num_rows
+    for row, k in enumerate(want):
+        if k is None:
+            continue
+        entry = {token_list[row]: Logprob(chosen_list[row], ranks[row])}
+        for rank in range(k):
+            token = top_ids[row][rank]
+            if token not in entry:
+                entry[token] = Logprob(top_values[row][rank], rank + 1)
+        tops[row] = entry
+    return tops

@@ -152,7 +152,8 @@ class Scheduler:
                 self.num_slot_waits += 1
                 break
             seq.state_slot = self.state_pool.allocate(1)[0]
-            seq.num_computed_tokens = self.prefix_cache.match(seq)
+            # NOTE: prompt logprobs need the logits of every prompt position: no prefix-cache hit.
+            seq.num_computed_tokens = self.prefix_cache.match(seq) if seq.prompt_logprobs is None else 0
             num_new = self.prefix_cache.clip_chunk(seq, min(seq.num_uncomputed_tokens, picks.tokens_left))
             need = self.block_manager.num_new_blocks(seq, seq.num_computed_tokens + num_new)
             if not self.block_manager.can_allocate(need):

@@ -58,7 +58,15 @@ class Sequence:
         # Output bookkeeping.
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        # NOTE: one entry per prompt token, the first None (nothing scores it); sequence 0 of a
+        # request collects them for all n (see engine/prompt_logprobs.py).
+        self.prompt_logprobs_decoded = False
+        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
+            [None] if params.prompt_logprobs is not None and index == 0 else None)
         self.output_text = ""
+        # With logprobs: where each output token's text starts in output_text (its length when the
+        # token was appended; a token completing a held-back character shares its start).
+        self.text_offsets: list[int] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         # Incremental detokenisation offsets (see engine/detokenizer.py).
@@ -104,6 +112,7 @@ class Sequence:
         self.cumulative_logprob += logprob
         if self.logprobs is not None:
             self.logprobs.append(top or {})
+            self.text_offsets.append(len(self.output_text))
 
     def __repr__(self) -> str:
         return (

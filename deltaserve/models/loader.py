@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from deltaserve.distributed.sharding import read_loaded
+from deltaserve.models.checkpoint_checks import check_config_sizes, check_finite, check_shard_path, check_weight_dtype
 from deltaserve.models.registry import architecture_of, resolve, resolve_name
 from deltaserve.state.layout import resolve_dtype
 
@@ -93,7 +94,7 @@ def checkpoint_files(path: str | Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no 'weight_map' object")
-        files = {name: path / shard for name, shard in weight_map.items()}
+        files = {name: check_shard_path(path, shard) for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():
                 raise ValueError(f"{index} names shard {shard.name}, which is not in {path}")
@@ -121,7 +122,9 @@ def checkpoint_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
             for name in names:
                 if name not in keys:
                     raise ValueError(f"tensor {name} is listed in the index for {file.name} but is not in that file")
-                shapes[name] = tuple(f.get_slice(name).get_shape())
+                tensor_slice = f.get_slice(name)
+                check_weight_dtype(name, tensor_slice.get_dtype())
+                shapes[name] = tuple(tensor_slice.get_shape())
     return shapes
 
 
@@ -143,6 +146,21 @@ def _ignored(model: nn.Module, files: dict[str, Path]) -> set[str]:
             logger.info("skipping %d checkpoint tensors under %s: %s", len(names), prefix, why)
             ignored |= names
     return ignored
+
+
+class _FiniteSlice:
+    """A safetensors slice whose reads are checked for NaN / inf (only the part this rank reads)."""
+
+    def __init__(self, name: str, tensor_slice):
+        self.name, self.tensor_slice = name, tensor_slice
+
+    def get_shape(self):
+        return self.tensor_slice.get_shape()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        tensor = self.tensor_slice[index]
+        check_finite(self.name, tensor)
+        return tensor
 
 
 def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = None) -> None:
@@ -181,7 +199,7 @@ def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = N
                 for name in names:
                     try:
                         # NOTE: a slice, read lazily: a TP rank's loader reads only its part.
-                        slots[name][1](f.get_slice(name))
+                        slots[name][1](_FiniteSlice(name, f.get_slice(name)))
                     except SafetensorError as exc:
                         raise ValueError(f"tensor {name} in {file} cannot be read: {exc}") from exc
                     bar.update()
@@ -209,6 +227,7 @@ def load_model_config(path: str | Path):
 
     path = Path(path)
     raw = _read_config_json(path)
+    check_config_sizes(raw)
     model_class = resolve_name(architecture_of(raw))
     if hasattr(model_class, "check_raw_config"):
         model_class.check_raw_config(raw)

@@ -13,39 +13,16 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deltaserve.server.metrics import ServerMetrics
+from deltaserve.server.request_stream import RequestFailedError, RequestStream  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
 
 class EngineStoppedError(RuntimeError):
     """The loop thread stopped (server shutdown or an engine failure) before the request finished."""
-
-
-@dataclass
-class RequestStream:
-    """One request's mailbox: outputs (cumulative ``RequestOutput``) or an exception, in order.
-
-    Timestamps are ``time.monotonic()`` seconds; the loop thread fills the timing fields.
-    """
-
-    request_id: str
-    loop: asyncio.AbstractEventLoop
-    arrival_time: float = field(default_factory=time.monotonic)
-    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    num_generated_tokens: int = 0
-    finished: bool = False
-
-    def put_threadsafe(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
-        except RuntimeError:
-            pass  # the event loop is closed: nobody is waiting any more
 
 
 def _resolve(
@@ -72,8 +49,12 @@ class EngineLoop:
     called from any thread (a signal handler included): they only enqueue a command.
     """
 
-    def __init__(self, engine: Any, metrics: ServerMetrics | None = None):
+    def __init__(self, engine: Any, metrics: ServerMetrics | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        """``on_failure(exc)`` runs on the loop thread after an engine failure, once every open stream
+        got its error (``deltaserve serve`` then exits with a non-zero status)."""
         self.engine = engine
+        self.on_failure = on_failure
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         # NOTE: touched by the loop thread only.
@@ -150,8 +131,11 @@ class EngineLoop:
                     break
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
+                    self._fail_requests(self.engine.pop_request_errors())
                     self._dispatch(outputs, time.monotonic())
         except BaseException as exc:  # noqa: BLE001 - reported to every waiting request
+            # NOTE: an error no request can be blamed for: the engine's state is unknown, so it
+            # stops for good (every open stream gets the error) and the process should end.
             logger.exception("engine loop failed")
             self.error = exc
             reason = f"engine failure: {type(exc).__name__}: {exc}"
@@ -159,6 +143,8 @@ class EngineLoop:
             with self._lock:
                 self.stopping = True
             self._fail_all(reason)
+            if self.error is not None and self.on_failure is not None:
+                self.on_failure(self.error)
 
     def _handle_commands(self, block: bool) -> str | None:
         """Apply queued commands; block for the first one when idle. Returns a stop reason or None."""
@@ -200,6 +186,15 @@ class EngineLoop:
             return  # already finished
         self.engine.abort_request(request_id)
         self.metrics.on_finished(stream, "abort", time.monotonic())
+
+    def _fail_requests(self, errors: dict[str, BaseException]) -> None:
+        """Requests the engine failed one by one (already aborted there): their streams get the error."""
+        for request_id, exc in errors.items():
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self.metrics.on_finished(stream, "abort", time.monotonic())
+                stream.put_threadsafe(RequestFailedError(f"the request failed in the engine: {type(exc).__name__}: "
+                                                         f"{exc}"))
 
     def _dispatch(self, outputs: list[Any], now: float) -> None:
         for output in outputs:

@@ -1,57 +1,118 @@
 """Request and response bodies of the OpenAI-compatible API (the fields deltaserve supports).
 
-Field names, defaults and ranges follow OpenAI's API reference; ``top_k``, ``ignore_eos`` and
-``stop_token_ids`` are vLLM's extensions (the ``openai`` client sends them through ``extra_body``).
-Unknown fields are ignored, as vLLM does, so clients that send e.g. ``user`` keep working.
+Field names, defaults and ranges follow OpenAI's API reference; ``top_k``, ``min_p``, ``min_tokens``,
+``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
+``skip_special_tokens`` and ``prompt_logprobs`` are vLLM's extensions (the ``openai`` client sends
+them through ``extra_body``). Types are strict (``"2"`` is not an integer, ``true`` is not a token
+id) and every number is bounded. Fields in ``REFUSED_FIELDS`` are refused with 400 naming them;
+other unknown fields (such as ``user``) are ignored, as vLLM does.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from deltaserve.engine.sampling_params import MAX_LOGPROBS
+from deltaserve.engine.sampling_params import (
+    MAX_INT32,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_REPETITION_PENALTY,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MIN_SEED,
+)
 from deltaserve.server.structured_fields import StructuredOutputFields, ToolFields
 
-# NOTE: OpenAI's limits; top_logprobs / logprobs above 20 (the engine's MAX_LOGPROBS) are refused by
-# OpenAI too.
-MAX_N = 128
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (lm-eval sends --batch_size of them)
+MAX_MESSAGES = 1024
+
+# NOTE: the one place for fields that would change the output but are not implemented: each is
+# refused with 400 naming it unless absent, null, or one of its no-op values. ``scope`` is
+# "completions", "chat" or "both".
+REFUSED_FIELDS: dict[str, tuple[str, tuple]] = {
+    "tools": ("completions", ([],)),
+    "tool_choice": ("completions", ("none",)),
+    "parallel_tool_calls": ("completions", ()),
+    "functions": ("both", ([],)),
+    "function_call": ("both", ("none",)),
+    "guided_whitespace_pattern": ("both", ()),
+    "suffix": ("completions", ("",)),
+    "best_of": ("both", (1,)),
+    "use_beam_search": ("both", (False,)),
+    "length_penalty": ("both", (1.0,)),
+    "bad_words": ("both", ([],)),
+    "allowed_token_ids": ("both", ()),
+    "truncate_prompt_tokens": ("both", ()),
+    "prompt_embeds": ("completions", ()),
+    "return_tokens_as_token_ids": ("both", (False,)),
+    "spaces_between_special_tokens": ("both", (True,)),
+    "logits_processors": ("both", ()),
+    "echo": ("chat", (False,)),
+    "prompt_logprobs": ("chat", ()),
+    "chat_template": ("chat", ()),
+    "chat_template_kwargs": ("chat", ({},)),
+    "add_generation_prompt": ("chat", (True,)),
+    "continue_final_message": ("chat", (False,)),
+    "documents": ("chat", ()),
+    "prediction": ("chat", ()),
+    "audio": ("chat", ()),
+    "modalities": ("chat", (["text"],)),
+    "reasoning_effort": ("chat", ()),
+    "web_search_options": ("chat", ()),
+}
+
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
     include_usage: bool = False
 
 
 class SamplingFields(StructuredOutputFields):
-    """Fields that both endpoints share; validated ranges are OpenAI's."""
+    """Fields that both endpoints share; validated ranges are OpenAI's (vLLM's for its extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(strict=True, extra="allow", allow_inf_nan=False)
 
-    model: str | None = None
+    model: str | None = Field(None, max_length=256)
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: int = Field(-1, ge=-1, le=MAX_INT32)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0, le=MAX_INT32)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    # NOTE: OpenAI's shape: token ids as JSON object keys (strings), biases in [-100, 100].
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(
+        ge=-100, le=100)]], Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted only at their defaults (see ``unsupported_field``): refusing beats silently ignoring.
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(None, max_length=256)
 
-    def unsupported_field(self) -> str | None:
-        """The first field set away from its default that deltaserve does not implement, or None."""
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
+    def refused_field(self, scope: str) -> str | None:
+        """The first field of ``REFUSED_FIELDS`` (for ``scope``) set away from its no-op values, or None."""
+        extra = self.model_extra or {}
+        for name, (where, no_op) in REFUSED_FIELDS.items():
+            if where not in ("both", scope):
+                continue
+            value = extra[name] if name in extra else getattr(self, name, None)
+            if value is not None and not any(value == v and type(value) is type(v) for v in no_op):
                 return name
-        if self.logit_bias:
-            return "logit_bias"
         return None
 
     def stop_list(self) -> list[str]:
@@ -59,28 +120,32 @@ class SamplingFields(StructuredOutputFields):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None
+
 
 class CompletionRequest(SamplingFields):
-    # NOTE: one prompt per request (text or token ids); a list of one text is accepted too.
-    prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(16, ge=1)
+    # NOTE: a text, a list of texts, a list of token ids, or a list of token-id lists; each prompt is
+    # one engine request and the choices are indexed prompt by prompt, as OpenAI does.
+    prompt: (Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        min_length=1, max_length=MAX_PROMPTS)] | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)])
+    # NOTE: 0 only with echo (the prompt's logprobs alone, as lm-eval's loglikelihood asks).
+    max_tokens: int | None = Field(16, ge=0, le=MAX_INT32)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    add_special_tokens: bool = True
 
-    def unsupported_field(self) -> str | None:
-        if self.echo:
-            return "echo"
-        if self.best_of is not None and self.best_of != self.n:
-            return "best_of"
-        if self.suffix:
-            return "suffix"
-        return super().unsupported_field()
+    def prompts(self) -> list[str | list[int]]:
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(prompt)
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(strict=True, extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # NOTE: content parts are accepted when they are all text (joined), as the template needs text.
@@ -88,9 +153,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields, ToolFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -118,6 +183,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    # vLLM's: per prompt token ``{token_id: {"logprob", "rank", "decoded_token"}}``, the first None.
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None
 
 
 class CompletionResponse(BaseModel):

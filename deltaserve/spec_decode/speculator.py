@@ -78,7 +78,10 @@ class Speculator:
         ready = []
         for seq in seqs:
             seq.spec_token_ids = []
-            if seq.finish_reason is None and seq.num_computed_tokens > 0 and seq.num_uncomputed_tokens == 1:
+            # NOTE: penalties, min_tokens and logit_bias adjust logits from the sequence's history, which
+            # the rejection sampler does not replay per draft position: such sequences decode one by one.
+            if (seq.finish_reason is None and seq.num_computed_tokens > 0 and seq.num_uncomputed_tokens == 1
+                    and not seq.params.adjusts_logits):
                 ready.append(seq)
         if not ready or not self._drafting_on(len(seqs)):
             return
