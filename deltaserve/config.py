@@ -64,10 +64,16 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
-        if self.tensor_parallel_size != 1:
-            # NOTE: the model runner is single-device; refusing beats silently running on one GPU.
-            raise ValueError(f"tensor_parallel_size must be 1 (the engine runs on one device), "
-                             f"got {self.tensor_parallel_size!r}")
+        tp = self.tensor_parallel_size
+        if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")
+        spec = self.speculative_config
+        if tp > 1 and spec is not None and spec.method == "mtp":
+            # NOTE: the MTP head runs on rank 0 only, between steps; n-gram and synthetic drafts need no forward.
+            raise ValueError(
+                f"speculative_config method 'mtp' is not supported with tensor_parallel_size > 1 (got {tp}); "
+                "use method 'ngram' under tensor parallelism"
+            )
         if self.mamba_ssm_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(
                 "mamba_ssm_cache_dtype must be one of auto, float32, bfloat16, float16; "

@@ -139,13 +139,15 @@ def test_fewer_verify_rows_than_sequences_run_the_rest_without_drafts(checkpoint
     llm = spec_llm(checkpoint, config, proposer=OracleProposer(sequences, skip_rate=0.0))
     runner = llm.llm_engine.runner
     rows = []
-    original = runner._run_verify
+    original = runner.step_inputs
 
-    def counting(batch, *args):
-        rows.append(batch.num_verify_seqs)
-        return original(batch, *args)
+    def counting(batch):
+        inputs = original(batch)
+        if inputs.num_verify_seqs:
+            rows.append(inputs.num_verify_seqs)
+        return inputs
 
-    runner._run_verify = counting
+    runner.step_inputs = counting
     assert tokens_of(llm, prompts) == [reference(p, 12) for p in prompts]
     assert rows and max(rows) == 1
 

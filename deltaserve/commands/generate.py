@@ -19,6 +19,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences in one batch")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens in one step")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a checkpoint's own tokenizer code")
+    parser.add_argument("-tp", "--tensor-parallel-size", type=int, default=1,
+                        help="TP ranks: worker processes started here, or the processes torchrun started")
     parser.add_argument(
         "--mamba-ssm-cache-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
         help="GDN recurrent-state dtype (default auto: the config's mamba_ssm_dtype, else float32)",
@@ -50,6 +52,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         trust_remote_code=args.trust_remote_code,
+        tensor_parallel_size=args.tensor_parallel_size,
         speculative_config=args.speculative_config,
         mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
     )

@@ -50,6 +50,11 @@ def install(app: FastAPI, engine: Any, role: str, *, hold_timeout_s: float = 30.
 
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    tp = engine.config.tensor_parallel_size
+    if tp != 1:
+        # NOTE: the connector registers this process's pool, rank 0's shards only; reading every rank's
+        # slices (deltaserve.state.reshard gives the ranges) is not wired into the workers yet.
+        raise ValueError(f"--role {role}: prefill/decode instances run with tensor_parallel_size 1, got {tp}")
     connector = KVConnector(role, engine.runner.state_pool, engine.runner.kv_cache, engine_header(engine))
     ledger = KVLedger(engine, hold_timeout_s)
     engine.scheduler.kv_connector = ledger

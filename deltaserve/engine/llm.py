@@ -26,6 +26,10 @@ class LLM:
         self.llm_engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_kwargs))
         self._request_ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (see ``LLMEngine.shutdown``)."""
+        self.llm_engine.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

@@ -11,17 +11,20 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.distributed.executor import start_executor
+from deltaserve.distributed.worker import build_runner
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
 from deltaserve.engine.kv_hooks import PrefilledPrompt, admit_prefilled, check_prefilled
 from deltaserve.engine.prefix_hooks import NoPrefixCache
-from deltaserve.engine.model_runner import ModelRunner, checkpoints_in_forward
+from deltaserve.engine.model_runner import checkpoints_in_forward
 from deltaserve.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.engine.scheduler import Scheduler
@@ -89,7 +92,7 @@ class LLMEngine:
     """``add_request`` / ``step`` / ``abort_request`` over a scheduler and a model runner."""
 
     def __init__(self, config: EngineConfig | None = None, **kwargs):
-        from deltaserve.models.loader import load_model, load_model_config
+        from deltaserve.models.loader import load_model_config
 
         config = config if config is not None else EngineConfig(**kwargs)
         if config.model is None:
@@ -100,10 +103,19 @@ class LLMEngine:
         # NOTE: the text model's config (a vision-language checkpoint nests it as text_config).
         self.hf_config = load_model_config(config.model).get_text_config()
         self.tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
-        model = load_model(config.model, dtype=config.dtype, device=config.device)
-        generator = torch.Generator(device=config.device).manual_seed(config.seed)
+        # Tensor parallelism: the workers start first and load their shards while rank 0 loads its own.
+        self.executor = start_executor(config, self.hf_config)  # None at TP 1
+        if self.executor is not None:
+            weakref.finalize(self, self.executor.shutdown)
         eos_ids = eos_token_ids(self.hf_config, self.tokenizer)
-        self.runner = ModelRunner(config, model, self.hf_config, generator, eos_ids)
+        try:
+            generator = torch.Generator(device=config.device).manual_seed(config.seed)
+            step_sender = self.executor.send_step if self.executor is not None else None
+            self.runner = build_runner(config, self.hf_config, generator, eos_ids, step_sender=step_sender)
+        except Exception:
+            if self.executor is not None:
+                self.executor.shutdown()
+            raise
         self.config = self.runner.config
         self.block_manager = BlockManager(self.config.num_kv_blocks, self.config.block_size)
         self.stop_checker = StopChecker(self.tokenizer, eos_ids)
@@ -116,6 +128,7 @@ class LLMEngine:
                 checkpoint_interval=self.config.checkpoint_interval,
                 budget_bytes=self.config.prefix_cache_budget_bytes,
                 capture_grid=CHUNK_SIZE if checkpoints_in_forward(self.config) else None,
+                cache_ops=self.runner.cache_ops,
             )
             logger.info(self.prefix_cache.describe())
         self.scheduler = Scheduler(
@@ -287,7 +300,12 @@ class LLMEngine:
             return []
         start = time.perf_counter()
         num_tokens_before = sum(seq.num_tokens for seq in batch.seqs)
-        sampled = self.runner.run(batch)
+        try:
+            sampled = self.runner.run(batch)
+        except Exception as exc:
+            if self.executor is not None:
+                self.executor.check(exc)  # a dead worker: WorkerDiedError naming it
+            raise
         progressed = self.scheduler.postprocess(batch, sampled, commit=self.runner.commit_verified)
         # NOTE: drafts for the next step are proposed here, once this step's tokens are known.
         self.runner.propose_drafts(self.scheduler.running, self.block_manager)
@@ -316,6 +334,21 @@ class LLMEngine:
             self.runner.speculator.reset_metrics()
         self.scheduler.num_preemptions = self.scheduler.num_slot_waits = 0
         return seconds
+
+    # ---- tensor parallelism ------------------------------------------------------------------
+
+    def collective_rpc(self, method, *args) -> list:
+        """Run a ``ModelRunner`` method name (or a picklable ``fn(runner, *args)``) on every TP rank;
+        the results in rank order (one entry at TP 1)."""
+        from deltaserve.distributed.worker import Call, call_on
+
+        own = call_on(self.runner, Call(method, args))
+        return [own] if self.executor is None else [own, *self.executor.collective_rpc(method, *args)]
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do at TP 1); the engine is unusable afterwards."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def _output(self, request: _Request) -> RequestOutput:
         completions = []

@@ -1,19 +1,25 @@
 """Runs one scheduled batch through the model: the only place that knows the device.
 
 It owns the model, the state pool and the paged KV cache (bound to the model once), turns a
-:class:`ScheduledBatch` into a :class:`ForwardContext` plus flat ``input_ids`` / ``positions``,
-computes logits only at the last new token of sequences that sample, and samples.
+:class:`ScheduledBatch` into :class:`StepInputs` (host lists), those into a :class:`ForwardContext`
+plus flat ``input_ids`` / ``positions``, computes logits only at the last new token of sequences
+that sample, and samples. Under tensor parallelism every rank has a runner over its shards: rank 0's
+sends each step's inputs (with the cache writes made since the last step) to the other ranks in one
+broadcast (``step_sender``) and samples; the others run :meth:`ModelRunner.execute` on what they get.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from deltaserve.config import EngineConfig
+from deltaserve.distributed.message_queue import min_over_ranks
 from deltaserve.engine.cuda_graph import make_decode_graphs
-from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_positions
+from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_logits, prompt_rows
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
@@ -21,6 +27,7 @@ from deltaserve.spec_decode.mtp import StepOutputs
 from deltaserve.spec_decode.speculator import Speculator
 from deltaserve.spec_decode.structured import mask_verify_logits
 from deltaserve.spec_decode.verify import VerifyBatch
+from deltaserve.state.cache_ops import CacheOp, CacheOps
 from deltaserve.state.pool import StatePool
 
 # NOTE: a default that fits a laptop; the model's own limit (1M tokens for Kimi Linear) would make
@@ -105,7 +112,9 @@ def resolve_cache_sizes(config: EngineConfig, hf_config, model, device: torch.de
 
 def _pool_bytes(model, config: EngineConfig, num_slots: int) -> int:
     groups = model.state_groups(
-        tp_size=1, cache_dtype=config.cache_dtype, mamba_ssm_cache_dtype=config.mamba_ssm_cache_dtype,
+        tp_size=config.tensor_parallel_size,
+        cache_dtype=config.cache_dtype,
+        mamba_ssm_cache_dtype=config.mamba_ssm_cache_dtype,
         **_layout_kwargs(config),
     )
     return sum(g.num_layers * (num_slots + 1) * g.layout.bytes_per_slot for g in groups.values())
@@ -117,16 +126,55 @@ def _layout_kwargs(config: EngineConfig) -> dict:
     return {} if layout == "SD" else {"conv_layout": layout}
 
 
-class ModelRunner:
-    """Model plus caches on one device; ``run(batch)`` is one forward and one sampling step."""
+@dataclass
+class StepInputs:
+    """One step's work, as host lists: all a TP rank needs to run the forward (it travels pickled).
 
-    def __init__(self, config: EngineConfig, model, hf_config, generator: torch.Generator | None = None,
-                 eos_token_ids: set[int] | None = None):
+    ``sample_ends``: for each sequence that samples (verify rows aside), the flat token offset just
+    past its new tokens. ``num_verify_seqs``: the first rows verify drafts (logits at all their tokens).
+    ``prompt_rows``: flat rows whose logits score the prompt (prompt logprobs).
+    ``checkpoints``: ``(offset, slot)`` pairs per sequence of the states the forward saves (or None).
+    ``cache_ops``: the pool/KV writes made since the previous step, to replay first (other ranks).
+    """
+
+    input_ids: list[int]
+    positions: list[int]
+    query_lens: list[int]
+    num_computed_tokens: list[int]
+    state_slots: list[int]
+    block_tables: list[list[int]]
+    sample_ends: list[int]
+    num_verify_seqs: int = 0
+    prompt_rows: list[int] = field(default_factory=list)
+    checkpoints: list[list[tuple[int, int]]] | None = None
+    cache_ops: list[CacheOp] = field(default_factory=list)
+
+
+class ModelRunner:
+    """Model plus caches on one device (one TP rank); ``run(batch)`` is one forward and one sampling step."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model,
+        hf_config,
+        generator: torch.Generator | None = None,
+        eos_token_ids: set[int] | None = None,
+        step_sender: Callable[[StepInputs], None] | None = None,
+    ):
         self.device = torch.device(config.device)
         self.model = model
         self.config = resolve_cache_sizes(config, hf_config, model, self.device)
+        if config.tensor_parallel_size > 1 and config.num_kv_blocks is None:
+            # NOTE: free memory differs between GPUs: every rank takes the smallest KV cache.
+            num_blocks = min_over_ranks(self.config.num_kv_blocks)
+            config = dataclasses.replace(config, num_kv_blocks=num_blocks)
+            self.config = resolve_cache_sizes(config, hf_config, model, self.device)
+        self.step_sender = step_sender
         groups = model.state_groups(
-            tp_size=1, cache_dtype=self.config.cache_dtype, mamba_ssm_cache_dtype=self.config.mamba_ssm_cache_dtype,
+            tp_size=config.tensor_parallel_size,
+            cache_dtype=self.config.cache_dtype,
+            mamba_ssm_cache_dtype=self.config.mamba_ssm_cache_dtype,
             **_layout_kwargs(self.config),
         )
         self.state_pool = StatePool(groups, self.config.num_state_slots, device=self.device)
@@ -137,6 +185,10 @@ class ModelRunner:
             device=self.device,
         )
         model.bind_caches(self.state_pool, self.kv_cache)
+        # Rank 0 of a TP group logs its cache writes for the other ranks.
+        self.cache_ops = CacheOps(
+            self.state_pool, self.kv_cache, record=step_sender is not None, commit=self._commit_verified
+        )
         self.sampler = Sampler(generator, eos_token_ids)
         self.speculator = None
         if self.config.speculative_config is not None:
@@ -148,37 +200,100 @@ class ModelRunner:
         # A proposer that runs on the step's hidden states (MTP) gets them after each step.
         self._keep_hidden = self.speculator is not None and hasattr(self.speculator.proposer, "observe")
         self._last_step: StepOutputs | None = None
+        self._hidden: torch.Tensor | None = None  # the last eager forward's hidden states, when kept
         # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
         # NOTE: not with MTP drafts: a replayed graph returns logits only, the MTP head needs the hidden states.
         self.cuda_graphs = None if self._keep_hidden else make_decode_graphs(model, self.config, self.device)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``batch``.
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of this rank's pool tensors (``conv.<group>``, ``recurrent.<group>``) and KV cache."""
+        shapes = {f"conv.{name}": tuple(t.shape) for name, t in self.state_pool.conv.items()}
+        shapes.update(
+            {f"recurrent.{name}": tuple(t.shape) for name, t in self.state_pool.recurrent.items() if t is not None}
+        )
+        shapes["kv_cache"] = tuple(self.kv_cache.shape)
+        return shapes
+
+    def step_inputs(self, batch: ScheduledBatch) -> StepInputs:
+        """The host lists of ``batch``: flat token ids and positions, per-sequence metadata.
 
         A verify row's tokens are its last sampled token and its drafts (``seq.spec_token_ids``).
         """
+        num_verify = batch.num_verify_seqs
+        drafts = batch.num_draft_tokens or [0] * len(batch)
+        if any(n > 0 for n in drafts[num_verify:]):
+            raise ValueError("verify rows (sequences with drafts) must be the first rows of the batch")
         input_ids: list[int] = []
         positions: list[int] = []
-        drafts = batch.num_draft_tokens or [0] * len(batch)
         for seq, num_new, num_drafts in zip(batch.seqs, batch.num_new_tokens, drafts):
             start = seq.num_computed_tokens
             input_ids.extend(seq.token_ids[start : start + num_new - num_drafts])
             input_ids.extend(seq.spec_token_ids[:num_drafts])
             positions.extend(range(start, start + num_new))
-        ctx = make_forward_context(
-            list(batch.num_new_tokens),
-            [seq.num_computed_tokens for seq in batch.seqs],
-            [seq.state_slot for seq in batch.seqs],
-            block_tables=[seq.block_table for seq in batch.seqs],
-            block_size=self.config.block_size,
+        rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
+        return StepInputs(
+            input_ids=input_ids,
+            positions=positions,
+            query_lens=list(batch.num_new_tokens),
+            num_computed_tokens=[seq.num_computed_tokens for seq in batch.seqs],
+            state_slots=[seq.state_slot for seq in batch.seqs],
+            block_tables=[list(seq.block_table) for seq in batch.seqs],
+            sample_ends=_ends(batch, rows),
+            num_verify_seqs=num_verify,
+            prompt_rows=prompt_rows(batch),
             checkpoints=batch.checkpoints,
+        )
+
+    def prepare(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """Flat ``input_ids`` / ``positions`` ``[T]`` int64 and the forward context of ``inputs``."""
+        ctx = make_forward_context(
+            inputs.query_lens,
+            inputs.num_computed_tokens,
+            inputs.state_slots,
+            block_tables=inputs.block_tables,
+            block_size=self.config.block_size,
+            checkpoints=inputs.checkpoints,
             device=self.device,
         )
 
         def to_device(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
 
-        return to_device(input_ids), to_device(positions), ctx
+        return to_device(inputs.input_ids), to_device(inputs.positions), ctx
+
+    @torch.inference_mode()
+    def execute(self, inputs: StepInputs, batch: ScheduledBatch | None = None) -> torch.Tensor | None:
+        """The forward of one step: float32 logits ``[V + S, vocab]`` (every verify token, then each other
+        sampling sequence's last token), or None. Verify rows' states wait for :meth:`commit_verified`.
+
+        ``batch`` (rank 0): its sequences asking for prompt logprobs get this step's entries.
+        """
+        input_ids, positions, ctx = self.prepare(inputs)
+        num_verify = inputs.num_verify_seqs
+        num_sampled = len(inputs.sample_ends)
+        self._hidden = None
+        # NOTE: every TP rank decides the same way from the same inputs, so their collectives match.
+        eager = num_verify or inputs.prompt_rows
+        if not eager and self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
+            return self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
+        if num_verify:
+            ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
+        with forward_context(ctx):
+            hidden = self.model(input_ids, positions)  # [T, hidden]
+        if self._keep_hidden:
+            self._hidden = hidden
+        if inputs.prompt_rows:
+            if batch is not None:
+                collect_prompt_logprobs(self.model, hidden, batch)
+            else:
+                # NOTE: a TP worker computes the same logits slices, so the vocabulary all-gathers match.
+                for _ in prompt_logits(self.model, hidden, inputs.prompt_rows):
+                    pass
+        verify_tokens = list(range(sum(inputs.query_lens[:num_verify])))
+        last = verify_tokens + [end - 1 for end in inputs.sample_ends]
+        if not last:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])  # float32
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
@@ -187,70 +302,46 @@ class ModelRunner:
 
         Sequences asking for prompt logprobs get this chunk's entries appended (``prompt_logprobs``).
         """
-        input_ids, positions, ctx = self.prepare(batch)
-        rows = [i for i, sample in enumerate(batch.do_sample) if sample]
+        inputs = self.step_inputs(batch)
+        if self.step_sender is not None:
+            inputs.cache_ops = self.cache_ops.drain()
+            self.step_sender(inputs)
+        logits = self.execute(inputs, batch)
         self._last_step = None
-        if batch.num_verify_seqs:
-            return self._run_verify(batch, input_ids, positions, ctx, rows)
-        needs_prompt_logits = bool(prompt_positions(batch))
-        if self.cuda_graphs is not None and not needs_prompt_logits and self.cuda_graphs.can_run(ctx, len(rows)):
-            logits = self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
-        else:
-            with forward_context(ctx):
-                hidden = self.model(input_ids, positions)  # [T, hidden]
-            self._keep(batch, hidden, ctx)
-            if needs_prompt_logits:
-                collect_prompt_logprobs(self.model, hidden, batch)
-            if not rows:
-                return [None] * len(batch)
-            last = torch.tensor([end - 1 for end in _ends(batch, rows)], device=self.device)
-            logits = self.model.compute_logits(hidden[last])  # [S, vocab] float32
-        seqs = [batch.seqs[i] for i in rows]
-        sampled = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                               structured=[s.structured for s in seqs], histories=seqs)
-        out: list[SampledToken | None] = [None] * len(batch)
-        for i, token in zip(rows, sampled):
-            out[i] = token
-        return out
-
-    def _run_verify(self, batch, input_ids, positions, ctx, rows) -> list:
-        """A step with verify rows (the first ``num_verify_seqs``): logits at every verify position,
-        drafts checked by the rejection sampler; the states wait for :meth:`commit_verified`."""
-        num_verify = batch.num_verify_seqs
-        if any(n > 0 for n in batch.num_draft_tokens[num_verify:]):
-            raise ValueError("verify rows (sequences with drafts) must be the first rows of the batch")
-        ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
-        with forward_context(ctx):
-            hidden = self.model(input_ids, positions)  # [T, hidden]
-        self._keep(batch, hidden, ctx)
-        verify_tokens = ctx.spec_decode.num_tokens
-        others = [i for i in rows if i >= num_verify]
-        last = [end - 1 for end in _ends(batch, others)]
-        logits = self.model.compute_logits(hidden[torch.tensor(list(range(verify_tokens)) + last, device=self.device)])
-        seqs = batch.seqs
+        if self._hidden is not None:
+            self._last_step = StepOutputs(batch, self._hidden, list(inputs.num_computed_tokens))
         out: list = [None] * len(batch)
-        verify_rows = range(num_verify)
-        drafts = [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows]
-        verify_logits = mask_verify_logits(logits[:verify_tokens], [seqs[i].structured for i in verify_rows], drafts)
-        emitted = self.speculator.verify(
-            verify_logits, drafts, [seqs[i].params for i in verify_rows], [seqs[i].generator for i in verify_rows]
-        )
-        for i, tokens in zip(verify_rows, emitted):
-            out[i] = tokens
-        if others:
-            sampled = self.sampler(logits[verify_tokens:], [seqs[i].params for i in others],
-                                   [seqs[i].generator for i in others], [seqs[i].structured for i in others],
-                                   histories=[seqs[i] for i in others])  # fmt: skip
-            for i, token in zip(others, sampled):
+        if logits is None:
+            return out
+        seqs, num_verify = batch.seqs, inputs.num_verify_seqs
+        if num_verify:
+            verify_tokens = sum(inputs.query_lens[:num_verify])
+            verify_rows = range(num_verify)
+            drafts = [seqs[i].spec_token_ids[: batch.num_draft_tokens[i]] for i in verify_rows]
+            verify_logits = mask_verify_logits(logits[:verify_tokens], [seqs[i].structured for i in verify_rows], drafts)
+            emitted = self.speculator.verify(
+                verify_logits, drafts, [seqs[i].params for i in verify_rows], [seqs[i].generator for i in verify_rows]
+            )
+            for i, tokens in zip(verify_rows, emitted):
+                out[i] = tokens
+            logits = logits[verify_tokens:]
+        rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
+        if rows:
+            sampled = self.sampler(logits, [seqs[i].params for i in rows], [seqs[i].generator for i in rows],
+                                   structured=[seqs[i].structured for i in rows],
+                                   histories=[seqs[i] for i in rows])  # fmt: skip
+            for i, token in zip(rows, sampled):
                 out[i] = token
         return out
 
-    def _keep(self, batch: ScheduledBatch, hidden: torch.Tensor, ctx: ForwardContext) -> None:
-        if self._keep_hidden:
-            self._last_step = StepOutputs(batch, hidden, list(ctx.num_computed_tokens))
-
     def commit_verified(self, num_accepted_tokens: list[int]) -> None:
-        """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens."""
+        """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens.
+
+        NOTE: a cache op, so that the other TP ranks commit the same tokens before the next forward.
+        """
+        self.cache_ops.commit_verified(num_accepted_tokens)
+
+    def _commit_verified(self, num_accepted_tokens: list[int]) -> None:
         verify, self._pending_verify = self._pending_verify, None
         if verify is None:
             raise RuntimeError("commit_verified without a verify step")

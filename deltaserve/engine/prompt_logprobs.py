@@ -10,7 +10,7 @@ computed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -36,6 +36,18 @@ def prompt_positions(batch: Any) -> list[tuple[Any, int, int]]:
     return out
 
 
+def prompt_rows(batch: Any) -> list[int]:
+    """The flat rows of ``batch`` whose logits score prompt tokens, in the order they are scored."""
+    return [r for _, row, count in prompt_positions(batch) for r in range(row, row + count)]
+
+
+def prompt_logits(model: Any, hidden: torch.Tensor, rows: list[int]) -> Iterator[torch.Tensor]:
+    """float32 logits of ``hidden[rows]``, ``ROWS_PER_SLICE`` rows at a time (every TP rank runs the
+    same slices: ``compute_logits`` gathers the vocabulary)."""
+    for begin in range(0, len(rows), ROWS_PER_SLICE):
+        yield model.compute_logits(hidden[torch.tensor(rows[begin : begin + ROWS_PER_SLICE], device=hidden.device)])
+
+
 @torch.inference_mode()
 def collect_prompt_logprobs(model: Any, hidden: torch.Tensor, batch: Any) -> None:
     """Append this step's prompt-logprob entries to each asking sequence (in place).
@@ -46,17 +58,15 @@ def collect_prompt_logprobs(model: Any, hidden: torch.Tensor, batch: Any) -> Non
     spans = prompt_positions(batch)
     if not spans:
         return
-    rows, targets, want, owners = [], [], [], []
-    for seq, row, count in spans:
+    targets, want, owners = [], [], []
+    for seq, _, count in spans:
         first = len(seq.prompt_logprobs) - 1
-        rows.extend(range(row, row + count))
         targets.extend(seq.token_ids[first + 1 : first + 1 + count])
         want.extend([seq.params.prompt_logprobs] * count)
         owners.extend([seq] * count)
     device = hidden.device
-    for begin in range(0, len(rows), ROWS_PER_SLICE):
+    for begin, logits in zip(range(0, len(targets), ROWS_PER_SLICE), prompt_logits(model, hidden, prompt_rows(batch))):
         end = begin + ROWS_PER_SLICE
-        logits = model.compute_logits(hidden[torch.tensor(rows[begin:end], device=device)])
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         token_ids = torch.tensor(targets[begin:end], device=device)
         for seq, entry in zip(owners[begin:end], top_logprob_entries(logprobs, token_ids, want[begin:end])):

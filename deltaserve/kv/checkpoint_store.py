@@ -13,18 +13,20 @@ import torch
 from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.checkpoint_index import PRIOR, Checkpoint, CheckpointIndex
-from deltaserve.state.copy import copy_slots
+from deltaserve.state.cache_ops import CacheOps
 from deltaserve.state.pool import StatePool
 
 
 class CheckpointStore:
-    """Entries, their slots and blocks. ``kv_cache``: ``[attn_layers, num_blocks, block_size, entry_dim]`` or None."""
+    """Entries, their slots and blocks. ``kv_cache``: ``[attn_layers, num_blocks, block_size, entry_dim]`` or None;
+    ``ops`` makes the copies (see :class:`deltaserve.state.cache_ops.CacheOps`)."""
 
     def __init__(self, block_manager: BlockManager, state_pool: StatePool, kv_cache: torch.Tensor | None,
-                 budget_bytes: int):
+                 budget_bytes: int, ops: CacheOps | None = None):
         self.bm = block_manager
         self.pool = state_pool
         self.kv_cache = kv_cache
+        self.ops = ops if ops is not None else CacheOps(state_pool, kv_cache)
         self.block_size = block_manager.block_size
         self.budget_bytes = budget_bytes
         slot_bytes = state_pool.bytes_total // (state_pool.num_slots + 1)
@@ -52,10 +54,9 @@ class CheckpointStore:
                 self.bm.free(seq)
                 return False
             self.bm.allocate(seq, entry.num_tokens)
-            if self.kv_cache is not None:
-                # [attn_layers, rows, entry_dim]: the tokens of the block before the sequence's first new one.
-                self.kv_cache[:, seq.block_table[num_full], :rows] = self.kv_cache[:, entry.block_ids[num_full], :rows]
-        copy_slots(self.pool, [entry.slot], [seq.state_slot])
+            # [attn_layers, rows, entry_dim]: the tokens of the block before the sequence's first new one.
+            self.ops.copy_kv_rows(entry.block_ids[num_full], seq.block_table[num_full], rows)
+        self.ops.copy_states([entry.slot], [seq.state_slot])
         return True
 
     def admit(self, seq: Sequence, key: tuple, pos: int, kind: str, slot: int | None) -> Checkpoint | None:

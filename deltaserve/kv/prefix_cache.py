@@ -45,7 +45,7 @@ from deltaserve.engine.sequence import Sequence
 from deltaserve.kv.block_manager import BlockManager
 from deltaserve.kv.checkpoint_index import PRIOR, Checkpoint, chain_hashes, checkpoint_key, decrement
 from deltaserve.kv.checkpoint_store import CheckpointStore
-from deltaserve.state.copy import copy_slots
+from deltaserve.state.cache_ops import CacheOps
 from deltaserve.state.pool import StatePool
 
 
@@ -70,7 +70,8 @@ class PrefixCache:
 
     ``kv_cache``: ``[attn_layers, num_blocks, block_size, entry_dim]`` or None (no attention layers).
     ``capture_grid``: token spacing at which the forward can save states without ending a chunk
-    (None: checkpoints end chunks).
+    (None: checkpoints end chunks). ``cache_ops`` makes the state and KV copies (default: on
+    ``state_pool`` and ``kv_cache`` directly; under TP, rank 0's, which logs them for the other ranks).
     """
 
     def __init__(
@@ -82,6 +83,7 @@ class PrefixCache:
         checkpoint_interval: int,
         budget_bytes: int,
         capture_grid: int | None = None,
+        cache_ops: CacheOps | None = None,
     ):
         if capture_grid is not None and checkpoint_interval % capture_grid:
             raise ValueError(
@@ -90,7 +92,8 @@ class PrefixCache:
             )
         self.bm = block_manager
         self.pool = state_pool
-        self.store = CheckpointStore(block_manager, state_pool, kv_cache, budget_bytes)
+        self.ops = cache_ops if cache_ops is not None else CacheOps(state_pool, kv_cache)
+        self.store = CheckpointStore(block_manager, state_pool, kv_cache, budget_bytes, self.ops)
         self.index = self.store.index
         self.block_size = block_manager.block_size
         self.interval = checkpoint_interval
@@ -300,4 +303,4 @@ class PrefixCache:
         if adopt:
             seq.state_slot = None
         else:
-            copy_slots(self.pool, [seq.state_slot], [entry.slot])
+            self.ops.copy_states([seq.state_slot], [entry.slot])

@@ -10,10 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.forward_context import get_forward_context
+from deltaserve.layers.linear import ColumnParallelLinear, KVParallelLinear, RowParallelLinear
 from deltaserve.layers.norm import ZeroCenteredRMSNorm
 from deltaserve.layers.rotary import PartialRotaryEmbedding
 from deltaserve.ops.attention import paged_gqa_attention, write_kv_cache
+from deltaserve.state.layout import divide
 
 
 def rope_settings(hf_config) -> tuple[float, float]:
@@ -26,7 +29,10 @@ def rope_settings(hf_config) -> tuple[float, float]:
 
 class GatedAttention(nn.Module):
     """``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``; reads/writes ``self.kv_cache``
-    ``[num_blocks, block_size, 2 * num_kv_heads * head_dim]`` set by the model's ``bind_caches``."""
+    ``[num_blocks, block_size, 2 * num_kv_heads * head_dim]`` set by the model's ``bind_caches``.
+
+    Under TP each rank holds ``num_heads / tp`` query heads and their KV heads (``num_kv_heads / tp``,
+    or one head replicated on ``tp / num_kv_heads`` ranks); ``o_proj`` all-reduces."""
 
     def __init__(
         self,
@@ -45,13 +51,15 @@ class GatedAttention(nn.Module):
         super().__init__()
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}")
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx = layer_idx
         self.scaling = head_dim**-0.5
-        self.q_proj = nn.Linear(hidden_size, 2 * num_heads * head_dim, bias=bias, dtype=dtype)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, dtype=dtype)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias, dtype=dtype)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias, dtype=dtype)
+        local_heads = divide(num_heads, get_tp_group().world_size, "attention num_attention_heads")
+        # NOTE: q_proj's rows are per head [query | gate], so a contiguous split hands out whole heads.
+        self.q_proj = ColumnParallelLinear(hidden_size, 2 * num_heads * head_dim, bias=bias, dtype=dtype)
+        self.k_proj = KVParallelLinear(hidden_size, num_kv_heads, head_dim, bias=bias, dtype=dtype)
+        self.v_proj = KVParallelLinear(hidden_size, num_kv_heads, head_dim, bias=bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, bias=bias, dtype=dtype)
+        self.num_heads, self.num_kv_heads, self.head_dim = local_heads, self.k_proj.num_local_heads, head_dim
         self.q_norm = ZeroCenteredRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
         self.k_norm = ZeroCenteredRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
         self.rotary_emb = PartialRotaryEmbedding(head_dim, rotary_dim, rope_theta)

@@ -15,7 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.distributed.parallel_state import get_tp_group
+from deltaserve.distributed.sharding import WeightSlot, blocks_slot, sharded_slot
 from deltaserve.layers.delta_rule import DeltaRuleMixer
+from deltaserve.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from deltaserve.state.layout import divide
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.ops.delta_rule import gdn_gate
 
@@ -33,7 +37,12 @@ def _grouped_index(groups: int, parts: list[int], picks: list[int]) -> torch.Ten
 
 
 class GatedDeltaNet(DeltaRuleMixer):
-    """GDN token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``."""
+    """GDN token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``.
+
+    Under TP each rank holds ``Hk / tp`` key-head groups with their ``Hv / tp`` value heads: a
+    contiguous share of the per-group interleaved ``qkvz`` / ``ba`` rows, a share of each of the
+    ``[q | k | v]`` blocks of ``in_proj_qkv`` and the conv weight; ``out_proj`` all-reduces.
+    """
 
     def __init__(
         self,
@@ -57,22 +66,30 @@ class GatedDeltaNet(DeltaRuleMixer):
                 f"GatedDeltaNet: linear_num_value_heads = {num_v_heads} must be a multiple of "
                 f"linear_num_key_heads = {num_k_heads}"
             )
+        tp_rank, tp_size = get_tp_group().rank, get_tp_group().world_size
+        full_key_dim, full_value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        # NOTE: this rank's groups; value heads follow their key head (Hv is a multiple of Hk).
+        num_k_heads = divide(num_k_heads, tp_size, "GDN linear_num_key_heads")
+        num_v_heads = divide(num_v_heads, tp_size, "GDN linear_num_value_heads")
         key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
         # NOTE: float32 (the engine's default for GDN) or bfloat16 (opt-in) recurrent states; the kernels take both.
         super().__init__("gdn", (key_dim, key_dim, value_dim), (num_v_heads, head_v_dim, head_k_dim),
                          conv_kernel_size, layer_idx, conv_activation, (torch.float32, torch.bfloat16))  # fmt: skip
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.conv_blocks = [full_key_dim, full_key_dim, full_value_dim]
         self.hidden_size = hidden_size
         self.num_k_heads, self.num_v_heads = num_k_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.projection = projection
         conv_dim = 2 * key_dim + value_dim
 
-        def linear(n_in: int, n_out: int) -> nn.Linear:
-            return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+        def column(n_in: int, n_out: int) -> ColumnParallelLinear:
+            return ColumnParallelLinear(n_in, n_out * tp_size, dtype=dtype)
 
         if projection == "qkvz":
-            self.in_proj_qkvz = linear(hidden_size, conv_dim + value_dim)
-            self.in_proj_ba = linear(hidden_size, 2 * num_v_heads)
+            # NOTE: rows interleaved per key-head group: a contiguous split hands out whole groups.
+            self.in_proj_qkvz = column(hidden_size, conv_dim + value_dim)
+            self.in_proj_ba = column(hidden_size, 2 * num_v_heads)
             group = num_v_heads // num_k_heads
             parts = [head_k_dim, head_k_dim, group * head_v_dim, group * head_v_dim]
             # NOTE: one gather of the projection's columns each, instead of splits of strided views and copies.
@@ -85,10 +102,10 @@ class GatedDeltaNet(DeltaRuleMixer):
             }
             self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
         else:
-            self.in_proj_qkv = linear(hidden_size, conv_dim)
-            self.in_proj_z = linear(hidden_size, value_dim)
-            self.in_proj_b = linear(hidden_size, num_v_heads)
-            self.in_proj_a = linear(hidden_size, num_v_heads)
+            self.in_proj_qkv = MergedColumnParallelLinear(hidden_size, self.conv_blocks, dtype=dtype)
+            self.in_proj_z = column(hidden_size, value_dim)
+            self.in_proj_b = column(hidden_size, num_v_heads)
+            self.in_proj_a = column(hidden_size, num_v_heads)
         # NOTE: holds the depthwise weight [conv_dim, 1, K] over [q | k | v] under the checkpoint's name; never called.
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel_size, groups=conv_dim, bias=False, dtype=dtype)
         # NOTE: the decay parameters and the norm weight stay float32 whatever the model dtype: the Qwen3.5
@@ -96,7 +113,16 @@ class GatedDeltaNet(DeltaRuleMixer):
         self.A_log = nn.Parameter(torch.zeros(num_v_heads, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.ones(num_v_heads, dtype=torch.float32))
         self.norm = GatedRMSNorm(head_v_dim, eps=rms_norm_eps, dtype=torch.float32, activation="silu")
-        self.out_proj = linear(value_dim, hidden_size)
+        self.out_proj = RowParallelLinear(full_value_dim, hidden_size, dtype=dtype)
+
+    def weight_loaders(self) -> dict[str, WeightSlot]:
+        """This rank's value heads of ``A_log`` / ``dt_bias`` and its share of each conv ``[q | k | v]`` block."""
+        rank, size = self.tp_rank, self.tp_size
+        return {
+            "A_log": sharded_slot(self, "A_log", 0, rank, size),
+            "dt_bias": sharded_slot(self, "dt_bias", 0, rank, size),
+            "conv1d.weight": blocks_slot(self.conv1d, "weight", self.conv_blocks, rank, size),
+        }
 
     @classmethod
     def from_config(

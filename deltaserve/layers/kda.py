@@ -10,13 +10,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.distributed.parallel_state import get_tp_group
+from deltaserve.distributed.sharding import WeightSlot, sharded_slot
 from deltaserve.layers.delta_rule import DeltaRuleMixer
+from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.ops.kda import kda_gate
+from deltaserve.state.layout import divide
 
 
 class KimiDeltaAttention(DeltaRuleMixer):
-    """KDA token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``."""
+    """KDA token mixer of one layer; ``forward(positions, hidden_states [T, hidden]) -> [T, hidden]``.
+
+    Under TP each rank holds ``num_heads / tp`` heads: their projections, conv channels, decays and
+    states (``[q_local | k_local | v_local]`` conv, ``(H/tp, D, D)`` recurrent); ``o_proj`` all-reduces.
+    The low-rank ``f_a_proj`` / ``g_a_proj`` (hidden -> head_dim) are replicated.
+    """
 
     def __init__(
         self,
@@ -29,8 +38,12 @@ class KimiDeltaAttention(DeltaRuleMixer):
         layer_idx: int = 0,
         dtype: torch.dtype = torch.float32,
     ):
+        tp_rank, tp_size = get_tp_group().rank, get_tp_group().world_size
+        full_width = num_heads * head_dim
+        num_heads = divide(num_heads, tp_size, "KDA num_heads (linear_attn_config.num_heads)")  # this rank's
         width = num_heads * head_dim
         super().__init__("kda", (width, width, width), (num_heads, head_dim, head_dim), conv_kernel_size, layer_idx)
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.head_dim = head_dim
@@ -38,22 +51,25 @@ class KimiDeltaAttention(DeltaRuleMixer):
         def linear(n_in: int, n_out: int) -> nn.Linear:
             return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
 
+        def column(n_in: int, n_out: int) -> ColumnParallelLinear:
+            return ColumnParallelLinear(n_in, n_out, dtype=dtype)
+
         def short_conv() -> nn.Conv1d:
             # NOTE: holds the depthwise weight [H*D, 1, K] under the checkpoint's name; never called.
             return nn.Conv1d(width, width, conv_kernel_size, groups=width, bias=False, dtype=dtype)
 
-        self.q_proj = linear(hidden_size, width)
-        self.k_proj = linear(hidden_size, width)
-        self.v_proj = linear(hidden_size, width)
+        self.q_proj = column(hidden_size, full_width)
+        self.k_proj = column(hidden_size, full_width)
+        self.v_proj = column(hidden_size, full_width)
         self.q_conv1d, self.k_conv1d, self.v_conv1d = short_conv(), short_conv(), short_conv()
         # NOTE: the decay parameters stay float32 whatever the model dtype, as in the checkpoints.
         self.A_log = nn.Parameter(torch.zeros(1, 1, num_heads, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.zeros(width, dtype=torch.float32))
-        self.f_a_proj, self.f_b_proj = linear(hidden_size, head_dim), linear(head_dim, width)
-        self.b_proj = linear(hidden_size, num_heads)
-        self.g_a_proj, self.g_b_proj = linear(hidden_size, head_dim), linear(head_dim, width)
+        self.f_a_proj, self.f_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
+        self.b_proj = column(hidden_size, num_heads * tp_size)
+        self.g_a_proj, self.g_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
         self.o_norm = GatedRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
-        self.o_proj = linear(width, hidden_size)
+        self.o_proj = RowParallelLinear(full_width, hidden_size, dtype=dtype)
 
         self._conv_weight: torch.Tensor | None = None
         self._conv_weight_key: tuple | None = None
@@ -70,6 +86,15 @@ class KimiDeltaAttention(DeltaRuleMixer):
             layer_idx=layer_idx,
             dtype=dtype,
         )
+
+    def weight_loaders(self) -> dict[str, WeightSlot]:
+        """This rank's heads of the conv weights (dim 0), ``A_log`` (dim 2) and ``dt_bias`` (dim 0)."""
+        rank, size = self.tp_rank, self.tp_size
+        slots = {"A_log": sharded_slot(self, "A_log", 2, rank, size)}
+        slots["dt_bias"] = sharded_slot(self, "dt_bias", 0, rank, size)
+        for name in ("q_conv1d", "k_conv1d", "v_conv1d"):
+            slots[f"{name}.weight"] = sharded_slot(getattr(self, name), "weight", 0, rank, size)
+        return slots
 
     def fuse_conv_weights(self) -> torch.Tensor:
         """``[3*H*D, K]`` conv weight of the concatenated ``[q | k | v]`` channels, cached until a weight changes."""

@@ -11,9 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.forward_context import get_forward_context
+from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.ops.attention import paged_mla_attention, write_kv_cache
+from deltaserve.state.layout import divide
 
 # NOTE: transformers' KimiLinearAttention (and Moonshot's modeling code) build q_a_layernorm and
 # kv_a_layernorm without passing rms_norm_eps, so they use the RMSNorm default 1e-6.
@@ -39,7 +42,8 @@ class MLAAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.num_heads = num_heads
+        # NOTE: heads split across TP ranks; the latent (kv_a_proj_with_mqa, the KV cache) is replicated.
+        self.num_heads = divide(num_heads, get_tp_group().world_size, "MLA num_attention_heads")
         self.q_lora_rank = q_lora_rank
         self.kv_lora_rank = kv_lora_rank
         self.qk_nope_head_dim = qk_nope_head_dim
@@ -49,15 +53,15 @@ class MLAAttention(nn.Module):
         self.layer_idx = layer_idx
         self.scaling = self.qk_head_dim**-0.5
         if q_lora_rank is None:
-            self.q_proj = nn.Linear(hidden_size, num_heads * self.qk_head_dim, bias=False, dtype=dtype)
+            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, dtype=dtype)
         else:
             self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=bias, dtype=dtype)
             self.q_a_layernorm = RMSNorm(q_lora_rank, eps=LATENT_NORM_EPS, dtype=dtype)
-            self.q_b_proj = nn.Linear(q_lora_rank, num_heads * self.qk_head_dim, bias=False, dtype=dtype)
+            self.q_b_proj = ColumnParallelLinear(q_lora_rank, num_heads * self.qk_head_dim, dtype=dtype)
         self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias, dtype=dtype)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps=LATENT_NORM_EPS, dtype=dtype)
-        self.kv_b_proj = nn.Linear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), bias=False, dtype=dtype)
-        self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
+        self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), dtype=dtype)
+        self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
         self.kv_cache: torch.Tensor | None = None
 
     @classmethod

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
+
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
 
 
@@ -19,15 +21,24 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class GatedMLP(nn.Module):
-    """x ``[T, hidden]`` -> ``[T, hidden]``."""
+    """x ``[T, hidden]`` -> ``[T, hidden]``; under TP the intermediate channels are split (gate/up
+    column-, down row-parallel), and ``reduce_results=False`` leaves the partial sum to the caller."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", dtype: torch.dtype | None = None
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "silu",
+        dtype: torch.dtype | None = None,
+        reduce_results: bool = True,
     ):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, dtype=dtype)
+        what = "MLP intermediate_size"
+        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, dtype=dtype, what=what)
+        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, dtype=dtype, what=what)
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, reduce_results=reduce_results, dtype=dtype, what=what
+        )
         self.act_fn = get_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from deltaserve.distributed.communication_op import tensor_model_parallel_all_reduce
+from deltaserve.distributed.parallel_state import get_tp_group
+from deltaserve.distributed.sharding import read_blocks, read_loaded, shard_size
 from deltaserve.layers.mlp import GatedMLP, get_activation
 from deltaserve.ops.moe import fused_experts
 
@@ -107,7 +110,8 @@ QWEN_EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 class FusedExperts(nn.Module):
     """``E`` gated-MLP experts stored stacked: ``w13_weight`` ``[E, 2I, hidden]`` (gate rows first, then
-    up), ``w2_weight`` ``[E, hidden, I]``."""
+    up), ``w2_weight`` ``[E, hidden, I]``. Under TP each rank holds ``I / tp`` intermediate channels of
+    every expert, and its output is a partial sum (the block all-reduces)."""
 
     def __init__(
         self,
@@ -121,6 +125,9 @@ class FusedExperts(nn.Module):
         super().__init__()
         self.expert_names = expert_names
         self.num_experts = num_experts
+        self.full_intermediate_size = intermediate_size
+        self.tp_rank, self.tp_size = get_tp_group().rank, get_tp_group().world_size
+        self.shard_start, intermediate_size = shard_size(intermediate_size, "MoE moe_intermediate_size")
         self.intermediate_size = intermediate_size
         self.w13_weight = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
@@ -138,23 +145,30 @@ class FusedExperts(nn.Module):
         Per expert (``{e}.<gate>.weight``, ...) unless ``stored("gate_up_proj")`` says the checkpoint
         holds the fused ``gate_up_proj`` / ``down_proj`` tensors (as Qwen3.5-MoE releases do).
         """
-        inter = self.intermediate_size
-        hidden = self.w2_weight.shape[1]
+        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.shard_start
+        num_experts, hidden = self.num_experts, self.w2_weight.shape[1]
 
-        def into(view_fn):
-            return lambda tensor: view_fn().copy_(tensor)
+        def into(view_fn, dim):
+            # NOTE: this rank's intermediate channels only (rows of gate/up, columns of down).
+            return lambda loaded: view_fn().copy_(read_loaded(loaded, dim, start, inter))
 
         if stored is not None and stored("gate_up_proj"):
+            w13, w2 = self.w13_weight, self.w2_weight
+
+            def gate_up(loaded) -> None:
+                # [E, gate I | up I, hidden]: this rank's share of both blocks.
+                w13.data.copy_(read_blocks(loaded, [full, full], self.tp_rank, self.tp_size, dim=1))
+
             return {
-                "gate_up_proj": (tuple(self.w13_weight.shape), into(lambda: self.w13_weight.data)),
-                "down_proj": (tuple(self.w2_weight.shape), into(lambda: self.w2_weight.data)),
+                "gate_up_proj": ((num_experts, 2 * full, hidden), gate_up),
+                "down_proj": ((num_experts, hidden, full), into(lambda: w2.data, 2)),
             }
         gate, up, down = self.expert_names
         slots = {}
         for e in range(self.num_experts):
-            slots[f"{e}.{gate}.weight"] = ((inter, hidden), into(lambda e=e: self.w13_weight.data[e, :inter]))
-            slots[f"{e}.{up}.weight"] = ((inter, hidden), into(lambda e=e: self.w13_weight.data[e, inter:]))
-            slots[f"{e}.{down}.weight"] = ((hidden, inter), into(lambda e=e: self.w2_weight.data[e]))
+            slots[f"{e}.{gate}.weight"] = ((full, hidden), into(lambda e=e: self.w13_weight.data[e, :inter], 0))
+            slots[f"{e}.{up}.weight"] = ((full, hidden), into(lambda e=e: self.w13_weight.data[e, inter:], 0))
+            slots[f"{e}.{down}.weight"] = ((hidden, full), into(lambda e=e: self.w2_weight.data[e], 1))
         return slots
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -187,6 +201,7 @@ class SparseMoeBlock(nn.Module):
         if shared is not None:
             self.add_module(shared_name, shared)
         self.shared_expert_gate = shared_expert_gate
+        self.tp_size = get_tp_group().world_size
 
     @classmethod
     def from_kimi_config(cls, hf_config, dtype: torch.dtype | None = None) -> "SparseMoeBlock":
@@ -208,7 +223,9 @@ class SparseMoeBlock(nn.Module):
         num_shared = c.n_shared_experts or 0
         if not num_shared:
             return cls(gate, experts)
-        return cls(gate, experts, GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype))
+        # NOTE: routed and shared partial sums are added first, then all-reduced once (forward).
+        shared = GatedMLP(c.hidden_size, c.moe_intermediate_size * num_shared, c.hidden_act, dtype, reduce_results=False)
+        return cls(gate, experts, shared)
 
     @classmethod
     def from_qwen_config(cls, hf_config, dtype: torch.dtype | None = None) -> "SparseMoeBlock":
@@ -224,7 +241,8 @@ class SparseMoeBlock(nn.Module):
         inter = getattr(c, "shared_expert_intermediate_size", 0) or 0
         if not inter:
             return cls(gate, experts)
-        shared = GatedMLP(c.hidden_size, inter, c.hidden_act, dtype)
+        shared = GatedMLP(c.hidden_size, inter, c.hidden_act, dtype, reduce_results=False)
+        # NOTE: replicated; sigmoid(gate) scales this rank's partial shared output, which stays linear.
         shared_gate = nn.Linear(c.hidden_size, 1, bias=False, dtype=dtype)
         return cls(gate, experts, shared, shared_name="shared_expert", shared_expert_gate=shared_gate)
 
@@ -237,4 +255,4 @@ class SparseMoeBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared_out = torch.sigmoid(self.shared_expert_gate(x)) * shared_out
             out = out + shared_out
-        return out
+        return tensor_model_parallel_all_reduce(out) if self.tp_size > 1 else out

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.kv.spec import KVCacheSpec
+from deltaserve.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from deltaserve.state.layout import StateLayout
 from deltaserve.state.pool import StateGroup, StatePool
 
@@ -53,7 +55,7 @@ class HybridModel(nn.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, layers: list[nn.Module], norm: nn.Module, dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, dtype=dtype)
+        self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
@@ -82,6 +84,7 @@ class HybridForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config.get_text_config()
         self.dtype = dtype
+        self.tp_size = get_tp_group().world_size  # the layers are built for this TP size
         layer_types = list(self.config.layer_types)
         bad = [(i, t) for i, t in enumerate(layer_types) if t not in (LINEAR_ATTENTION, FULL_ATTENTION)]
         if bad:
@@ -97,7 +100,7 @@ class HybridForCausalLM(nn.Module):
 
     def _finish(self, hidden_size: int, vocab_size: int, tie_word_embeddings: bool) -> None:
         """Add the lm head (tied to the embedding when the config says so); eval mode, no grad."""
-        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, dtype=self.dtype)
+        self.lm_head = ParallelLMHead(vocab_size, hidden_size, dtype=self.dtype)
         self.tie_word_embeddings = tie_word_embeddings
         self.tie_weights()
         self.requires_grad_(False)

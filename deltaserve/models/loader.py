@@ -3,8 +3,11 @@
 Weights are matched by the checkpoint's names. Every module contributes its own parameters and
 persistent buffers under their names; a module with a ``checkpoint_weights()`` method (such as the
 stacked MoE experts) instead names its checkpoint tensors itself, as
-``{relative name: (expected shape, load(tensor) -> None)}`` (vLLM's ``weight_loader`` idea); it is
-called with ``stored(relative name) -> bool`` so that it can follow the checkpoint's format.
+``{relative name: (expected shape, load(loaded) -> None)}`` (vLLM's ``weight_loader`` idea); it is
+called with ``stored(relative name) -> bool`` so that it can follow the checkpoint's format. A
+module with ``weight_loaders()`` (the tensor-parallel layers) replaces the slots of some of its (or
+its children's) parameters the same way. The expected shape is the checkpoint's; a loader gets the
+tensor as a safetensors slice and reads only the part this rank holds (``read_loaded``).
 Any missing, unexpected or mis-shaped tensor is an error that names it, except tensors under a
 model's ``ignored_checkpoint_prefixes`` (weights it does not use, such as an MTP head), which are
 skipped with one log line.
@@ -23,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from tqdm import tqdm
 
+from deltaserve.distributed.sharding import read_loaded
 from deltaserve.models.checkpoint_checks import check_config_sizes, check_finite, check_shard_path, check_weight_dtype
 from deltaserve.models.registry import architecture_of, resolve, resolve_name
 from deltaserve.state.layout import resolve_dtype
@@ -34,11 +38,11 @@ LOAD_PROGRESS_BYTES = 1 << 30  # checkpoints at least this large show a progress
 
 logger = logging.getLogger(__name__)
 
-WeightSlot = tuple[tuple[int, ...], Callable[[torch.Tensor], None]]
+WeightSlot = tuple[tuple[int, ...], Callable[[object], None]]
 
 
-def _copy_into(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    return lambda tensor: param.data.copy_(tensor)
+def _copy_into(param: torch.Tensor) -> Callable[[object], None]:
+    return lambda loaded: param.data.copy_(read_loaded(loaded))
 
 
 def checkpoint_slots(model: nn.Module, stored: Container[str] = ()) -> dict[str, WeightSlot]:
@@ -62,6 +66,11 @@ def checkpoint_slots(model: nn.Module, stored: Container[str] = ()) -> dict[str,
                 slots[prefix + name] = (tuple(tensor.shape), _copy_into(tensor))
         for name, child in module.named_children():
             visit(child, f"{prefix}{name}.")
+        if hasattr(module, "weight_loaders"):
+            for name, slot in module.weight_loaders().items():
+                # NOTE: only names the visit gave a slot: a tied weight keeps its first name's.
+                if prefix + name in slots:
+                    slots[prefix + name] = (tuple(slot[0]), slot[1])
 
     visit(model, "")
     return slots
@@ -139,6 +148,21 @@ def _ignored(model: nn.Module, files: dict[str, Path]) -> set[str]:
     return ignored
 
 
+class _FiniteSlice:
+    """A safetensors slice whose reads are checked for NaN / inf (only the part this rank reads)."""
+
+    def __init__(self, name: str, tensor_slice):
+        self.name, self.tensor_slice = name, tensor_slice
+
+    def get_shape(self):
+        return self.tensor_slice.get_shape()
+
+    def __getitem__(self, index) -> torch.Tensor:
+        tensor = self.tensor_slice[index]
+        check_finite(self.name, tensor)
+        return tensor
+
+
 def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = None) -> None:
     """Copy every checkpoint tensor into ``model`` (cast to each parameter's dtype), after checking that
     names and shapes match exactly; otherwise a ValueError lists the problems. ``only_prefix`` loads just
@@ -174,11 +198,10 @@ def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = N
             with open_safetensors(file) as f:
                 for name in names:
                     try:
-                        tensor = f.get_tensor(name)
+                        # NOTE: a slice, read lazily: a TP rank's loader reads only its part.
+                        slots[name][1](_FiniteSlice(name, f.get_slice(name)))
                     except SafetensorError as exc:
                         raise ValueError(f"tensor {name} in {file} cannot be read: {exc}") from exc
-                    check_finite(name, tensor)
-                    slots[name][1](tensor)
                     bar.update()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from deltaserve.kv.spec import KVCacheSpec
 from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.gdn import GatedDeltaNet
+from deltaserve.layers.linear import kv_heads_per_rank
 from deltaserve.layers.mlp import GatedMLP
 from deltaserve.layers.moe import SparseMoeBlock
 from deltaserve.layers.norm import ZeroCenteredRMSNorm
@@ -99,4 +100,6 @@ class Qwen3NextForCausalLM(HybridForCausalLM):
         c = self.config
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         dtype = resolve_dtype(cache_dtype, self.dtype, "cache_dtype")
-        return KVCacheSpec.gqa(len(self.attn_layer_ids), c.num_key_value_heads, head_dim, dtype)
+        # NOTE: one TP rank's KV heads (split, or one replicated head a rank).
+        num_kv_heads, _ = kv_heads_per_rank(c.num_key_value_heads, self.tp_size)
+        return KVCacheSpec.gqa(len(self.attn_layer_ids), num_kv_heads, head_dim, dtype)

@@ -99,6 +99,9 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
         engine_loop.shutdown()
         await asyncio.to_thread(engine_loop.join, 30.0)
         tokenize_pool.shutdown(wait=False)
+        # NOTE: tensor-parallel workers stop with the server (a no-op at TP 1).
+        if hasattr(engine, "shutdown"):
+            engine.shutdown()
 
     app = FastAPI(title="deltaserve", version=_version(), lifespan=lifespan)
     app.state.engine_loop = engine_loop

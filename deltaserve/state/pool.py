@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple
+from typing import Callable, Iterable, Mapping, NamedTuple
 
 import torch
 
@@ -71,6 +71,8 @@ class StatePool:
             )
         self._free: deque[int] = deque(range(1, rows))
         self._used: set[int] = set()
+        # NOTE: called with the slots each allocation zeroes; TP rank 0 logs them for the other ranks.
+        self.zero_hook: Callable[[list[int]], None] | None = None
 
     # ---- slots -------------------------------------------------------------------------------
 
@@ -89,6 +91,8 @@ class StatePool:
         slots = [self._free.popleft() for _ in range(n)]
         self._used.update(slots)
         self.zero(slots)
+        if self.zero_hook is not None:
+            self.zero_hook(slots)
         return slots
 
     def free(self, slots: Iterable[int]) -> None:
