@@ -52,6 +52,9 @@ def test_a_shard_outside_the_checkpoint_folder_is_refused(ckpt, tmp_path):
         (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in tensors}}))
         with pytest.raises(ValueError, match="outside the checkpoint folder"):
             load_model(ckpt)
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: 5 for n in tensors}}))
+    with pytest.raises(ValueError, match="names shard 5, which is not a file name"):
+        load_model(ckpt)
 
 
 def test_integer_weights_are_refused_naming_the_tensor(ckpt):

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from deltaserve.commands.serve import port_number
+
 HELP = "Route OpenAI requests through prefill instances to decode instances (prefill/decode disaggregation)."
 
 
@@ -15,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode", action="append", required=True, metavar="URL",
                         help="a decode instance (serve --role decode); repeat for more")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 

@@ -13,6 +13,7 @@ import uvicorn
 from deltaserve.commands.generate import add_engine_arguments, engine_kwargs
 from deltaserve.disagg.roles import add_arguments as add_role_arguments
 from deltaserve.server.middleware import DEFAULT_MAX_BODY_BYTES
+from deltaserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("deltaserve.serve")
 
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="larger request bodies get 413")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After")
-    parser.add_argument("--tool-call-parser", default=None, choices=("hermes", "kimi_k2"),
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
                         help="the model's tool-call format (default: the one its chat template writes, else "
                              "the architecture's: kimi_k2 for Kimi Linear, hermes for Qwen)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")

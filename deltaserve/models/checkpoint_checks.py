@@ -73,11 +73,13 @@ def check_config_sizes(raw: dict, prefix: str = "") -> None:
 
 def check_shard_path(folder: Path, shard: str) -> Path:
     """The shard file an index names, which must lie inside ``folder`` (no ``..``, no absolute path)."""
-    root = folder.resolve()
+    index = folder / "model.safetensors.index.json"
+    # NOTE: checked before the path is built: `folder / 5` is a TypeError, not a message naming the index.
+    if not isinstance(shard, str):
+        raise ValueError(f"{index} names shard {str(shard)[:200]}, which is not a file name (a string)")
     path = (folder / shard).resolve()
-    if not isinstance(shard, str) or root not in path.parents:
-        raise ValueError(f"{folder / 'model.safetensors.index.json'} names shard {str(shard)[:200]!r}, which is "
-                         f"outside the checkpoint folder {folder}")
+    if folder.resolve() not in path.parents:
+        raise ValueError(f"{index} names shard {shard[:200]!r}, which is outside the checkpoint folder {folder}")
     return path
 
 

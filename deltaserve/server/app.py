@@ -130,6 +130,12 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
             raise RequestError(f"model: the model '{name}' does not exist; the served model is '{served_model_name}'",
                                "model", status=404, code="model_not_found")
 
+    def check_body(body: Any, scope: str) -> None:
+        """What both endpoints check first: the model's name, refused fields, valid Unicode."""
+        check_model(body.model)
+        serving.check_refused(body, scope)
+        serving.check_body_unicode(body)
+
     async def off_loop(fn: Callable, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
@@ -186,16 +192,15 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
     @app.post("/v1/completions", response_model=CompletionResponse)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        check_model(body.model)
-        serving.check_refused(body, "completions")
-        serving.check_body_unicode(body)
+        check_body(body, "completions")
         if body.max_tokens == 0 and not body.echo:
             raise RequestError("max_tokens: 0 is only allowed with echo (the prompt's logprobs alone)", "max_tokens")
-        for prompt in body.prompts():
+        texts = body.prompts()
+        for prompt in texts:
             if isinstance(prompt, str):
                 serving.check_prompt_chars(prompt, char_limit, context_len, "prompt")
-        if body.n * len(body.prompts()) > MAX_N:
-            raise RequestError(f"n: {body.n} choices for each of {len(body.prompts())} prompts exceed {MAX_N} "
+        if body.n * len(texts) > MAX_N:
+            raise RequestError(f"n: {body.n} choices for each of {len(texts)} prompts exceed {MAX_N} "
                                f"sequences in one request", "n")
         prompts = await off_loop(serving.completion_prompts, body, engine.tokenizer, vocab)
         echo_logprobs = body.logprobs if body.echo else None
@@ -217,17 +222,14 @@ def create_app(engine: Any, served_model_name: str = "deltaserve", max_queue: in
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        check_model(body.model)
-        serving.check_refused(body, "chat")
-        serving.check_body_unicode(body)
+        check_body(body, "chat")
         if body.top_logprobs is not None and not body.logprobs:
             raise RequestError("top_logprobs: needs logprobs set to true", "top_logprobs")
-        top = (body.top_logprobs or 0) if body.logprobs else None
+        top = body.num_logprobs()
         serving.check_prompt_chars(serving.messages_text(body), char_limit, context_len, "messages")
         plan = structured.tool_plan(body, tool_parser)
         prompt_ids = await off_loop(lambda: serving.chat_prompt(body, engine.tokenizer, tools=plan.tools))
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = serving.sampling_params(body, max_tokens, len(prompt_ids), context_len, top, "messages")
+        params = serving.sampling_params(body, body.max_output_tokens(), len(prompt_ids), context_len, top, "messages")
         params = await structured.constrain(engine, params, structured.chat_constraint(body, plan), plan)
         builder = ResponseBuilder(f"chatcmpl-{uuid.uuid4().hex}", served_model_name, True, top, engine.tokenizer,
                                   n=body.n, tool_parser=tool_parser if plan.parse else None)

@@ -2,8 +2,9 @@
 
 The engine is not thread-safe, so only the loop thread touches it. HTTP handlers (on the asyncio
 event loop) send commands through a thread-safe queue; the thread hands each request's outputs back
-with ``loop.call_soon_threadsafe`` into that request's ``asyncio.Queue``. New requests are added
-between two steps, so they join the running batch as they arrive and no request waits for another.
+with ``loop.call_soon_threadsafe`` into that request's ``RequestStream`` (which keeps the newest).
+New requests are added between two steps, so they join the running batch as they arrive and no
+request waits for another.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class EngineLoop:
     async def add_request(self, stream: RequestStream, prompt: str | list[int], params: Any) -> None:
         """Add a request between two steps; raises the engine's ``ValueError`` on a bad request.
 
-        Outputs then arrive in ``stream.outputs``; an ``EngineStoppedError`` ends them early.
+        Outputs then arrive through ``stream.next()``; an ``EngineStoppedError`` ends them early.
         """
         added = stream.loop.create_future()
         if not self.is_alive or not self._put(("add", stream, prompt, params, added)):

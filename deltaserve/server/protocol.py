@@ -161,6 +161,14 @@ class ChatCompletionRequest(SamplingFields, ToolFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
+    def max_output_tokens(self) -> int | None:
+        """``max_completion_tokens`` (OpenAI's current name), else ``max_tokens``; None: the rest of the context."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """The engine's ``logprobs`` (top-k per token) for chat's ``logprobs`` / ``top_logprobs``."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache

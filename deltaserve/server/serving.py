@@ -84,13 +84,14 @@ def completion_prompts(body: CompletionRequest, tokenizer: Any, vocab_size: int)
     """``(text or None, token ids)`` per prompt: text is tokenized as ``LLM.generate`` does (with
     ``add_special_tokens``); ids are range-checked. Runs off the event loop (a long prompt takes time)."""
     out = []
-    for index, prompt in enumerate(body.prompts()):
+    prompts = body.prompts()
+    for index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
             out.append((prompt, encode(tokenizer, prompt, body.add_special_tokens)))
             continue
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
-            where = f"prompt[{index}]" if len(body.prompts()) > 1 else "prompt"
+            where = f"prompt[{index}]" if len(prompts) > 1 else "prompt"
             raise RequestError(f"{where}: token ids must be in [0, {vocab_size}), got {bad[0]}", "prompt")
         out.append((None, list(prompt)))
     if any(not ids for _, ids in out):
