@@ -45,9 +45,7 @@ async def _prompt_and_params(app: FastAPI, engine: Any, endpoint: Any, raw: Any)
     try:
         body = models[endpoint].model_validate(raw)
     except ValidationError as exc:
-        error = exc.errors()[0]
-        where = ".".join(str(p) for p in error.get("loc", ())) or "body"
-        raise RequestError(f"{where}: {error.get('msg')}", where.split(".")[0]) from None
+        raise serving.validation_error(exc.errors()) from None
     if body.n != 1:
         raise RequestError(f"n: a disaggregated request has one sequence (n = 1), got {body.n}", "n")
     # NOTE: only what the prompt and its first token need; the decode instance validates the whole
@@ -63,8 +61,7 @@ async def _prompt_and_params(app: FastAPI, engine: Any, endpoint: Any, raw: Any)
     else:
         plan = structured.tool_plan(body, app.state.tool_parser)
         prompt = serving.chat_prompt(body, engine.tokenizer, tools=plan.tools)
-        logprobs, field = ((body.top_logprobs or 0) if body.logprobs else None), "messages"
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs, field, max_tokens = body.num_logprobs(), "messages", body.max_output_tokens()
         constraint = structured.chat_constraint(body, plan)
     # NOTE: the full request's length is checked here too, so that it fails before any transfer.
     serving.sampling_params(body, max_tokens, len(prompt), max_model_len(engine), logprobs, field)
