@@ -21,10 +21,11 @@ def nan_pool(group: str, layout: StateLayout, num_slots: int = 6) -> StatePool:
     return pool
 
 
-def run_layer(layer, hidden: list[torch.Tensor], query_lens, num_computed, slots) -> torch.Tensor:
-    """``layer`` over the flat batch of ``hidden`` (one tensor per sequence), as the model runner calls it."""
+def run_layer(layer, hidden: list[torch.Tensor], query_lens, num_computed, slots, checkpoints=None) -> torch.Tensor:
+    """``layer`` over the flat batch of ``hidden`` (one tensor per sequence), as the model runner calls it
+    (``checkpoints``: per sequence, the ``(offset, slot)`` states to save inside the prefill)."""
     device = hidden[0].device
-    ctx = make_forward_context(query_lens, num_computed, slots, device=device)
+    ctx = make_forward_context(query_lens, num_computed, slots, device=device, checkpoints=checkpoints)
     positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)]).to(device)
     with torch.no_grad(), forward_context(ctx):
         return layer(positions, torch.cat(hidden))
