@@ -5,7 +5,6 @@ prompt's slot and blocks, a plain tensor copy moves every registered region, a d
 from __future__ import annotations
 
 import pytest
-import torch
 
 from deltaserve import SamplingParams
 from deltaserve.disagg.ledger import KVLedger, NoRoom

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from helpers_layer import CachedReference, nan_pool, run_layer, slot_states
+from helpers_layer import (CachedReference, assert_untouched, check_decode_steps, check_mixed_batch, check_slot,
+                           nan_pool, run_layer, slot_states)  # fmt: skip
 from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
@@ -57,17 +58,13 @@ def bind(ours: GatedDeltaNet, pool: StatePool) -> None:
     ours.bind_state(pool.layer_state("gdn", 0), pool.groups["gdn"].layout)
 
 
-def check_sequence(out, expected, pool, slot, reference, what, bound=BOUND):
-    conv, recurrent = slot_states(pool, "gdn", slot)
-    assert rel_err(out, expected) < bound, f"output of {what}"
-    assert rel_err(conv[-(K - 1) :], reference.conv_state()) < BOUND, f"conv state of {what}"
-    assert rel_err(recurrent.float(), reference.recurrent_state()) < bound, f"recurrent state of {what}"
-
-
-def assert_untouched(pool: StatePool, used: list[int]) -> None:
-    conv, recurrent = pool.layer_state("gdn", 0)
-    for slot in set(range(pool.num_slots + 1)) - set(used):
-        assert conv[slot].isnan().all() and recurrent[slot].isnan().all(), f"slot {slot} was written"
+def reference_conv_inputs(ref, x: torch.Tensor) -> torch.Tensor:
+    """``[T, conv_dim]``: transformers' q|k|v conv inputs of ``x [T, hidden]``."""
+    with torch.no_grad():
+        if hasattr(ref, "in_proj_qkvz"):
+            q, k, v, *_ = ref.fix_query_key_value_ordering(ref.in_proj_qkvz(x[None]), ref.in_proj_ba(x[None]))
+            return torch.cat([t.reshape(1, len(x), -1) for t in (q, k, v)], dim=-1)[0]
+        return ref.in_proj_qkv(x[None])[0]
 
 
 def test_state_dict_names_and_shapes_are_the_checkpoints(layers):
@@ -91,8 +88,8 @@ def test_prefill_batch_matches_transformers_per_sequence(layers, conv_layout):
     out = run_layer(ours, hidden, lengths, [0, 0, 0], slots).split(lengths)
     for b, slot in enumerate(slots):
         reference = CachedReference(ref, config, K, "cache")
-        check_sequence(out[b], reference(hidden[b]), pool, slot, reference, f"sequence {b}")
-    assert_untouched(pool, slots)
+        check_slot(out[b], reference(hidden[b]), pool, "gdn", slot, reference, f"sequence {b}")
+    assert_untouched(pool, "gdn", slots)
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])
@@ -100,19 +97,7 @@ def test_mixed_batch_prefill_continuation_and_decode_in_one_forward(layers, conv
     ref, ours, config = layers
     pool = make_pool(conv_layout=conv_layout)
     bind(ours, pool)
-    # sequence 0 starts now; 1 continues a 12-token prefix with 6 tokens; 2 and 3 decode one token
-    prefix_lens, new_lens = [0, 12, 20, 2], [9, 6, 1, 1]
-    prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
-    news = [torch.randn(n, HIDDEN) for n in new_lens]
-    slots = pool.allocate(4)
-    run_layer(ours, prefixes[1:], prefix_lens[1:], [0, 0, 0], slots[1:])
-    out = run_layer(ours, news, new_lens, prefix_lens, slots).split(new_lens)
-    for b, slot in enumerate(slots):
-        reference = CachedReference(ref, config, K, "cache")
-        if prefix_lens[b]:
-            reference(prefixes[b])
-        check_sequence(out[b], reference(news[b]), pool, slot, reference, f"sequence {b}")
-    assert_untouched(pool, slots)
+    check_mixed_batch(ours, pool, "gdn", lambda: CachedReference(ref, config, K, "cache"), HIDDEN)
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])
@@ -120,21 +105,7 @@ def test_decode_only_steps_match_transformers_decode(layers, conv_layout):
     ref, ours, config = layers
     pool = make_pool(conv_layout=conv_layout)
     bind(ours, pool)
-    prefix_lens, steps = [3, 17], 3
-    slots = pool.allocate(2)
-    prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
-    references = [CachedReference(ref, config, K, "cache") for _ in slots]
-    run_layer(ours, prefixes, prefix_lens, [0, 0], slots)
-    for reference, prefix in zip(references, prefixes):
-        reference(prefix)
-    for step in range(steps):
-        tokens = [torch.randn(1, HIDDEN) for _ in slots]
-        computed = [n + step for n in prefix_lens]
-        # a padding row on the null slot rides along, as in a padded decode batch
-        out = run_layer(ours, tokens + [torch.randn(1, HIDDEN)], [1, 1, 1], computed + [1], slots + [0])
-        for b, slot in enumerate(slots):
-            check_sequence(out[b : b + 1], references[b](tokens[b]), pool, slot, references[b], f"step {step}, seq {b}")
-    assert_untouched(pool, [0, *slots])
+    check_decode_steps(ours, pool, "gdn", lambda: CachedReference(ref, config, K, "cache"), HIDDEN)
 
 
 def test_two_prefill_chunks_equal_one(layers):
@@ -146,11 +117,11 @@ def test_two_prefill_chunks_equal_one(layers):
     first = run_layer(ours, [hidden[:23]], [23], [0], slot)
     second = run_layer(ours, [hidden[23:]], [27], [23], slot)
     reference = CachedReference(ref, config, K, "cache")
-    check_sequence(torch.cat([first, second]), reference(hidden), pool, slot[0], reference, "two chunks")
+    check_slot(torch.cat([first, second]), reference(hidden), pool, "gdn", slot[0], reference, "two chunks")
 
 
 def test_spec_layout_conv_state_keeps_last_state_len_inputs(layers):
-    _, ours, _ = layers
+    ref, ours, _ = layers
     num_spec = 2
     state_len = K - 1 + num_spec
     pool = make_pool(num_spec=num_spec, conv_layout="DS")
@@ -161,8 +132,7 @@ def test_spec_layout_conv_state_keeps_last_state_len_inputs(layers):
     step = [torch.randn(1, HIDDEN) for _ in slots]
     run_layer(ours, step, [1, 1], lengths, slots)
     for b, slot in enumerate(slots):
-        with torch.no_grad():
-            inputs = ours.project(torch.cat([hidden[b], step[b]]))[0]  # conv inputs, q|k|v
+        inputs = reference_conv_inputs(ref, torch.cat([hidden[b], step[b]]))
         expected = torch.cat([torch.zeros(state_len, CONV_DIM), inputs])[-state_len:]
         assert rel_err(slot_states(pool, "gdn", slot)[0], expected) < BOUND
 
@@ -173,11 +143,10 @@ def test_projection_gathers_q_k_v_as_transformers_orders_them(layers):
     with torch.no_grad():
         mixed_qkv, z, b, a = ours.project(x)
         if hasattr(ref, "in_proj_qkvz"):
-            q, k, v, z_ref, b_ref, a_ref = ref.fix_query_key_value_ordering(ref.in_proj_qkvz(x[None]), ref.in_proj_ba(x[None]))
-            qkv_ref = torch.cat([t.reshape(1, 3, -1) for t in (q, k, v)], dim=-1)[0]
+            *_, z_ref, b_ref, a_ref = ref.fix_query_key_value_ordering(ref.in_proj_qkvz(x[None]), ref.in_proj_ba(x[None]))
         else:
-            qkv_ref, z_ref, b_ref, a_ref = ref.in_proj_qkv(x[None]), ref.in_proj_z(x[None]), ref.in_proj_b(x[None]), ref.in_proj_a(x[None])
-    assert torch.equal(mixed_qkv, qkv_ref.reshape(3, CONV_DIM)) and torch.equal(z, z_ref.reshape(3, HV, DV))
+            z_ref, b_ref, a_ref = ref.in_proj_z(x[None]), ref.in_proj_b(x[None]), ref.in_proj_a(x[None])
+    assert torch.equal(mixed_qkv, reference_conv_inputs(ref, x)) and torch.equal(z, z_ref.reshape(3, HV, DV))
     assert torch.equal(b, b_ref.reshape(3, HV)) and torch.equal(a, a_ref.reshape(3, HV))
 
 
@@ -194,8 +163,8 @@ def test_bfloat16_recurrent_state_stays_close(layers):
     for b, slot in enumerate(slots):
         reference = CachedReference(ref, config, K, "cache")
         reference(hidden[b])
-        check_sequence(out[b : b + 1], reference(steps[b]), pool, slot, reference, f"seq {b}", bound=2e-2)
-    assert_untouched(pool, slots)
+        check_slot(out[b : b + 1], reference(steps[b]), pool, "gdn", slot, reference, f"seq {b}", bound=2e-2)
+    assert_untouched(pool, "gdn", slots)
 
 
 def test_bind_state_rejects_a_layout_of_other_heads(layers):

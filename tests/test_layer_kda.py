@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 from conftest import rel_err
-from helpers_layer import CachedReference, nan_pool, run_layer, slot_states
+from helpers_layer import (CachedReference, assert_untouched, check_decode_steps, check_mixed_batch, check_slot,
+                           nan_pool, run_layer, slot_states)  # fmt: skip
 from transformers import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 
@@ -68,13 +69,6 @@ def bind(ours: KimiDeltaAttention, pool: StatePool) -> None:
     ours.bind_state(pool.layer_state("kda", 0), pool.groups["kda"].layout)
 
 
-def check_sequence(out, expected, pool, slot, reference, what):
-    conv, recurrent = slot_states(pool, "kda", slot)
-    assert rel_err(out, expected) < BOUND, f"output of {what}"
-    assert rel_err(conv[-(K - 1) :], reference.conv_state()) < BOUND, f"conv state of {what}"
-    assert rel_err(recurrent, reference.recurrent_state()) < BOUND, f"recurrent state of {what}"
-
-
 def test_state_dict_names_and_shapes_are_the_checkpoints(layers):
     _, ours, config = layers
     layer = KimiDeltaAttention.from_config(config, layer_idx=0, dtype=torch.bfloat16)
@@ -100,10 +94,8 @@ def test_prefill_batch_matches_transformers_per_sequence(layers, conv_layout):
     out = run_layer(ours, hidden, lengths, [0, 0, 0], slots).split(lengths)
     for b, slot in enumerate(slots):
         reference = CachedReference(ref, config, K, "cache_params")
-        check_sequence(out[b], reference(hidden[b]), pool, slot, reference, f"sequence {b}")
-    conv, recurrent = pool.layer_state("kda", 0)
-    for slot in set(range(7)) - set(slots):
-        assert conv[slot].isnan().all() and recurrent[slot].isnan().all()
+        check_slot(out[b], reference(hidden[b]), pool, "kda", slot, reference, f"sequence {b}")
+    assert_untouched(pool, "kda", slots)
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])
@@ -111,19 +103,7 @@ def test_mixed_batch_prefill_continuation_and_decode_in_one_forward(layers, conv
     ref, ours, config = layers
     pool = make_pool(conv_layout=conv_layout)
     bind(ours, pool)
-    # sequence 0 starts now; 1 continues a 12-token prefix with 6 tokens; 2 and 3 decode one token
-    prefix_lens, new_lens = [0, 12, 20, 2], [9, 6, 1, 1]
-    prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
-    news = [torch.randn(n, HIDDEN) for n in new_lens]
-    slots = pool.allocate(4)
-    run_layer(ours, prefixes[1:], prefix_lens[1:], [0, 0, 0], slots[1:])
-    out = run_layer(ours, news, new_lens, prefix_lens, slots).split(new_lens)
-    assert torch.isfinite(torch.cat(out)).all()
-    for b, slot in enumerate(slots):
-        reference = CachedReference(ref, config, K, "cache_params")
-        if prefix_lens[b]:
-            reference(prefixes[b])
-        check_sequence(out[b], reference(news[b]), pool, slot, reference, f"sequence {b}")
+    check_mixed_batch(ours, pool, "kda", lambda: CachedReference(ref, config, K, "cache_params"), HIDDEN)
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])
@@ -131,23 +111,7 @@ def test_decode_only_steps_match_transformers_decode(layers, conv_layout):
     ref, ours, config = layers
     pool = make_pool(conv_layout=conv_layout)
     bind(ours, pool)
-    prefix_lens, steps = [3, 17], 3
-    slots = pool.allocate(2)
-    prefixes = [torch.randn(n, HIDDEN) for n in prefix_lens]
-    references = [CachedReference(ref, config, K, "cache_params") for _ in slots]
-    run_layer(ours, prefixes, prefix_lens, [0, 0], slots)
-    for reference, prefix in zip(references, prefixes):
-        reference(prefix)
-    for step in range(steps):
-        tokens = [torch.randn(1, HIDDEN) for _ in slots]
-        computed = [n + step for n in prefix_lens]
-        # a padding row on the null slot rides along, as in a padded decode batch
-        out = run_layer(ours, tokens + [torch.randn(1, HIDDEN)], [1, 1, 1], computed + [1], slots + [0])
-        for b, slot in enumerate(slots):
-            check_sequence(out[b : b + 1], references[b](tokens[b]), pool, slot, references[b], f"step {step}, seq {b}")
-    conv, recurrent = pool.layer_state("kda", 0)
-    for slot in range(3, 7):
-        assert conv[slot].isnan().all() and recurrent[slot].isnan().all()
+    check_decode_steps(ours, pool, "kda", lambda: CachedReference(ref, config, K, "cache_params"), HIDDEN)
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import rel_err
-from helpers_layer import nan_pool, slot_states
+from helpers_layer import nan_pool, run_layer, slot_states
 
-from deltaserve.forward_context import StateCheckpoints, forward_context, make_forward_context
+from deltaserve.forward_context import StateCheckpoints
 from deltaserve.ops.conv1d import causal_conv1d_fn
 from deltaserve.ops.delta_rule import chunk_delta_rule, chunk_delta_rule_ref, l2norm
 from deltaserve.ops.state_checkpoints import chunk_in_rounds
@@ -144,13 +144,6 @@ def test_bad_checkpoints_are_clear_errors():
         with pytest.raises(ValueError, match=f"checkpoints.{field}"):
             chunk_delta_rule(q, k, v, g, beta, pool, cu, slots, initial,
                              checkpoints=StateCheckpoints.from_batch([cuts], [100], [1]))  # fmt: skip
-
-
-def run_layer(layer, hidden, query_lens, num_computed, slots, checkpoints=None) -> torch.Tensor:
-    ctx = make_forward_context(query_lens, num_computed, slots, checkpoints=checkpoints)
-    positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)])
-    with torch.no_grad(), forward_context(ctx):
-        return layer(positions, torch.cat(hidden))
 
 
 def make_layer(kind: str):

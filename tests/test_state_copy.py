@@ -212,7 +212,7 @@ def test_spec_decode_needs_conv_rows_for_the_accepted_shift():
 @pytest.mark.parametrize("ssm_dtype", ["float32", "bfloat16"])
 def test_gdn_pool_copies_match_float64_loop(conv_layout, ssm_dtype):
     # Qwen3-Next-like proportions: GVA (Hk=2, Hv=4), Dk != Dv, bf16 conv, fp32 or bf16 recurrent state
-    num_spec, columns = 2, 3
+    num_spec = 2
     layout = gdn_layout(2, 4, 8, 4, num_spec=num_spec, conv_layout=conv_layout, model_dtype=torch.bfloat16,
                         ssm_dtype=ssm_dtype)  # fmt: skip
     assert layout.conv_split == (16, 16, 16) and layout.recurrent_shape == (4, 4, 8)

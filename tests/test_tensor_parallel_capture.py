@@ -8,7 +8,7 @@ import pytest
 
 from deltaserve import LLM
 from helpers_tp import (
-    LogitsTap, _prompts, assert_checkpoints_sharded, assert_same_run, greedy, make_tp_checkpoint, tapped,
+    _prompts, assert_checkpoints_sharded, assert_same_run, greedy, make_tp_checkpoint, tapped,
 )  # fmt: skip
 
 # NOTE: checkpoints every 64 tokens (the capture grid), so a 150-token shared prefix is captured twice.

@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
 
 from conftest import rel_err  # noqa: E402
 
-from deltaserve.kv.spec import split_kv  # noqa: E402
 from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.ops.attention import paged_gqa_attention, paged_gqa_attention_ref  # noqa: E402
 
