@@ -24,6 +24,15 @@ from deltaserve.distributed.sharding import WeightSlot, copy_shard, read_blocks,
 from deltaserve.state.layout import divide
 
 
+def _weight_and_bias_slots(layer: nn.Linear, weight_shape: tuple[int, int]) -> dict[str, WeightSlot]:
+    """``weight`` (checkpoint shape ``weight_shape``) and, if any, ``bias`` (``weight_shape[0]``), each
+    through ``layer.weight_loader``."""
+    slots = {"weight": (weight_shape, lambda w: layer.weight_loader(layer.weight, w))}
+    if layer.bias is not None:
+        slots["bias"] = ((weight_shape[0],), lambda w: layer.weight_loader(layer.bias, w))
+    return slots
+
+
 class ColumnParallelLinear(nn.Linear):
     """``[*, input_size] -> [*, output_size / tp]`` (``gather_output``: ``[*, output_size]`` on every rank)."""
 
@@ -46,10 +55,7 @@ class ColumnParallelLinear(nn.Linear):
         copy_shard(param, loaded_weight, 0, self.tp_rank)
 
     def weight_loaders(self) -> dict[str, WeightSlot]:
-        slots = {"weight": ((self.output_size, self.in_features), lambda w: self.weight_loader(self.weight, w))}
-        if self.bias is not None:
-            slots["bias"] = ((self.output_size,), lambda w: self.weight_loader(self.bias, w))
-        return slots
+        return _weight_and_bias_slots(self, (self.output_size, self.in_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -140,10 +146,7 @@ class RowParallelLinear(nn.Linear):
         copy_shard(param, loaded_weight, 1 if param.dim() == 2 else None, self.tp_rank)
 
     def weight_loaders(self) -> dict[str, WeightSlot]:
-        slots = {"weight": ((self.out_features, self.input_size), lambda w: self.weight_loader(self.weight, w))}
-        if self.bias is not None:
-            slots["bias"] = ((self.out_features,), lambda w: self.weight_loader(self.bias, w))
-        return slots
+        return _weight_and_bias_slots(self, (self.out_features, self.input_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

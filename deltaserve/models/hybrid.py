@@ -98,10 +98,13 @@ class HybridForCausalLM(nn.Module):
     def text_model(self) -> nn.Module:
         return self.model
 
-    def _finish(self, hidden_size: int, vocab_size: int, tie_word_embeddings: bool) -> None:
+    def _finish(self, hf_config) -> None:
         """Add the lm head (tied to the embedding when the config says so); eval mode, no grad."""
-        self.lm_head = ParallelLMHead(vocab_size, hidden_size, dtype=self.dtype)
-        self.tie_word_embeddings = tie_word_embeddings
+        c = self.config
+        self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, dtype=self.dtype)
+        # NOTE: a vision-language config says whether the lm head is tied at its top level.
+        tie = getattr(hf_config, "tie_word_embeddings", None)
+        self.tie_word_embeddings = bool(getattr(c, "tie_word_embeddings", False) if tie is None else tie)
         self.tie_weights()
         self.requires_grad_(False)
         self.eval()

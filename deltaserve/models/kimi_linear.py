@@ -65,7 +65,7 @@ class KimiLinearForCausalLM(HybridForCausalLM):
         layers = [KimiDecoderLayer(c, i, dtype) for i in range(c.num_hidden_layers)]
         norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
         self.model = HybridModel(c.vocab_size, c.hidden_size, layers, norm, dtype)
-        self._finish(hf_config.hidden_size, hf_config.vocab_size, getattr(hf_config, "tie_word_embeddings", False))
+        self._finish(hf_config)
 
     def linear_layout(self, tp_size, cache_dtype, num_spec, conv_layout, mamba_ssm_cache_dtype) -> StateLayout:
         """KDA: float32 recurrent states whatever ``mamba_ssm_cache_dtype`` says."""

@@ -69,9 +69,7 @@ class Qwen3NextForCausalLM(HybridForCausalLM):
         ]
         norm = ZeroCenteredRMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
         self.build_text_model(HybridModel(c.vocab_size, c.hidden_size, layers, norm, dtype))
-        # NOTE: a vision-language config says whether the lm head is tied at its top level.
-        tie = getattr(hf_config, "tie_word_embeddings", None)
-        self._finish(c.hidden_size, c.vocab_size, bool(getattr(c, "tie_word_embeddings", False) if tie is None else tie))
+        self._finish(hf_config)
 
     def build_text_model(self, text_model: nn.Module) -> None:
         """Place the text model where the checkpoint keeps it (``model.*``)."""
