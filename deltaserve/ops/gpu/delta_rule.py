@@ -207,11 +207,7 @@ def fused_recurrent_delta_rule(
     ``launch_pdl`` (sm_90+, benchmarks only so far) starts the kernel while the previous one finishes and
     reads the slots' states before waiting for it: only valid when that kernel writes no state of these slots.
     """
-    if q.dim() != 3 or q.shape[0] != state_indices.shape[0]:
-        raise ValueError(
-            f"fused_recurrent_delta_rule: q must be [B={state_indices.shape[0]}, Hk, K], got {tuple(q.shape)}"
-        )
-    shape: DeltaRuleShape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule")
+    shape: DeltaRuleShape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule", state_indices)
     _check_state(recurrent_state, "fused_recurrent_delta_rule")
     batch, k_dim, v_dim = q.shape[0], shape.k_dim, shape.v_dim
     default_bv, default_warps = decode_config(batch, shape.num_v_heads, v_dim)
