@@ -41,6 +41,22 @@ def _as_list(x: torch.Tensor | Sequence[int]) -> list[int]:
     return x.tolist() if isinstance(x, torch.Tensor) else list(x)
 
 
+def _sequence_blocks(block_tables: torch.Tensor, b: int, seq_len: int, block_size: int) -> torch.Tensor:
+    """The cache blocks holding sequence ``b``'s ``seq_len`` tokens, int64; ValueError if one is missing."""
+    blocks = block_tables[b, : -(-seq_len // block_size)].long()
+    if bool((blocks < 0).any()):
+        raise ValueError(f"sequence {b}: block table {block_tables[b].tolist()} has no block for {seq_len} tokens")
+    return blocks
+
+
+def _causal_softmax(scores: torch.Tensor, seq_len: int, num_new: int) -> torch.Tensor:
+    """Softmax of ``scores [H, num_new, seq_len]`` over the keys each new token sees (positions up to its own)."""
+    query_pos = torch.arange(seq_len - num_new, seq_len, device=scores.device)
+    key_pos = torch.arange(seq_len, device=scores.device)
+    scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 def paged_mla_attention_ref(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -75,21 +91,14 @@ def paged_mla_attention_ref(
         num_new = end - start
         if num_new == 0:
             continue
-        num_blocks = -(-seq_len // block_size)
-        blocks = block_tables[b, :num_blocks].long()
-        if bool((blocks < 0).any()):
-            raise ValueError(f"sequence {b}: block table {block_tables[b].tolist()} has no block for {seq_len} tokens")
+        blocks = _sequence_blocks(block_tables, b, seq_len, block_size)
         latent = kv_cache[blocks].reshape(-1, kv_cache.shape[-1])[:seq_len].float()  # [L, R + Dr]
         c_kv, k_pe = latent.split([rank, rope_dim], dim=-1)
         k_nope = torch.einsum("lr,hdr->lhd", c_kv, w_uk32)  # [L, H, Dn]
         value = torch.einsum("lr,hdr->lhd", c_kv, w_uv32)  # [L, H, Dv]
         q_nope, q_pe = q[start:end].float().split([nope_dim, rope_dim], dim=-1)
         scores = torch.einsum("qhd,lhd->hql", q_nope, k_nope) + torch.einsum("qhd,ld->hql", q_pe, k_pe)
-        scores = scores * scale
-        query_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-        key_pos = torch.arange(seq_len, device=q.device)
-        scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        probs = _causal_softmax(scores * scale, seq_len, num_new)
         out[start:end] = torch.einsum("hql,lhd->qhd", probs, value).to(out.dtype)
     return out
 
@@ -122,19 +131,15 @@ def paged_gqa_attention_ref(
         num_new = end - start
         if num_new == 0:
             continue
-        blocks = block_tables[b, : -(-seq_len // block_size)].long()
-        if bool((blocks < 0).any()):
-            raise ValueError(f"sequence {b}: block table {block_tables[b].tolist()} has no block for {seq_len} tokens")
+        blocks = _sequence_blocks(block_tables, b, seq_len, block_size)
         # [L, H, D]: each KV head repeated for its group of query heads
         keys = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         values = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=1)
         values = values.repeat_interleave(num_heads // num_kv_heads, dim=1)
         scores = torch.einsum("qhd,lhd->hql", q[start:end].float(), keys) * scale
-        query_pos = torch.arange(seq_len - num_new, seq_len, device=q.device)
-        key_pos = torch.arange(seq_len, device=q.device)
-        scores = scores.masked_fill(key_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
-        out[start:end] = torch.einsum("hql,lhd->qhd", torch.softmax(scores, dim=-1), values).to(out.dtype)
+        probs = _causal_softmax(scores, seq_len, num_new)
+        out[start:end] = torch.einsum("hql,lhd->qhd", probs, values).to(out.dtype)
     return out
 
 

@@ -46,8 +46,13 @@ class DeltaRuleShape(NamedTuple):
     head_gate: bool  # g is one scalar per value head (GDN), not one per key channel (KDA)
 
 
-def check_shapes(q, k, v, g, beta, recurrent_state: torch.Tensor, op: str) -> DeltaRuleShape:
-    """Shapes of a delta-rule call, after checking every tensor against ``recurrent_state [slots, Hv, Dv, Dk]``."""
+def check_shapes(
+    q, k, v, g, beta, recurrent_state: torch.Tensor, op: str, state_indices: torch.Tensor | None = None
+) -> DeltaRuleShape:
+    """Shapes of a delta-rule call, after checking every tensor against ``recurrent_state [slots, Hv, Dv, Dk]``
+    and, for a decode step (one token per sequence), ``q [B, Hk, Dk]`` against ``state_indices [B]``."""
+    if state_indices is not None and (q.dim() != 3 or q.shape[0] != state_indices.shape[0]):
+        raise ValueError(f"{op}: q must be [B={state_indices.shape[0]}, Hk, Dk], got {tuple(q.shape)}")
     if recurrent_state.dim() != 4:
         raise ValueError(f"{op}: recurrent_state must be [num_slots+1, Hv, Dv, Dk], got {tuple(recurrent_state.shape)}")
     num_v_heads, v_dim, k_dim = recurrent_state.shape[1:]
@@ -184,11 +189,7 @@ def fused_recurrent_delta_rule_ref(
     use_qk_l2norm_in_kernel: bool = True,
 ) -> torch.Tensor:
     """Torch reference of :func:`fused_recurrent_delta_rule` (vectorised over sequences and heads)."""
-    if q.dim() != 3 or q.shape[0] != state_indices.shape[0]:
-        raise ValueError(
-            f"fused_recurrent_delta_rule: q must be [B={state_indices.shape[0]}, Hk, Dk], got {tuple(q.shape)}"
-        )
-    shape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule")
+    shape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule", state_indices)
     qf, kf, vf, gf, bf = _prepare(q, k, v, g, beta, shape, scale, use_qk_l2norm_in_kernel)
     index = state_indices.long()
     state = recurrent_state[index].float().transpose(-1, -2)  # [B, H, K, V]

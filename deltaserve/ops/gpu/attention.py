@@ -127,6 +127,23 @@ def _device_int32(x: torch.Tensor | Sequence[int], device: torch.device) -> torc
     return torch.tensor(list(x), dtype=torch.int32).to(device, non_blocking=True)
 
 
+def token_seq_ids(
+    cu_seqlens: torch.Tensor | Sequence[int], seq_lens: torch.Tensor | Sequence[int], num_tokens: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(cu_seqlens, seq_lens, seq_ids)`` int32 on ``device``; ``seq_ids [T]`` names each token's sequence.
+
+    Host lists are copied to the device (no sync); device tensors are used as they are.
+    """
+    cu = _device_int32(cu_seqlens, device)
+    lens = _device_int32(seq_lens, device)
+    # NOTE: output_size keeps repeat_interleave from syncing to learn the total.
+    seq_ids = torch.repeat_interleave(
+        torch.arange(lens.shape[0], device=device, dtype=torch.int32), cu[1:] - cu[:-1], output_size=num_tokens
+    )
+    return cu, lens, seq_ids
+
+
 def paged_mla_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -154,13 +171,7 @@ def paged_mla_attention(
     if num_tokens == 0:
         return q.new_empty(0, num_heads, w_uv.shape[1])
     device = q.device
-    cu = _device_int32(cu_seqlens, device)
-    lens = _device_int32(seq_lens, device)
-    num_seqs = lens.shape[0]
-    # NOTE: output_size keeps repeat_interleave from syncing to learn the total.
-    seq_ids = torch.repeat_interleave(
-        torch.arange(num_seqs, device=device, dtype=torch.int32), cu[1:] - cu[:-1], output_size=num_tokens
-    )
+    cu, lens, seq_ids = token_seq_ids(cu_seqlens, seq_lens, num_tokens, device)
     q_nope, q_pe = q.split([nope_dim, rope_dim], dim=-1)
     # Absorb w_uk: [H, T, Dn] @ [H, Dn, R] -> [H, T, R], viewed [T, H, R].
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q.dtype)).transpose(0, 1)

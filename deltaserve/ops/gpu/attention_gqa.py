@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.ops.gpu.attention import token_seq_ids
+
 # Query rows per program: tl.dot needs at least 16; a smaller group is masked.
 MIN_BLOCK_H = 16
 # Keys per inner iteration.
@@ -81,12 +83,6 @@ def _gqa_attention_kernel(
              mask=m_g[:, None] & m_d[None, :])
 
 
-def _device_int32(x: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.int32)
-    return torch.tensor(list(x), dtype=torch.int32).to(device, non_blocking=True)
-
-
 def paged_gqa_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -114,13 +110,7 @@ def paged_gqa_attention(
         return out
     if q.stride(-1) != 1:
         q = q.contiguous()
-    device = q.device
-    cu = _device_int32(cu_seqlens, device)
-    lens = _device_int32(seq_lens, device)
-    # NOTE: output_size keeps repeat_interleave from syncing to learn the total.
-    seq_ids = torch.repeat_interleave(
-        torch.arange(lens.shape[0], device=device, dtype=torch.int32), cu[1:] - cu[:-1], output_size=num_tokens
-    )
+    cu, lens, seq_ids = token_seq_ids(cu_seqlens, seq_lens, num_tokens, q.device)
     tables = block_tables.to(torch.int32)
     group = num_heads // num_kv_heads
     block_d = max(16, triton.next_power_of_2(head_dim))

@@ -16,17 +16,8 @@ from fla.ops.kda import chunk_kda as fla_chunk_kda
 from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_fused_recurrent_kda_fwd
 
 from deltaserve.ops.delta_rule import L2NORM_EPS, DeltaRuleShape, check_shapes
+from deltaserve.ops.gpu.delta_rule_varlen import _check_blocks, _check_state, _last_dim_contiguous
 from deltaserve.ops.state_checkpoints import check_checkpoints, chunk_in_rounds
-
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _check_state(recurrent_state: torch.Tensor, op: str) -> None:
-    if recurrent_state.dtype not in STATE_DTYPES:
-        raise ValueError(f"{op}: recurrent_state must be float32 or bfloat16, got {recurrent_state.dtype}")
-    if not recurrent_state[0].is_contiguous():
-        raise ValueError(f"{op}: each slot of recurrent_state must be contiguous, strides {recurrent_state.stride()}")
-
 
 _cu_cache: list = [None, None]  # [the caller's cu_seqlens, its int64 copy]
 
@@ -180,11 +171,6 @@ def _delta_rule_decode_kernel(
     tl.store(o + i_b * stride_ob + i_hv * stride_oh + o_v, b_o.to(o.dtype.element_ty))
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # The kernel reads the last dim with unit stride; anything else (rare) is copied.
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def decode_config(batch: int, num_v_heads: int, v_dim: int) -> tuple[int, int]:
     """``(block_v, num_warps)`` of the decode kernel for a batch.
 
@@ -221,20 +207,13 @@ def fused_recurrent_delta_rule(
     ``launch_pdl`` (sm_90+, benchmarks only so far) starts the kernel while the previous one finishes and
     reads the slots' states before waiting for it: only valid when that kernel writes no state of these slots.
     """
-    if q.dim() != 3 or q.shape[0] != state_indices.shape[0]:
-        raise ValueError(
-            f"fused_recurrent_delta_rule: q must be [B={state_indices.shape[0]}, Hk, K], got {tuple(q.shape)}"
-        )
-    shape: DeltaRuleShape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule")
+    shape: DeltaRuleShape = check_shapes(q, k, v, g, beta, recurrent_state, "fused_recurrent_delta_rule", state_indices)
     _check_state(recurrent_state, "fused_recurrent_delta_rule")
     batch, k_dim, v_dim = q.shape[0], shape.k_dim, shape.v_dim
     default_bv, default_warps = decode_config(batch, shape.num_v_heads, v_dim)
     block_v = min(block_v or default_bv, v_dim)
     num_warps = num_warps or default_warps
-    if k_dim & (k_dim - 1) or v_dim % block_v or block_v & (block_v - 1):
-        raise ValueError(
-            f"fused_recurrent_delta_rule: K={k_dim} must be a power of two and V={v_dim} a multiple of {block_v}"
-        )
+    _check_blocks(k_dim, v_dim, block_v, "fused_recurrent_delta_rule")
     q, k, v, g = (_last_dim_contiguous(t) for t in (q, k, v, g))
     out = torch.empty((batch, shape.num_v_heads, v_dim), dtype=q.dtype, device=q.device)
     if batch == 0:

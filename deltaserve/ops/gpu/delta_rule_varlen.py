@@ -9,7 +9,25 @@ import triton.language as tl
 
 from deltaserve.ops.delta_rule import L2NORM_EPS, check_shapes
 
+# NOTE: the checks shared with ``gpu/delta_rule.py`` live here, as this module needs no fla.
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_state(recurrent_state: torch.Tensor, op: str) -> None:
+    if recurrent_state.dtype not in STATE_DTYPES:
+        raise ValueError(f"{op}: recurrent_state must be float32 or bfloat16, got {recurrent_state.dtype}")
+    if not recurrent_state[0].is_contiguous():
+        raise ValueError(f"{op}: each slot of recurrent_state must be contiguous, strides {recurrent_state.stride()}")
+
+
+def _check_blocks(k_dim: int, v_dim: int, block_v: int, op: str) -> None:
+    if k_dim & (k_dim - 1) or v_dim % block_v or block_v & (block_v - 1):
+        raise ValueError(f"{op}: K={k_dim} must be a power of two and V={v_dim} a multiple of {block_v}")
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernel reads the last dim with unit stride; anything else (rare) is copied.
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 @triton.jit
@@ -79,18 +97,11 @@ def recurrent_delta_rule_varlen(
 ) -> torch.Tensor:
     """One launch for all sequences and heads; see :func:`deltaserve.ops.delta_rule_varlen.recurrent_delta_rule_varlen`."""
     shape = check_shapes(q, k, v, g, beta, recurrent_state, "recurrent_delta_rule_varlen")
-    if recurrent_state.dtype not in STATE_DTYPES or not recurrent_state[0].is_contiguous():
-        raise ValueError(
-            f"recurrent_delta_rule_varlen: recurrent_state must be float32 or bfloat16 with contiguous slots, "
-            f"got {recurrent_state.dtype} with strides {recurrent_state.stride()}"
-        )
+    _check_state(recurrent_state, "recurrent_delta_rule_varlen")
     k_dim, v_dim = shape.k_dim, shape.v_dim
     block_v = min(block_v, v_dim)
-    if k_dim & (k_dim - 1) or v_dim % block_v or block_v & (block_v - 1):
-        raise ValueError(
-            f"recurrent_delta_rule_varlen: K={k_dim} must be a power of two and V={v_dim} a multiple of {block_v}"
-        )
-    q, k, v, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, g))
+    _check_blocks(k_dim, v_dim, block_v, "recurrent_delta_rule_varlen")
+    q, k, v, g = (_last_dim_contiguous(t) for t in (q, k, v, g))
     out = torch.empty((q.shape[0], shape.num_v_heads, v_dim), dtype=q.dtype, device=q.device)
     num_seqs = state_indices.shape[0]
     if num_seqs == 0 or q.shape[0] == 0:
