@@ -94,6 +94,7 @@ def test_a_forward_that_raises_gives_its_capture_slots_back_and_the_retry_captur
     retry = scheduler.schedule()
     assert [off for off, _ in retry.checkpoints[0]] == [8, 16]
     assert scheduler.state_pool.num_used_slots == used  # the first step's two slots went back
+    assert cache.num_stored == 2
     scheduler.postprocess(retry, model.run(retry))
     run(scheduler, model, [])
     later = seq_of(system + tokens(2, 122))

@@ -295,8 +295,10 @@ class PrefixCache:
         live.num_registered = max(live.num_registered, num_full)
 
     def _drop_captures(self, live: _Live) -> None:
+        """Give back the slots of captures no forward wrote (they were never stored)."""
         for entry in live.captures:
             self.store.drop(entry)
+        self.store.num_stored -= len(live.captures)
         live.captures.clear()
 
     def _key(self, seq: Sequence, live: _Live, pos: int) -> tuple:
