@@ -80,3 +80,24 @@ def test_a_branch_point_off_the_grid_is_taken_at_the_deepest_grid_position_below
     assert [e.num_tokens for e in branch] == [16]
     c = seq_of(shared + tokens(1, 113))
     assert run(scheduler, model, [c]) == [naive_generate(c.token_ids[:23], 3)] and cache.num_hit_tokens == 16
+
+
+def test_a_forward_that_raises_gives_its_capture_slots_back_and_the_retry_captures_them():
+    scheduler, cache, model = make_system(interval=8, capture_grid=4, max_num_batched_tokens=64)
+    system = tokens(18, 120)
+    first = seq_of(system + tokens(3, 121))
+    scheduler.add(first)
+    failed = scheduler.schedule()
+    assert [off for off, _ in failed.checkpoints[0]] == [8, 16]
+    used = scheduler.state_pool.num_used_slots
+    # NOTE: the forward of ``failed`` raised: neither run nor postprocessed; the sequence runs again.
+    retry = scheduler.schedule()
+    assert [off for off, _ in retry.checkpoints[0]] == [8, 16]
+    assert scheduler.state_pool.num_used_slots == used  # the first step's two slots went back
+    assert cache.num_stored == 2
+    scheduler.postprocess(retry, model.run(retry))
+    run(scheduler, model, [])
+    later = seq_of(system + tokens(2, 122))
+    assert run(scheduler, model, [later]) == [naive_generate(later.token_ids[:20], 3)]
+    assert cache.num_hit_tokens == 16
+    assert_nothing_running(scheduler, cache)

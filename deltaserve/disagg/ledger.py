@@ -103,10 +103,7 @@ class KVLedger:
     def reserve(self, key: str, num_tokens: int) -> tuple[int, list[int]]:
         """A zeroed slot and the blocks for ``num_tokens`` tokens; ``NoRoom`` when there are none."""
         need = self.bm.num_blocks_for(num_tokens)
-        if self.pool.num_free_slots == 0:
-            self.scheduler.prefix_cache.make_room(num_slots=1)
-        if not self.bm.can_allocate(need):
-            self.scheduler.prefix_cache.make_room(num_blocks=need)
+        self.scheduler.prefix_cache.make_room(num_slots=1, num_blocks=need)
         if self.pool.num_free_slots == 0 or not self.bm.can_allocate(need):
             raise NoRoom(f"no room for a {num_tokens}-token hand-over: {self.pool.num_free_slots} free state slots, "
                          f"{self.bm.num_free_blocks} free KV blocks ({need} needed)")

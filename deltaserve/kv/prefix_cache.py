@@ -169,6 +169,10 @@ class PrefixCache:
         live = self._live.get(seq.seq_id)
         if live is None or self.grid is None:
             return []
+        # NOTE: captures still pending are a forward's that raised (``on_computed`` clears them):
+        # nothing was written into their slots, so they go back, else the next ``on_computed`` would
+        # mark them ready and the keys they hold could not be captured again.
+        self._drop_captures(live)
         start, stop = seq.num_computed_tokens, seq.num_computed_tokens + num_new_tokens
         chosen: dict[int, str] = {}
         for pos, kind in live.targets:
@@ -212,8 +216,7 @@ class PrefixCache:
         live = self._live.pop(seq.seq_id, None)
         if live is None:
             return
-        for entry in live.captures:  # NOTE: released before its forward ran: nothing was written
-            self.store.drop(entry)
+        self._drop_captures(live)  # NOTE: released before its forward ran: nothing was written
         self._promised.difference_update(live.promised)
         decrement(self._pending, live.pending)
         if not live.ran and not live.num_loaded:
@@ -290,6 +293,13 @@ class PrefixCache:
             if self.bm.blocks[block_id].hash != hashes[i]:
                 self.bm.register(block_id, hashes[i], seq.token_ids[i * bs : (i + 1) * bs])
         live.num_registered = max(live.num_registered, num_full)
+
+    def _drop_captures(self, live: _Live) -> None:
+        """Give back the slots of captures no forward wrote (they were never stored)."""
+        for entry in live.captures:
+            self.store.drop(entry)
+        self.store.num_stored -= len(live.captures)
+        live.captures.clear()
 
     def _key(self, seq: Sequence, live: _Live, pos: int) -> tuple:
         hashes = chain_hashes(seq.token_ids, self.block_size, pos // self.block_size, live.hashes)

@@ -85,12 +85,10 @@ class CacheOps:
             if kind == "zero":
                 self.pool.zero(args[0])
             elif kind == "copy":
-                copy_slots(self.pool, *args)
+                self.copy_states(*args)
             elif kind == "commit":
                 self.commit_verified(*args)
             elif kind == "kv_rows":
-                src, dst, rows = args
-                if self.kv_cache is not None:
-                    self.kv_cache[:, dst, :rows] = self.kv_cache[:, src, :rows]
+                self.copy_kv_rows(*args)
             else:
                 raise ValueError(f"unknown cache op {kind!r}")
