@@ -237,7 +237,8 @@ class ModelRunner:
             query_lens=list(batch.num_new_tokens),
             num_computed_tokens=[seq.num_computed_tokens for seq in batch.seqs],
             state_slots=[seq.state_slot for seq in batch.seqs],
-            block_tables=[list(seq.block_table) for seq in batch.seqs],
+            # NOTE: the sequences' own lists, read (or pickled for the TP ranks) before the scheduler changes them.
+            block_tables=[seq.block_table for seq in batch.seqs],
             sample_ends=_ends(batch, _sampling_rows(batch)),
             num_verify_seqs=num_verify,
             prompt_rows=prompt_rows(batch),
@@ -310,7 +311,7 @@ class ModelRunner:
         logits = self.execute(inputs, batch)
         self._last_step = None
         if self._hidden is not None:
-            self._last_step = StepOutputs(batch, self._hidden, list(inputs.num_computed_tokens))
+            self._last_step = StepOutputs(batch, self._hidden, inputs.num_computed_tokens)
         out: list = [None] * len(batch)
         if logits is None:
             return out
