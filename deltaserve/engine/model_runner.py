@@ -11,6 +11,7 @@ broadcast (``step_sender``) and samples; the others run :meth:`ModelRunner.execu
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -230,15 +231,15 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start : start + num_new - num_drafts])
             input_ids.extend(seq.spec_token_ids[:num_drafts])
             positions.extend(range(start, start + num_new))
-        rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
         return StepInputs(
             input_ids=input_ids,
             positions=positions,
             query_lens=list(batch.num_new_tokens),
             num_computed_tokens=[seq.num_computed_tokens for seq in batch.seqs],
             state_slots=[seq.state_slot for seq in batch.seqs],
-            block_tables=[list(seq.block_table) for seq in batch.seqs],
-            sample_ends=_ends(batch, rows),
+            # NOTE: the sequences' own lists, read (or pickled for the TP ranks) before the scheduler changes them.
+            block_tables=[seq.block_table for seq in batch.seqs],
+            sample_ends=_ends(batch, _sampling_rows(batch)),
             num_verify_seqs=num_verify,
             prompt_rows=prompt_rows(batch),
             checkpoints=batch.checkpoints,
@@ -289,11 +290,12 @@ class ModelRunner:
                 # NOTE: a TP worker computes the same logits slices, so the vocabulary all-gathers match.
                 for _ in prompt_logits(self.model, hidden, inputs.prompt_rows):
                     pass
-        verify_tokens = list(range(sum(inputs.query_lens[:num_verify])))
-        last = verify_tokens + [end - 1 for end in inputs.sample_ends]
+        last = [*range(sum(inputs.query_lens[:num_verify])), *(end - 1 for end in inputs.sample_ends)]
         if not last:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])  # float32
+        if len(last) < hidden.shape[0]:  # NOTE: rows are increasing, so all T of them need no gather
+            hidden = hidden[torch.tensor(last, device=self.device)]
+        return self.model.compute_logits(hidden)  # float32
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken | list[SampledToken] | None]:
@@ -309,7 +311,7 @@ class ModelRunner:
         logits = self.execute(inputs, batch)
         self._last_step = None
         if self._hidden is not None:
-            self._last_step = StepOutputs(batch, self._hidden, list(inputs.num_computed_tokens))
+            self._last_step = StepOutputs(batch, self._hidden, inputs.num_computed_tokens)
         out: list = [None] * len(batch)
         if logits is None:
             return out
@@ -325,7 +327,7 @@ class ModelRunner:
             for i, tokens in zip(verify_rows, emitted):
                 out[i] = tokens
             logits = logits[verify_tokens:]
-        rows = [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
+        rows = _sampling_rows(batch)
         if rows:
             sampled = self.sampler(logits, [seqs[i].params for i in rows], [seqs[i].generator for i in rows],
                                    structured=[seqs[i].structured for i in rows],
@@ -354,10 +356,13 @@ class ModelRunner:
             self.speculator.propose(seqs, step, block_manager)
 
 
+def _sampling_rows(batch: ScheduledBatch) -> list[int]:
+    """The rows that sample one token (verify rows aside): ``sample_ends``' sequences, in order."""
+    num_verify = batch.num_verify_seqs
+    return [i for i, sample in enumerate(batch.do_sample) if sample and i >= num_verify]
+
+
 def _ends(batch: ScheduledBatch, rows: list[int]) -> list[int]:
     """Token offset just past each selected sequence's new tokens in the flat batch."""
-    ends, total = [], 0
-    for n in batch.num_new_tokens:
-        total += n
-        ends.append(total)
+    ends = list(itertools.accumulate(batch.num_new_tokens))
     return [ends[i] for i in rows]

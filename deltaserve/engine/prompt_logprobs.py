@@ -38,7 +38,11 @@ def prompt_positions(batch: Any) -> list[tuple[Any, int, int]]:
 
 def prompt_rows(batch: Any) -> list[int]:
     """The flat rows of ``batch`` whose logits score prompt tokens, in the order they are scored."""
-    return [r for _, row, count in prompt_positions(batch) for r in range(row, row + count)]
+    return _rows(prompt_positions(batch))
+
+
+def _rows(spans: list[tuple[Any, int, int]]) -> list[int]:
+    return [r for _, row, count in spans for r in range(row, row + count)]
 
 
 def prompt_logits(model: Any, hidden: torch.Tensor, rows: list[int]) -> Iterator[torch.Tensor]:
@@ -65,7 +69,7 @@ def collect_prompt_logprobs(model: Any, hidden: torch.Tensor, batch: Any) -> Non
         want.extend([seq.params.prompt_logprobs] * count)
         owners.extend([seq] * count)
     device = hidden.device
-    for begin, logits in zip(range(0, len(targets), ROWS_PER_SLICE), prompt_logits(model, hidden, prompt_rows(batch))):
+    for begin, logits in zip(range(0, len(targets), ROWS_PER_SLICE), prompt_logits(model, hidden, _rows(spans))):
         end = begin + ROWS_PER_SLICE
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         token_ids = torch.tensor(targets[begin:end], device=device)

@@ -61,9 +61,8 @@ class Sampler:
                 f"logits must be [S, V] with S = len(params) = len(generators); got {tuple(logits.shape)}, "
                 f"{len(params)} params, {len(generators)} generators"
             )
-        num_rows, vocab = logits.shape
         device = logits.device
-        tensors = SamplingTensors.build(params, histories, self.eos_token_ids, vocab, device)
+        tensors = SamplingTensors.build(params, histories, self.eos_token_ids, logits.shape[1], device)
         adjusted = self.adjust_logits(apply_structured_outputs(logits.float(), structured), tensors)
         processed = self.process_logits(adjusted, params)
 
@@ -90,7 +89,6 @@ class Sampler:
     @staticmethod
     def outputs(processed: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[SampledToken]:
         """Each row's chosen token with its logprob (and top logprobs where asked) from ``processed [S, V]``."""
-        num_rows, vocab = processed.shape
         logprobs = torch.log_softmax(processed, dim=-1)
         chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
         tops = top_logprob_entries(logprobs, token_ids, [p.logprobs for p in params])
@@ -106,9 +104,11 @@ class Sampler:
     @staticmethod
     def process_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Temperature, ``min_p``, top-k, top-p on sampling rows; masked logits become ``-inf``."""
+        sampling = [not p.is_greedy for p in params]
+        if not any(sampling):
+            return logits  # NOTE: what the ops below leave of greedy rows (x / 1.0 is x), without the copy
         vocab = logits.shape[-1]
         device = logits.device
-        sampling = [not p.is_greedy for p in params]
 
         def per_row(values: list[float], dtype=torch.float32) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)

@@ -60,7 +60,6 @@ class _Rows:
     cu_seqlens: torch.Tensor
     state_indices: torch.Tensor
     lengths: list[int]
-    starts: list[int]  # of each selected row in ``tokens``
 
 
 class VerifyBatch:
@@ -100,6 +99,7 @@ class VerifyBatch:
                     ctx.checkpoints.seq_slots[num_seqs:],
                 )  # fmt: skip
         self._records: list[_ConvRecord | _DeltaRuleRecord] = []
+        self._verify_steps: list | None = None  # NOTE: the same for every layer: built at the first conv
 
     # ---- layer hooks -------------------------------------------------------------------------
 
@@ -109,7 +109,9 @@ class VerifyBatch:
         window = conv_state.index_select(0, self.state_indices.long())  # [V, L, D], a copy
         if _conv_steps(x):
             y = x.new_empty((n, x.shape[1]))
-            for tokens, rows in self._steps(self.query_lens, self._local):
+            if self._verify_steps is None:
+                self._verify_steps = list(self._steps(self.query_lens, self._local))
+            for tokens, rows in self._verify_steps:
                 y[tokens] = causal_conv1d_update(x[tokens], weight, window, rows, activation)
         else:
             y = causal_conv1d_fn(x[:n], weight, window, self.cu_seqlens, self._local, self._ones, activation)
@@ -163,6 +165,7 @@ class VerifyBatch:
         def kept(t: torch.Tensor) -> torch.Tensor:
             return t if rows.tokens is None else t[rows.tokens]
 
+        steps = None  # NOTE: the same for every conv layer: built once
         for record in records:
             if isinstance(record, _DeltaRuleRecord):
                 inputs = tuple(kept(t) for t in record.inputs)
@@ -170,7 +173,9 @@ class VerifyBatch:
                                             store_final_state=True, **record.kwargs)  # fmt: skip
             elif _conv_steps(record.inputs):
                 inputs = kept(record.inputs)
-                for tokens, slots in self._steps(rows.lengths, rows.state_indices):
+                if steps is None:
+                    steps = list(self._steps(rows.lengths, rows.state_indices))
+                for tokens, slots in steps:
                     causal_conv1d_update(inputs[tokens], record.weight, record.conv_state, slots, None)
             else:
                 causal_conv1d_fn(kept(record.inputs), record.weight, record.conv_state, rows.cu_seqlens,
@@ -182,17 +187,16 @@ class VerifyBatch:
         if not keep:
             return None
         if list(num_tokens) == self.query_lens:  # NOTE: no gather of the inputs when every draft was accepted
-            return _Rows(None, self.cu_seqlens, self.state_indices, list(self.query_lens), list(self._starts))
+            return _Rows(None, self.cu_seqlens, self.state_indices, list(self.query_lens))
         device = self.cu_seqlens.device
-        tokens, cu, lengths, starts = [], [0], [], []
+        tokens, cu, lengths = [], [0], []
         for i in keep:
-            starts.append(len(tokens))
             tokens.extend(range(self._starts[i], self._starts[i] + num_tokens[i]))
             cu.append(len(tokens))
             lengths.append(num_tokens[i])
         slots = self.state_indices if len(keep) == self.num_seqs else self.state_indices[torch.tensor(keep, device=device)]
         return _Rows(torch.tensor(tokens, device=device), torch.tensor(cu, dtype=torch.int32, device=device), slots,
-                     lengths, starts)  # fmt: skip
+                     lengths)  # fmt: skip
 
     def _steps(self, lengths: list[int], state_ids: torch.Tensor):
         """Per position ``t``: (indices of token ``t`` of each row that has one, those rows' ``state_ids``).
