@@ -153,7 +153,7 @@ def make_forward_context(
         cu.append(cu[-1] + n)
 
     def to_device(values, dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return host_to_device(values, device, dtype)
 
     tables = slots = None
     if block_tables is not None:
@@ -174,6 +174,14 @@ def make_forward_context(
         block_size=block_size,
         checkpoints=StateCheckpoints.from_batch(checkpoints, query_lens, state_indices) if checkpoints else None,
     )
+
+
+def host_to_device(values: list, device: torch.device | str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """A tensor of host ``values`` on ``device``, copied without blocking: no wait for the device's queued work.
+
+    NOTE: ``torch.tensor(values, device=cuda)`` would synchronise the stream after its copy.
+    """
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def extend_slot_mapping(slot_mapping: list[int], block_table: list[int], start: int, end: int, block_size: int) -> None:

@@ -19,11 +19,11 @@ import torch
 
 from deltaserve.config import EngineConfig
 from deltaserve.distributed.message_queue import min_over_ranks
-from deltaserve.engine.cuda_graph import make_decode_graphs
+from deltaserve.engine.cuda_graph import PaddedVerify, make_cuda_graphs
 from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_logits, prompt_rows
 from deltaserve.engine.sampler import SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
-from deltaserve.forward_context import ForwardContext, forward_context, make_forward_context
+from deltaserve.forward_context import ForwardContext, forward_context, host_to_device, make_forward_context
 from deltaserve.spec_decode.mtp import StepOutputs
 from deltaserve.spec_decode.speculator import Speculator
 from deltaserve.spec_decode.structured import mask_verify_logits
@@ -197,14 +197,17 @@ class ModelRunner:
                 self.config.speculative_config, self.sampler,
                 max_num_seqs=self.config.max_num_seqs, max_model_len=self.config.max_model_len, runner=self,
             )  # fmt: skip
-        self._pending_verify: VerifyBatch | None = None
+        self._pending_verify: VerifyBatch | PaddedVerify | None = None
         # A proposer that runs on the step's hidden states (MTP) gets them after each step.
         self._keep_hidden = self.speculator is not None and hasattr(self.speculator.proposer, "observe")
         self._last_step: StepOutputs | None = None
         self._hidden: torch.Tensor | None = None  # the last eager forward's hidden states, when kept
-        # CUDA graphs of decode-only batches (None on the CPU or with extra={"enforce_eager": True}).
+        # CUDA graphs of decode-only batches and of verify-only batches (with a speculative config); None on
+        # the CPU or with extra={"enforce_eager": True}.
         # NOTE: not with MTP drafts: a replayed graph returns logits only, the MTP head needs the hidden states.
-        self.cuda_graphs = None if self._keep_hidden else make_decode_graphs(model, self.config, self.device)
+        self.cuda_graphs, self.verify_graphs = (None, None) if self._keep_hidden else make_cuda_graphs(
+            model, self.config, self.device
+        )
 
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of this rank's pool tensors (``conv.<group>``, ``recurrent.<group>``) and KV cache."""
@@ -257,10 +260,7 @@ class ModelRunner:
             device=self.device,
         )
 
-        def to_device(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
-        return to_device(inputs.input_ids), to_device(inputs.positions), ctx
+        return host_to_device(inputs.input_ids, self.device), host_to_device(inputs.positions, self.device), ctx
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs, batch: ScheduledBatch | None = None) -> torch.Tensor | None:
@@ -274,9 +274,12 @@ class ModelRunner:
         num_sampled = len(inputs.sample_ends)
         self._hidden = None
         # NOTE: every TP rank decides the same way from the same inputs, so their collectives match.
-        eager = num_verify or inputs.prompt_rows
-        if not eager and self.cuda_graphs is not None and self.cuda_graphs.can_run(ctx, num_sampled):
-            return self.cuda_graphs.run(input_ids, positions, ctx)  # [B, vocab]: every row samples
+        graphs = self.verify_graphs if num_verify else self.cuda_graphs
+        if not inputs.prompt_rows and graphs is not None and graphs.can_run(ctx, num_sampled, num_verify):
+            logits = graphs.run(input_ids, positions, ctx, num_verify)  # [T, vocab]: each verify token, each decode
+            if num_verify:
+                self._pending_verify = graphs.pending
+            return logits
         if num_verify:
             ctx.spec_decode = self._pending_verify = VerifyBatch(ctx, num_verify)
         with forward_context(ctx):

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from deltaserve.forward_context import StateCheckpoints
+from deltaserve.forward_context import StateCheckpoints, host_to_device
 from deltaserve.ops.conv1d import causal_conv1d_fn, causal_conv1d_update
 from deltaserve.ops.delta_rule_varlen import recurrent_delta_rule_varlen
 
@@ -156,7 +156,7 @@ class VerifyBatch:
         for i, (n, length) in enumerate(zip(num_accepted_tokens, self.query_lens)):
             if not 0 <= n <= length:
                 raise ValueError(f"num_accepted_tokens[{i}] = {n} must be in 0..{length} (the row's verify tokens)")
-        records, self._records = self._records, []
+        records = self._records
         rows = self._select(num_accepted_tokens)
         if rows is None:
             return
@@ -181,6 +181,24 @@ class VerifyBatch:
                 causal_conv1d_fn(kept(record.inputs), record.weight, record.conv_state, rows.cu_seqlens,
                                  rows.state_indices, ones, None)  # fmt: skip
 
+    def commit_on_device(self, num_accepted_tokens: torch.Tensor) -> None:
+        """:meth:`commit` with the counts ``[num_seqs]`` int32 on the device: no host list, no sync, fixed shapes
+        (what a CUDA graph captures). Each row runs as two: its accepted tokens into its slot, the rest into
+        the null slot 0 (padding, whose contents nothing reads), so the kernels see the rows as they lie.
+        """
+        lengths = self.cu_seqlens[1:] - self.cu_seqlens[:-1]
+        accepted = num_accepted_tokens.to(lengths.dtype)
+        split = torch.stack([accepted, lengths - accepted], dim=1).flatten()  # [2V]: kept, dropped, ...
+        cu_seqlens = torch.cat([self.cu_seqlens[:1], split.cumsum(0).to(self.cu_seqlens.dtype)])
+        slots = torch.stack([self.state_indices, torch.zeros_like(self.state_indices)], dim=1).flatten()
+        ones = self._ones.repeat(2)
+        for record in self._records:
+            if isinstance(record, _DeltaRuleRecord):
+                recurrent_delta_rule_varlen(*record.inputs, record.recurrent_state, cu_seqlens, slots,
+                                            store_final_state=True, **record.kwargs)  # fmt: skip
+            else:
+                causal_conv1d_fn(record.inputs, record.weight, record.conv_state, cu_seqlens, slots, ones, None)
+
     def _select(self, num_tokens: list[int]) -> _Rows | None:
         """The first ``num_tokens[i]`` tokens of each row that keeps any."""
         keep = [i for i, n in enumerate(num_tokens) if n]
@@ -194,9 +212,8 @@ class VerifyBatch:
             tokens.extend(range(self._starts[i], self._starts[i] + num_tokens[i]))
             cu.append(len(tokens))
             lengths.append(num_tokens[i])
-        slots = self.state_indices if len(keep) == self.num_seqs else self.state_indices[torch.tensor(keep, device=device)]
-        return _Rows(torch.tensor(tokens, device=device), torch.tensor(cu, dtype=torch.int32, device=device), slots,
-                     lengths)  # fmt: skip
+        slots = self.state_indices if len(keep) == self.num_seqs else self.state_indices[host_to_device(keep, device)]
+        return _Rows(host_to_device(tokens, device), host_to_device(cu, device, torch.int32), slots, lengths)
 
     def _steps(self, lengths: list[int], state_ids: torch.Tensor):
         """Per position ``t``: (indices of token ``t`` of each row that has one, those rows' ``state_ids``).
@@ -209,5 +226,5 @@ class VerifyBatch:
             starts.append(starts[-1] + n)
         for t in range(max(lengths, default=0)):
             rows = [i for i, n in enumerate(lengths) if n > t]
-            yield (torch.tensor([starts[i] + t for i in rows], device=device),
-                   state_ids[torch.tensor(rows, device=device)])  # fmt: skip
+            yield host_to_device([starts[i] + t for i in rows], device), state_ids[host_to_device(rows, device)]
+
