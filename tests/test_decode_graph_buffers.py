@@ -38,9 +38,9 @@ def test_padded_decode_batches_match_transformers(checkpoint):
     padded_sizes = []
     run = graphs.run
 
-    def counting_run(input_ids, positions, ctx):
+    def counting_run(input_ids, positions, ctx, *args):
         padded_sizes.append((ctx.num_seqs, graphs.padded_size(ctx.num_seqs)))
-        return run(input_ids, positions, ctx)
+        return run(input_ids, positions, ctx, *args)
 
     graphs.run = counting_run
     runner.cuda_graphs = graphs

@@ -124,8 +124,12 @@ def test_padded_verify_with_short_and_absent_drafts_matches_eager_verify_and_no_
     params = greedy([14, 9, 5, 12])
     expected = plain_tokens(checkpoint, prompts, params)
     sequences = [p + t for p, t in zip(prompts, expected)]
-    eager = spec_llm(checkpoint, oracle_config(K), proposer=OracleProposer(sequences, skip_rate=0.3, seed=3), max_num_seqs=4)
-    padded = spec_llm(checkpoint, oracle_config(K), proposer=OracleProposer(sequences, skip_rate=0.3, seed=3), max_num_seqs=4)
+
+    def oracle() -> OracleProposer:
+        return OracleProposer(sequences, skip_rate=0.3, seed=3)
+
+    eager = spec_llm(checkpoint, oracle_config(K), proposer=oracle(), max_num_seqs=4)
+    padded = spec_llm(checkpoint, oracle_config(K), proposer=oracle(), max_num_seqs=4)
     decode, verify = install_padded_graphs(padded, max_num_seqs=4)
     verify_steps = count_verify_steps(padded)
     assert lockstep(eager, padded, prompts, params, arrivals={3: 2}) == expected
@@ -186,8 +190,8 @@ def test_verify_graphs_take_only_batches_whose_every_row_verifies(checkpoint):
     from deltaserve.forward_context import make_forward_context
 
     def ctx(query_lens, computed):
-        return make_forward_context(query_lens, computed, [1] * len(query_lens), block_tables=[[0, 1, 2, 3]] * len(query_lens),
-                                    block_size=4)  # fmt: skip
+        tables = [[0, 1, 2, 3]] * len(query_lens)
+        return make_forward_context(query_lens, computed, [1] * len(query_lens), block_tables=tables, block_size=4)
 
     assert graphs.can_run(ctx([4, 2], [5, 6]), num_sampled=0, num_verify=2)
     assert graphs.can_run(ctx([4, 1], [5, 6]), num_sampled=1, num_verify=1)  # a decode row after the verify rows
