@@ -61,35 +61,41 @@ def install_padded_graphs(llm: LLM, max_num_seqs: int) -> tuple[Recorder, Record
     return Recorder(runner.cuda_graphs), Recorder(runner.verify_graphs)
 
 
-def assert_same_caches(a: LLM, b: LLM) -> None:
+def assert_same_caches(a: LLM, b: LLM, bound: float = BOUND) -> None:
     """Every slot but the null slot 0 (padding writes there) and the whole KV cache agree."""
     ra, rb = a.llm_engine.runner, b.llm_engine.runner
     for name in ra.state_pool.conv:
         for kind in ("conv", "recurrent"):
             x, y = getattr(ra.state_pool, kind)[name], getattr(rb.state_pool, kind)[name]
             if x is not None:
-                assert rel_err(x[:, 1:], y[:, 1:]) < BOUND, f"{kind} states of {name}"
-    assert rel_err(ra.kv_cache, rb.kv_cache) < BOUND
+                assert rel_err(x[:, 1:], y[:, 1:]) < bound, f"{kind} states of {name}"
+    assert rel_err(ra.kv_cache, rb.kv_cache) < bound
 
 
-def lockstep(eager: LLM, padded: LLM, prompts, params, arrivals: dict[int, int] | None = None) -> list[list[int]]:
+def lockstep(eager: LLM, padded: LLM, prompts, params, arrivals: dict[int, int] | None = None,
+             bound: float = BOUND, exact: bool = True) -> list[list[list[int]]]:  # fmt: skip
     """Both engines step by step on the same requests (request ``i`` added before step ``arrivals.get(i, 0)``),
-    caches compared after each step; the tokens."""
-    outputs: list[dict] = [{}, {}]
+    caches compared after each step (relative error below ``bound``); each engine's tokens per request.
+
+    ``exact=False`` (the GPU, where rounding may break a near-tie differently): caches are compared only
+    while the two engines' tokens agree, and the tokens may differ.
+    """
+    tokens: list[dict] = [{}, {}]
     arrivals = arrivals or {}
     step = 0
     while step == 0 or eager.llm_engine.has_unfinished_requests() or padded.llm_engine.has_unfinished_requests():
-        for out, llm in zip(outputs, (eager, padded)):
+        for out, llm in zip(tokens, (eager, padded)):
             for i, (prompt, p) in enumerate(zip(prompts, params)):
                 if arrivals.get(i, 0) == step:
                     llm.llm_engine.add_request(str(i), prompt, p)
             for o in llm.llm_engine.step():
-                if o.finished:
-                    out[o.request_id] = o.outputs[0].token_ids
-        assert_same_caches(eager, padded)
+                out[o.request_id] = list(o.outputs[0].token_ids)
+        if exact or tokens[0] == tokens[1]:
+            assert_same_caches(eager, padded, bound)
         step += 1
-    assert outputs[0] == outputs[1]
-    return [outputs[1][str(i)] for i in range(len(prompts))]
+    if exact:
+        assert tokens[0] == tokens[1]
+    return [[out[str(i)] for i in range(len(prompts))] for out in tokens]
 
 
 def count_verify_steps(llm: LLM) -> list[int]:
@@ -132,7 +138,7 @@ def test_padded_verify_with_short_and_absent_drafts_matches_eager_verify_and_no_
     padded = spec_llm(checkpoint, oracle_config(K), proposer=oracle(), max_num_seqs=4)
     decode, verify = install_padded_graphs(padded, max_num_seqs=4)
     verify_steps = count_verify_steps(padded)
-    assert lockstep(eager, padded, prompts, params, arrivals={3: 2}) == expected
+    assert lockstep(eager, padded, prompts, params, arrivals={3: 2})[1] == expected
     assert any(padded_size > n for n, padded_size, _ in verify.calls), verify.calls
     assert any(1 < min(lens) < 1 + K for _, _, lens in verify.calls), "no row with fewer drafts was padded"
     assert any(min(lens) == 1 for _, _, lens in verify.calls), verify.calls
@@ -158,7 +164,7 @@ def test_padded_verify_with_ngram_drafts_matches_no_speculation(checkpoint):
     eager = spec_llm(checkpoint, NGRAM, max_num_seqs=4)
     padded = spec_llm(checkpoint, NGRAM, max_num_seqs=4)
     decode, verify = install_padded_graphs(padded, max_num_seqs=4)
-    assert lockstep(eager, padded, prompts, params) == expected
+    assert lockstep(eager, padded, prompts, params)[1] == expected
     assert any(padded_size > n for n, padded_size, _ in verify.calls), verify.calls
     assert any(min(lens) < 1 + K for _, _, lens in verify.calls), verify.calls
     assert_all_free(padded.get_metrics())
