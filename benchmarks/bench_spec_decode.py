@@ -4,7 +4,8 @@ Drafts come from the synthetic proposer (``method="synthetic"``): random weights
 the acceptance is forced to a mean length (1.0, 2.0, 3.4 tokens per verify step with k = 3) while the
 whole verification path runs for real: the 1 + k token forward, the rejection sampler, the replay
 commit of the linear layers. The baseline is the same engine without a speculator, measured in the
-same run (CUDA graphs for its decode steps; verify steps run eager). At acceptance 1.0 the default
+same run. Both run CUDA graphs: decode steps, and verify steps with their commits (captured at start
+for k = 3; a step with a prefill chunk runs eager). At acceptance 1.0 the default
 config turns drafting off by itself (``auto_disable``); the "1.0 forced" row keeps verifying anyway.
 
     bash scripts/gpu_run.sh python benchmarks/bench_spec_decode.py                # both models, H200

@@ -10,7 +10,9 @@ knows how many tokens ``n`` of each row are accepted, :meth:`VerifyBatch.commit`
 (conv window included: no ``num_spec`` widening is needed).
 
 Rows that do not verify (prefill chunks, decodes without drafts) run in the same calls and update
-their slots in place as without speculation. Verify rows are the first rows of the batch.
+their slots in place as without speculation. Verify rows are the first rows of the batch. A CUDA
+graph of verify steps (``engine/cuda_graph.py``) runs every row as a verify row and commits with
+:meth:`VerifyBatch.commit_on_device` (counts on the device, fixed shapes).
 See docs/architecture.md ("Speculative decoding") for why replay and not a state per position.
 """
 
@@ -149,7 +151,8 @@ class VerifyBatch:
     def commit(self, num_accepted_tokens: list[int]) -> None:
         """Replay the first ``num_accepted_tokens[i]`` inputs of verify row ``i`` into its slot, in every layer.
 
-        ``0`` leaves row ``i``'s slot untouched (an aborted sequence); at most ``query_lens[i]``.
+        ``0`` leaves row ``i``'s slot untouched (an aborted sequence); at most ``query_lens[i]``. The inputs
+        stay (a captured batch's are static tensors, committed after every replay).
         """
         if len(num_accepted_tokens) != self.num_seqs:
             raise ValueError(f"num_accepted_tokens has {len(num_accepted_tokens)} entries, expected {self.num_seqs}")
