@@ -17,6 +17,7 @@ from deltaserve.engine.logits_processors import (
 )
 from deltaserve.engine.outputs import Logprob
 from deltaserve.engine.sampling_params import SamplingParams
+from deltaserve.forward_context import host_to_device
 from deltaserve.structured.logits import apply_structured_outputs
 
 
@@ -69,7 +70,7 @@ class Sampler:
         token_ids = adjusted.argmax(dim=-1)
         if not all(p.is_greedy for p in params):
             probs = torch.softmax(processed, dim=-1)
-            greedy = torch.tensor([p.is_greedy for p in params], device=device)
+            greedy = host_to_device([p.is_greedy for p in params], device, torch.bool)
             token_ids = torch.where(greedy, token_ids, (probs / self.exponential_noise(probs, generators)).argmax(dim=-1))
 
         return self.outputs(processed, token_ids, params)
@@ -111,7 +112,7 @@ class Sampler:
         device = logits.device
 
         def per_row(values: list[float], dtype=torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return host_to_device(values, device, dtype)
 
         processed = apply_temperature(logits, per_row([float(p.temperature) if s else 1.0
                                                        for p, s in zip(params, sampling)]))
