@@ -58,9 +58,10 @@ def test_gpu_checkpoints_equal_a_gpu_prefill_cut_there_and_the_reference(gate, d
     ref_pool = start.cpu()
     chunk_delta_rule_ref(*(t.cpu() for t in (q, k, v, g, beta)), ref_pool, cu.cpu(), slots.cpu(), initial.cpu(),
                          checkpoints=checkpoints)  # fmt: skip
-    # NOTE: fla's chunked KDA kernels round through TF32 even for float32 inputs (measured 1.1e-3 on an
-    # H200); the checkpoint's equality with a GPU prefill cut there (above) is the exactness check.
-    bound = (5e-3 if gate == "kda" else 1e-4) if dtype == torch.float32 else 2e-2
+    # NOTE: fla's chunked kernels round through TF32 even for float32 inputs (measured on an H200: KDA
+    # 1.1e-3, GDN 8.1e-4); the checkpoint's equality with a GPU prefill cut there (above) is the
+    # exactness check.
+    bound = 5e-3 if dtype == torch.float32 else 2e-2
     bounds = cu.tolist()
     for b, cuts in enumerate(CUTS):
         for offset, target in cuts:
