@@ -45,8 +45,7 @@ SETTINGS = {  # name -> (prefix cache on, capture grid, interval; None = max_num
     "chunk-end chunk": (True, None, None),
     "chunk-end 256": (True, None, 256),
     "in-forward 256": (True, CHUNK_SIZE, 256),
-    # NOTE: on the GPU a forward with checkpoints runs fla's chunked kernel once per checkpoint of its
-    # most-checkpointed sequence (rounds); coarser intervals show what fewer rounds cost.
+    # NOTE: coarser intervals: the cost of more checkpoint copies (one pass in every case).
     "in-forward 512": (True, CHUNK_SIZE, 512),
     "in-forward 1024": (True, CHUNK_SIZE, 1024),
 }
