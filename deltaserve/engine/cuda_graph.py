@@ -1,4 +1,5 @@
-"""CUDA graphs for decode-only batches: one captured forward + logits per padded batch size.
+"""CUDA graphs for decode-only batches and speculative verify steps: one captured forward + logits per
+padded batch size (and for verify steps the commit of the kept tokens).
 
 A decode step launches hundreds of small kernels (27 layers x norms, projections, convs, KDA,
 routing, grouped GEMMs); replaying them as one graph removes the per-launch CPU cost, which
@@ -272,9 +273,9 @@ def make_cuda_graphs(model, config, device: torch.device) -> tuple[DecodeGraphs 
     verify = None
     spec = config.speculative_config
     if spec is not None:
-        # NOTE: no more rows verify than may draft in a step; captured first, the larger graphs.
-        rows = min(config.max_num_seqs, spec.max_num_spec_seqs or config.max_num_seqs,
-                   spec.disable_by_batch_size or config.max_num_seqs)  # fmt: skip
+        # NOTE: a step drafts only while at most disable_by_batch_size sequences run; captured first, the
+        # larger graphs. (max_num_spec_seqs does not bound it: the other rows of the step decode beside them.)
+        rows = min(config.max_num_seqs, spec.disable_by_batch_size or config.max_num_seqs)
         verify = graphs(rows, 1 + spec.num_speculative_tokens)
     pool = verify.capture() if verify is not None else None
     decode = graphs(config.max_num_seqs, 1)

@@ -47,7 +47,7 @@ def test_gpu_verify_graphs_are_captured_once_per_size_and_not_when_eager(checkpo
     assert sorted(runner.cuda_graphs.graphs) == [1, 2, 4, 8]
     eager = spec_llm(checkpoint, oracle_config(K), device="cuda", max_num_seqs=8, extra={"enforce_eager": True})
     assert eager.llm_engine.runner.verify_graphs is None and eager.llm_engine.runner.cuda_graphs is None
-    limited = spec_llm(checkpoint, {**oracle_config(K), "max_num_spec_seqs": 2}, device="cuda", max_num_seqs=8)
+    limited = spec_llm(checkpoint, {**oracle_config(K), "disable_by_batch_size": 2}, device="cuda", max_num_seqs=8)
     assert sorted(limited.llm_engine.runner.verify_graphs.graphs) == [1, 2]
 
 
