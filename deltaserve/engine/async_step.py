@@ -126,7 +126,12 @@ class AsyncScheduler:
             if not self._can_run_ahead(prev):
                 progressed, prev = self._resolve(prev, None), None
         batch = self.scheduler.schedule()
-        nxt = self._launch(batch, prev) if batch.seqs else None
+        try:
+            nxt = self._launch(batch, prev) if batch.seqs else None
+        except Exception:
+            if prev is not None:
+                self._resolve(prev, None)  # NOTE: no placeholder outlives a failed step
+            raise
         if prev is not None:
             progressed = self._resolve(prev, nxt)
         elif nxt is None and not had_work and self.scheduler.has_unfinished():
