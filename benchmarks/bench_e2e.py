@@ -37,6 +37,7 @@ import make_kimi_shaped  # noqa: E402
 import make_qwen3_next_shaped  # noqa: E402
 
 from deltaserve import LLM, SamplingParams  # noqa: E402
+from deltaserve.layers.moe import FusedExperts  # noqa: E402
 
 
 def draw_requests(n: int, low: int, high: int, vocab: int, seed: int) -> tuple[list[list[int]], list[int]]:
@@ -133,8 +134,32 @@ def run_ours(llm: LLM, prompts, outputs, warmup: str) -> dict:
     return {"tokens": tokens, "seconds": seconds, "requests": len(prompts)}
 
 
-def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int) -> None:
-    """Decode steps at a full batch: median step time, then torch.profiler's top kernels (graphs on, then off)."""
+def step_floor_bytes(engine, num_experts_hit: int | None) -> tuple[float, dict]:
+    """The least bytes one decode step of the running batch moves: weights read (dense ones all,
+    routed experts only those hit), each sequence's recurrent + conv states read and written, its
+    KV entries read."""
+    runner = engine.runner
+    running = engine.scheduler.running
+    context = sum(s.num_tokens for s in running) / max(1, len(running))
+    experts, num_experts = 0, 1
+    for module in runner.model.modules():
+        if isinstance(module, FusedExperts):
+            experts += sum(t.numel() * t.element_size() for t in module.parameters())
+            num_experts = module.w13_weight.shape[0]
+    dense = sum(t.numel() * t.element_size() for t in runner.model.parameters()) - experts
+    hit = num_experts if num_experts_hit is None else min(num_experts, num_experts_hit)
+    weights = dense + experts * hit / num_experts
+    pool = runner.state_pool
+    states = 2 * pool.bytes_total / (pool.num_slots + 1) * len(running)
+    kv = runner.kv_cache[:, 0, 0].numel() * runner.kv_cache.element_size() * context * len(running)
+    return weights + states + kv, dict(context=context, weights=weights, states=states, kv=kv)
+
+
+def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int, bandwidth: float | None,
+                        profile: bool = True) -> None:
+    """Decode steps at a full batch: step time (per-step synced median, and ``steps`` steps back to
+    back over one sync: what an overlapped engine pays), the floor (bytes / copy bandwidth of this
+    run), then torch.profiler's top kernels (graphs on, then off)."""
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=10 * steps + 8, ignore_eos=True)
     for i in range(batch):
@@ -149,19 +174,26 @@ def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int) -> 
         sync()
         times.append(time.perf_counter() - t0)
     step_ms = 1e3 * sorted(times)[len(times) // 2]
-    runner = engine.runner
-    # Bytes a decode step must move at least: every weight once (all experts are hit at this batch),
-    # each sequence's recurrent + conv states read and written, its KV latents read.
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    sync()
+    piped_ms = 1e3 * (time.perf_counter() - t0) / steps
     running = engine.scheduler.running
-    context = sum(s.num_tokens for s in running) / max(1, len(running))
-    weights = sum(t.numel() * t.element_size() for t in runner.model.parameters())
-    pool = runner.state_pool
-    states = 2 * pool.bytes_total / (pool.num_slots + 1) * len(running)
-    kv = runner.kv_cache[:, 0, 0].numel() * runner.kv_cache.element_size() * context * len(running)
-    moved = weights + states + kv
-    print(f"\ndecode step at batch {len(running)} (mean context {context:.0f}): median {step_ms:.2f} ms = "
-          f"{len(running) / step_ms * 1e3:.0f} tok/s; at least {moved / 1e9:.1f} GB moved (weights "
-          f"{weights / 1e9:.1f}, states r+w {states / 1e9:.1f}, KV {kv / 1e9:.2f}) = {moved / step_ms / 1e9:.2f} TB/s")
+    top_k = getattr(engine.hf_config, "num_experts_per_tok", None)
+    moved, parts = step_floor_bytes(engine, None if top_k is None else len(running) * top_k)
+    floor = f"; floor {moved / bandwidth * 1e3:.2f} ms at {bandwidth / 1e12:.2f} TB/s copy bandwidth: " \
+            f"synced {step_ms / (moved / bandwidth * 1e3):.2f}x, back to back {piped_ms / (moved / bandwidth * 1e3):.2f}x" \
+        if bandwidth else ""
+    print(f"\ndecode step at batch {len(running)} (mean context {parts['context']:.0f}): median {step_ms:.2f} ms synced, "
+          f"{piped_ms:.2f} ms back to back = {len(running) / piped_ms * 1e3:.0f} tok/s; at least {moved / 1e9:.2f} GB moved "
+          f"(weights {parts['weights'] / 1e9:.2f}, states r+w {parts['states'] / 1e9:.2f}, KV {parts['kv'] / 1e9:.3f}){floor}")
+    if not profile:
+        for i in range(batch):
+            engine.abort_request(f"profile-{i}")
+        return
+    runner = engine.runner
     graphs = runner.cuda_graphs
     for label, use in (("CUDA graphs", graphs), ("eager", None)):
         if label == "CUDA graphs" and graphs is None:
@@ -328,7 +360,13 @@ def main() -> None:
         for k in ("num_steps", "prefill_only_steps", "prefill_only_time_s", "decode_only_steps",
                   "decode_only_time_s", "mixed_steps", "mixed_time_s", "num_preemptions") if k in metrics))
     if args.profile_steps:
-        decode_step_profile(llm, prompts, min(args.max_num_seqs, 256), args.profile_steps, top=18)
+        bandwidth = None
+        if torch.cuda.is_available():
+            from common import copy_bandwidth  # NOTE: imports triton
+
+            bandwidth = copy_bandwidth()
+        decode_step_profile(llm, prompts, 1, args.profile_steps, top=18, bandwidth=bandwidth, profile=False)
+        decode_step_profile(llm, prompts, min(args.max_num_seqs, 256), args.profile_steps, top=18, bandwidth=bandwidth)
 
     hf = None
     if ref is not None:

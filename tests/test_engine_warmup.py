@@ -70,3 +70,24 @@ def test_warmup_covers_each_batch_shape_class(checkpoint):
     assert any(any(n > 1 for _, n, _ in b) and any(n == 1 and not p for _, n, p in b) for b in batches)
     assert any(len(b) > 1 and all(n == 1 for _, n, _ in b) for b in batches)
     assert_all_free(engine.stats())
+
+
+def test_warmup_takes_and_hits_in_forward_checkpoints_then_empties_the_cache(checkpoint):
+    # On the GPU a prefill with checkpoints and a prefill from a restored state have kernel
+    # specialisations of their own: the warm-up runs both, then leaves the cache empty.
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=256,
+                       checkpoint_interval=64, extra={"warmup": False})
+    seen = {}
+    reset = engine.prefix_cache.reset
+
+    def recording_reset(counters: bool = False) -> None:
+        seen.update(engine.prefix_cache.stats())
+        reset(counters)
+
+    engine.prefix_cache.reset = recording_reset
+    engine.warmup()
+    assert seen["checkpoints_captured"] > 0 and seen["prefix_cache_hits"] >= 1
+    stats = engine.stats()
+    assert stats["prefix_cache_queries"] == 0 and stats["checkpoints_captured"] == 0
+    assert stats["prefix_cache_checkpoints"] == 0 and stats["prefix_cache_bytes"] == 0
+    assert_all_free(stats)

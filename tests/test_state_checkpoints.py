@@ -17,7 +17,6 @@ from helpers_layer import nan_pool, run_layer, slot_states
 from deltaserve.forward_context import StateCheckpoints
 from deltaserve.ops.conv1d import causal_conv1d_fn
 from deltaserve.ops.delta_rule import chunk_delta_rule, chunk_delta_rule_ref, l2norm
-from deltaserve.ops.state_checkpoints import chunk_in_rounds
 
 HK, HV, DK, DV, NUM_SLOTS = 2, 4, 16, 8, 12
 LENGTHS = [200, 70, 300]  # three sequences; checkpoints below at chunk boundaries 64, 128, 192, 256
@@ -83,22 +82,6 @@ def test_checkpoint_states_equal_a_prefill_cut_there_and_a_float64_recurrence(ga
             assert rel_err(pool[target].double(), expected) < 1e-5
     untouched = [s for s in range(4, NUM_SLOTS + 1) if s not in (5, 6, 7, 8)]
     assert pool[untouched].isnan().all()
-
-
-@pytest.mark.parametrize("gate", ["kda", "gdn"])
-def test_rounds_split_at_checkpoints_equal_the_in_chunk_capture(gate):
-    """The GPU path's wrapper (fla keeps only final states) over the reference, without its capture."""
-    q, k, v, g, beta = inputs(gate, seed=1)
-    cu, slots = cu_of(LENGTHS), torch.tensor([3, 1, 2], dtype=torch.int32)
-    initial = torch.tensor([False, True, True])
-    pool = pool_with({1: True, 2: True, 3: False})
-    rounds = pool.clone()
-    checkpoints = StateCheckpoints.from_batch(CUTS, LENGTHS, [3, 1, 2])
-    out = chunk_delta_rule_ref(q, k, v, g, beta, pool, cu, slots, initial, checkpoints=checkpoints)
-    out_rounds = chunk_in_rounds(chunk_delta_rule_ref, q, k, v, g, beta, rounds, cu, slots, initial, checkpoints)
-    assert rel_err(out_rounds, out) < 1e-6
-    written = [1, 2, 3, 5, 6, 7, 8]
-    assert rel_err(rounds[written], pool[written]) < 1e-6 and rounds[9:].isnan().all() and rounds[4].isnan().all()
 
 
 def test_conv_windows_at_checkpoints_are_the_inputs_before_them():

@@ -9,7 +9,11 @@ warm-up). So the warm-up runs, with odd and aligned lengths:
 1. one fresh prompt of a full token budget (one sequence, no initial state);
 2. its continuation together with three new short prompts (varlen, mixed initial states);
 3. decode steps of several sequences, and a new prompt arriving while they decode (a mixed step);
-4. decodes to the end (each CUDA-graph batch size was captured at start already).
+4. decodes to the end (each CUDA-graph batch size was captured at start already);
+5. with prefix caching on, the steps above take their in-forward checkpoints (a prefill with
+   checkpoints runs its own kernel specialisations, ``ops/gpu/chunk_states.py``), and the long
+   prompt comes again to hit them (the restore copies and a prefill from a restored state).
+   Afterwards the cache is emptied and its counters zeroed.
 
 Compiled kernels and autotuning results land in Triton's on-disk cache (``TRITON_CACHE_DIR``, by
 default ``~/.triton/cache``), so a restart skips most of this work.
@@ -20,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 
-from deltaserve.engine.prefix_hooks import NoPrefixCache
 from deltaserve.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -53,11 +56,14 @@ def run_warmup(engine) -> float:
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     ids = []
 
-    def add(n: int) -> None:
+    def add(n: int, salt: int | None = None) -> None:
         ids.append(f"{PREFIX}{len(ids)}")
-        engine.add_request(ids[-1], prompt(n, len(ids)), params)
+        engine.add_request(ids[-1], prompt(n, len(ids) if salt is None else salt), params)
 
-    prefix_cache, engine.scheduler.prefix_cache = engine.scheduler.prefix_cache, NoPrefixCache()
+    def finish() -> None:
+        while engine.has_unfinished_requests():
+            engine.step()
+
     try:
         add(long_len)
         engine.step()  # 1. a full budget of one fresh prompt
@@ -66,13 +72,16 @@ def run_warmup(engine) -> float:
         engine.step()  # 2. the continuation with fresh short prompts
         engine.step()
         add(joiner)  # 3. a prompt arriving among decodes
-        while engine.has_unfinished_requests():
-            engine.step()
+        finish()
+        if engine.prefix_cache is not None:
+            add(long_len, salt=1)  # 5. the first prompt again: a hit on its checkpoints
+            finish()
     finally:
-        engine.scheduler.prefix_cache = prefix_cache
         for request_id in ids:
             if request_id in engine.requests:
                 engine.abort_request(request_id)
+        if engine.prefix_cache is not None:
+            engine.prefix_cache.reset(counters=True)
     seconds = time.perf_counter() - start
     logger.info("warm-up: %.1f s (prompts of %d, %s and %d tokens)", seconds, long_len, shorts, joiner)
     return seconds

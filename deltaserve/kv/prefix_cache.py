@@ -233,11 +233,15 @@ class PrefixCache:
         """Evict the lowest-valued checkpoints until the pools have these many free slots and blocks."""
         self.store.make_room(num_slots, num_blocks)
 
-    def reset(self) -> None:
-        """Drop every checkpoint and forget the hashes of free blocks; running sequences keep theirs."""
+    def reset(self, counters: bool = False) -> None:
+        """Drop every checkpoint and forget the hashes of free blocks; running sequences keep theirs.
+        ``counters``: zero the hit/miss and stored/evicted counters too."""
         while self.store.evict():
             pass
         self.bm.forget_free_hashes()
+        if counters:
+            self.num_queries = self.num_hits = self.num_hit_tokens = self.num_miss_tokens = self.num_captured = 0
+            self.store.num_stored = self.store.num_evicted = 0
 
     def stats(self) -> dict:
         return dict(

@@ -8,6 +8,8 @@ machine never imports Triton or fla. Modules, each mirroring the public op modul
 - ``delta_rule``: the delta rule of KDA and GDN: fla-core's ``chunk_kda`` / ``chunk_gated_delta_rule``
   (V-first state layout, gathered/scattered slots), the project's Triton decode kernel (per-channel or
   per-head gate, GVA, in place on the slots) and GDN's gate kernel;
+- ``chunk_states``: fla's chunked pipeline run step by step with its per-chunk states stored in
+  float32 (prefix-cache checkpoints inside the forward);
 - ``kda``: fla-core's ``kda_gate_fwd``;
 - ``kda_decode``: one fused kernel for a KDA layer's whole decode step (tests and benchmarks only:
   the layer composes the ops above, which are faster under CUDA graphs, benchmarks/RESULTS.md);
@@ -19,6 +21,6 @@ machine never imports Triton or fla. Modules, each mirroring the public op modul
 import os
 
 # NOTE: fla memoises chunk indices per cu_seqlens object in a queue of FLA_TENSOR_CACHE_SIZE
-# entries (4 by default, a host sync on a miss); a forward that saves prefix-cache checkpoints
-# runs its prefill in rounds, one cu_seqlens each, for every linear layer. Set before fla is imported.
+# entries (4 by default, a host sync on a miss); one forward can pass several (the batch's, a
+# speculative step's verify and other rows'), every linear layer again. Set before fla is imported.
 os.environ.setdefault("FLA_TENSOR_CACHE_SIZE", "64")

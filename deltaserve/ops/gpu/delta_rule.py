@@ -17,7 +17,8 @@ from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_fused_rec
 
 from deltaserve.ops.delta_rule import L2NORM_EPS, DeltaRuleShape, check_shapes
 from deltaserve.ops.gpu.delta_rule_varlen import _check_blocks, _check_state, _last_dim_contiguous
-from deltaserve.ops.state_checkpoints import check_checkpoints, chunk_in_rounds
+from deltaserve.ops.gpu.chunk_states import chunk_index, chunk_with_states
+from deltaserve.ops.state_checkpoints import check_checkpoints
 
 _cu_cache: list = [None, None]  # [the caller's cu_seqlens, its int64 copy]
 
@@ -35,6 +36,17 @@ def _long_cu_seqlens(cu_seqlens: torch.Tensor) -> torch.Tensor:
     if _cu_cache[0] is not cu_seqlens:
         _cu_cache[0], _cu_cache[1] = cu_seqlens, cu_seqlens.to(torch.long)
     return _cu_cache[1]
+
+
+def _checkpoint_chunks(checkpoints, device: torch.device, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per checkpoint, the flat chunk index of its boundary and its slot, on ``device`` (built once per forward)."""
+
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        chunks = [chunk_index(checkpoints.query_lens, b, offset, chunk_size)
+                  for b, offset in zip(checkpoints.seq_indices, checkpoints.offsets)]  # fmt: skip
+        return torch.tensor(chunks, device=device), torch.tensor(checkpoints.slots, device=device)
+
+    return checkpoints.on_device(("chunks", device, chunk_size), make)
 
 
 def chunk_delta_rule(
@@ -57,19 +69,15 @@ def chunk_delta_rule(
     the kernel), ``chunk_kda`` for a per-channel one. Initial states are gathered from the slots (zeros
     where ``has_initial_state`` is False), final states scattered back. Returns ``o [T, Hv, V]``.
 
-    ``checkpoints``: fla returns final states only, so the sequences are run in rounds split at the
-    checkpoint offsets (:func:`deltaserve.ops.state_checkpoints.chunk_in_rounds`: whole chunks, the
-    state kept in the pool's dtype between rounds, so exact; more launches, no extra forward step).
+    ``checkpoints``: the states at those chunk boundaries are written into their slots from the
+    same pass (:mod:`deltaserve.ops.gpu.chunk_states`: fla's pipeline with its per-chunk states kept
+    in float32, outputs and final states equal to fla's own call).
     """
     shape = check_shapes(q, k, v, g, beta, recurrent_state, "chunk_delta_rule")
     _check_state(recurrent_state, "chunk_delta_rule")
     if checkpoints is not None:
         # NOTE: checked on the context's host lists: reading cu_seqlens back would sync every layer.
         check_checkpoints(checkpoints, checkpoints.query_lens, recurrent_state.shape[0] - 1, chunk_size)
-        return chunk_in_rounds(
-            chunk_delta_rule, q, k, v, g, beta, recurrent_state, cu_seqlens, state_indices, has_initial_state,
-            checkpoints, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, chunk_size=chunk_size,
-        )  # fmt: skip
     num_seqs = state_indices.shape[0]
     if q.shape[0] == 0 or num_seqs == 0:
         return torch.empty(v.shape, dtype=q.dtype, device=q.device)
@@ -77,25 +85,29 @@ def chunk_delta_rule(
     initial = recurrent_state.index_select(0, index).float()  # [N, Hv, V, K]
     # NOTE: masked_fill, not a multiply: a fresh slot may hold anything, NaN included.
     initial.masked_fill_(~has_initial_state.to(torch.bool).view(-1, 1, 1, 1), 0.0)
-    if shape.head_gate:
-        fla_chunk = fla_chunk_gated_delta_rule
-    else:
-        fla_chunk = fla_chunk_kda
+    if not shape.head_gate:
         group = shape.num_v_heads // shape.num_k_heads
         if group > 1:  # fla's KDA kernels take one q/k head per value head
             q, k = q.repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1)
-    # NOTE: no_grad, not inference_mode: inference tensors returned to the caller would refuse in-place ops.
-    with torch.no_grad():
-        out, final = fla_chunk(
-            q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.unsqueeze(0).float(), beta.unsqueeze(0),
-            scale=scale,
-            initial_state=initial,
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            state_v_first=True,
-            cu_seqlens=_long_cu_seqlens(cu_seqlens),
+    args = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.unsqueeze(0).float(), beta.unsqueeze(0))
+    cu = _long_cu_seqlens(cu_seqlens)
+    if checkpoints is not None:
+        out, final, states = chunk_with_states(
+            *args, head_gate=shape.head_gate, scale=q.shape[-1] ** -0.5 if scale is None else scale,
+            initial_state=initial, cu_seqlens=cu, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
             chunk_size=chunk_size,
-        )
+        )  # fmt: skip
+        chunks, slots = _checkpoint_chunks(checkpoints, q.device, chunk_size)
+        recurrent_state[slots] = states[0].index_select(0, chunks).to(recurrent_state.dtype)
+    else:
+        fla_chunk = fla_chunk_gated_delta_rule if shape.head_gate else fla_chunk_kda
+        # NOTE: no_grad, not inference_mode: inference tensors returned to the caller would refuse in-place ops.
+        with torch.no_grad():
+            out, final = fla_chunk(
+                *args, scale=scale, initial_state=initial, output_final_state=True,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, state_v_first=True, cu_seqlens=cu,
+                chunk_size=chunk_size,
+            )  # fmt: skip
     recurrent_state.index_copy_(0, index, final.to(recurrent_state.dtype))
     return out.squeeze(0)
 
