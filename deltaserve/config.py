@@ -49,6 +49,10 @@ class EngineConfig:
     # Speculative decoding, vLLM's dict: {"method": "ngram" | "mtp" | "synthetic",
     # "num_speculative_tokens": k, ...} (see deltaserve.spec_decode.config.SpeculativeConfig).
     speculative_config: dict | SpeculativeConfig | None = None
+    # vLLM's async_scheduling: schedule and prepare the next step, and postprocess the last one, while
+    # the device runs (deltaserve.engine.async_step). None: on for CUDA devices, off on the CPU; the
+    # synchronous step is kept with speculative decoding or tensor_parallel_size > 1.
+    async_scheduling: bool | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -64,6 +68,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
         tp = self.tensor_parallel_size
         if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
             raise ValueError(f"tensor_parallel_size must be a positive integer, got {tp!r}")

@@ -26,6 +26,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="GDN recurrent-state dtype (default auto: the config's mamba_ssm_dtype, else float32)",
     )  # fmt: skip
     parser.add_argument(
+        "--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+        help="overlap the host work of a step with the device's next step (default: on for CUDA, off on the CPU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--speculative-config", type=_json_dict, default=None,
         help='speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\'',
     )  # fmt: skip
@@ -55,6 +59,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         speculative_config=args.speculative_config,
         mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
+        async_scheduling=args.async_scheduling,
     )
 
 

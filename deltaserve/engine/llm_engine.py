@@ -20,6 +20,7 @@ import torch
 from deltaserve.config import EngineConfig
 from deltaserve.distributed.executor import start_executor
 from deltaserve.distributed.worker import build_runner
+from deltaserve.engine.async_step import AsyncScheduler, async_scheduling_enabled
 from deltaserve.engine.detokenizer import StopChecker, visible_text
 from deltaserve.engine.metrics import EngineMetrics
 from deltaserve.engine.kv_hooks import PrefilledPrompt, admit_prefilled, check_prefilled
@@ -140,6 +141,10 @@ class LLMEngine:
             prefix_cache=self.prefix_cache,
         )
         self.metrics = EngineMetrics()
+        # Async scheduling: one step in flight while the host postprocesses the previous one (None: synchronous).
+        self.async_scheduler = None
+        if async_scheduling_enabled(self.config):
+            self.async_scheduler = AsyncScheduler(self.scheduler, self.runner, lambda: self.metrics, self.stats)
         self.requests: dict[str, _Request] = {}
         # Requests that failed alone in a step (see _check_stop), until pop_request_errors().
         self._request_errors: dict[str, BaseException] = {}
@@ -270,12 +275,13 @@ class LLMEngine:
         if request is None:
             return None
         for seq in request.seqs:
-            self.scheduler.abort(seq)
+            (self.async_scheduler or self.scheduler).abort(seq)
         self.metrics.num_aborted_requests += 1
         return self._output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._arrived)
+        busy = self.async_scheduler is not None and self.async_scheduler.busy
+        return self.scheduler.has_unfinished() or bool(self._arrived) or busy
 
     @property
     def num_running(self) -> int:
@@ -293,6 +299,17 @@ class LLMEngine:
             # NOTE: a prefilled request's first token goes out at once, not after its first decode step.
             arrived, self._arrived = self._arrived, []
             return [self._report(self.requests[rid]) for rid in arrived if rid in self.requests]
+        if self.async_scheduler is not None:
+            progressed = self.async_scheduler.step()
+        else:
+            progressed = self._sync_step()
+        for request_id in self._request_errors:
+            self.abort_request(request_id)
+        return [self._report(self.requests[rid]) for rid in dict.fromkeys(seq.request_id for seq in progressed)
+                if rid not in self._request_errors]
+
+    def _sync_step(self) -> list[Sequence]:
+        """Schedule, run, postprocess, propose drafts: the sequences that gained tokens."""
         batch = self.scheduler.schedule()
         if not batch.seqs:
             if self.scheduler.has_unfinished():
@@ -313,10 +330,7 @@ class LLMEngine:
         self.metrics.record_step(
             batch.num_prefill_tokens, batch.num_decode_tokens, num_sampled, time.perf_counter() - start
         )
-        for request_id in self._request_errors:
-            self.abort_request(request_id)
-        return [self._report(self.requests[rid]) for rid in dict.fromkeys(seq.request_id for seq in progressed)
-                if rid not in self._request_errors]
+        return progressed
 
     def _report(self, request: _Request) -> RequestOutput:
         """The request's output; a finished request is forgotten here."""

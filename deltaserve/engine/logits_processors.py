@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from deltaserve.engine.sampling_params import SamplingParams
+from deltaserve.forward_context import host_to_device
 
 
 @dataclass
@@ -45,14 +46,14 @@ class SamplingTensors:
                 rows += [row] * len(ids)
                 cols += ids
         if rows:
-            out.min_tokens_mask = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            out.min_tokens_mask = (host_to_device(rows, device), host_to_device(cols, device))
         rows, cols, biases = [], [], []
         for row, p in enumerate(params):
             for token, bias in (p.logit_bias or {}).items():
                 rows.append(row), cols.append(token), biases.append(float(bias))
         if rows:
-            out.logit_bias = (torch.tensor(rows, device=device), torch.tensor(cols, device=device),
-                              torch.tensor(biases, dtype=torch.float32, device=device))
+            out.logit_bias = (host_to_device(rows, device), host_to_device(cols, device),
+                              host_to_device(biases, device, torch.float32))
         if histories is not None and any(p.has_penalties for p in params):
             prompts = [h.token_ids[: h.num_prompt_tokens] if h is not None else [] for h in histories]
             outputs = [h.token_ids[h.num_prompt_tokens:] if h is not None else [] for h in histories]
@@ -60,7 +61,7 @@ class SamplingTensors:
             out.output_counts = token_counts(outputs, vocab, device)
 
             def per_row(name: str) -> torch.Tensor:
-                return torch.tensor([float(getattr(p, name)) for p in params], dtype=torch.float32, device=device)
+                return host_to_device([float(getattr(p, name)) for p in params], device, torch.float32)
 
             out.repetition_penalty = per_row("repetition_penalty")
             out.presence_penalty = per_row("presence_penalty")
@@ -78,7 +79,7 @@ def token_counts(token_lists: list[list[int]], vocab: int, device: torch.device)
     padded = torch.full((len(token_lists), longest), vocab, dtype=torch.int64)
     for row, tokens in enumerate(token_lists):
         padded[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-    padded = padded.to(device)
+    padded = padded.to(device, non_blocking=True)
     counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
     return counts[:, :vocab]
 

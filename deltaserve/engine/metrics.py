@@ -15,6 +15,8 @@ class EngineMetrics:
     - ``generation_tokens``: sampled tokens.
     - ``*_time_s`` / ``*_steps``: wall time and count of steps that ran only prefill chunks, only
       decodes, or both (``mixed``); ``decode_only_tokens`` are the tokens of decode-only steps.
+    - ``async_discarded_tokens``: with async scheduling, tokens of rows computed for sequences that
+      had stopped (finished or aborted) while the step ran; the counts above leave them out.
     """
 
     num_requests: int = 0
@@ -32,6 +34,7 @@ class EngineMetrics:
     decode_only_tokens: int = 0
     mixed_steps: int = 0
     mixed_time_s: float = 0.0
+    async_discarded_tokens: int = 0
 
     def record_step(self, num_prefill_tokens: int, num_decode_tokens: int, num_sampled: int, seconds: float) -> None:
         self.num_steps += 1

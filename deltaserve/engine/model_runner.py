@@ -21,7 +21,7 @@ from deltaserve.config import EngineConfig
 from deltaserve.distributed.message_queue import min_over_ranks
 from deltaserve.engine.cuda_graph import PaddedVerify, make_cuda_graphs
 from deltaserve.engine.prompt_logprobs import collect_prompt_logprobs, prompt_logits, prompt_rows
-from deltaserve.engine.sampler import SampledToken, Sampler
+from deltaserve.engine.sampler import DeviceSample, SampledToken, Sampler
 from deltaserve.engine.scheduler import ScheduledBatch
 from deltaserve.forward_context import ForwardContext, forward_context, host_to_device, make_forward_context
 from deltaserve.spec_decode.mtp import StepOutputs
@@ -151,6 +151,33 @@ class StepInputs:
     cache_ops: list[CacheOp] = field(default_factory=list)
 
 
+@dataclass
+class TokenPatch:
+    """Input ids that are still on the device (async scheduling): flat ``offsets`` of the step's
+    ``input_ids`` take ``token_ids[i]`` (a device tensor: the previous step's sampled tokens)."""
+
+    offsets: list[int]
+    token_ids: torch.Tensor
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device by :meth:`ModelRunner.launch`: ``sample`` holds the tokens of the
+    batch's sampling rows ``rows`` (None when no row samples); ``tokens()`` waits for them."""
+
+    rows: list[int]
+    sample: DeviceSample | None
+    num_seqs: int
+
+    def tokens(self) -> list[SampledToken | None]:
+        """A sampled token per sequence of the batch (None for rows that do not sample)."""
+        out: list = [None] * self.num_seqs
+        if self.sample is not None:
+            for i, token in zip(self.rows, self.sample.tokens()):
+                out[i] = token
+        return out
+
+
 class ModelRunner:
     """Model plus caches on one device (one TP rank); ``run(batch)`` is one forward and one sampling step."""
 
@@ -263,13 +290,18 @@ class ModelRunner:
         return host_to_device(inputs.input_ids, self.device), host_to_device(inputs.positions, self.device), ctx
 
     @torch.inference_mode()
-    def execute(self, inputs: StepInputs, batch: ScheduledBatch | None = None) -> torch.Tensor | None:
+    def execute(
+        self, inputs: StepInputs, batch: ScheduledBatch | None = None, patch: TokenPatch | None = None
+    ) -> torch.Tensor | None:
         """The forward of one step: float32 logits ``[V + S, vocab]`` (every verify token, then each other
         sampling sequence's last token), or None. Verify rows' states wait for :meth:`commit_verified`.
 
         ``batch`` (rank 0): its sequences asking for prompt logprobs get this step's entries.
+        ``patch``: input ids to take from the device (async scheduling), written before the forward.
         """
         input_ids, positions, ctx = self.prepare(inputs)
+        if patch is not None and patch.offsets:
+            input_ids.index_copy_(0, host_to_device(patch.offsets, self.device), patch.token_ids)
         num_verify = inputs.num_verify_seqs
         num_sampled = len(inputs.sample_ends)
         self._hidden = None
@@ -297,7 +329,7 @@ class ModelRunner:
         if not last:
             return None
         if len(last) < hidden.shape[0]:  # NOTE: rows are increasing, so all T of them need no gather
-            hidden = hidden[torch.tensor(last, device=self.device)]
+            hidden = hidden[host_to_device(last, self.device)]
         return self.model.compute_logits(hidden)  # float32
 
     @torch.inference_mode()
@@ -338,6 +370,32 @@ class ModelRunner:
             for i, token in zip(rows, sampled):
                 out[i] = token
         return out
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, patch: TokenPatch | None = None,
+               placeholder: int | None = None) -> LaunchedStep:
+        """:meth:`run` without waiting for the device (async scheduling; no verify rows, TP 1): the
+        forward and the sampler are queued and the sampled tokens' copy to the host is started.
+
+        ``patch`` fills the input ids that are ``placeholder`` in the sequences' host token lists
+        (each must be covered, else a RuntimeError: a placeholder would be fed to the model).
+        """
+        if batch.num_verify_seqs or self.step_sender is not None:
+            raise RuntimeError("launch takes neither verify rows nor tensor-parallel steps: use run")
+        inputs = self.step_inputs(batch)
+        if placeholder is not None:
+            found = inputs.input_ids.count(placeholder)
+            if found != (len(patch.offsets) if patch is not None else 0):
+                raise RuntimeError(f"{found} input ids are placeholders but {len(patch.offsets) if patch else 0} are patched")
+        logits = self.execute(inputs, batch, patch)
+        rows = _sampling_rows(batch)
+        sample = None
+        if logits is not None and rows:
+            seqs = batch.seqs
+            sample = self.sampler.sample(logits, [seqs[i].params for i in rows], [seqs[i].generator for i in rows],
+                                         structured=[seqs[i].structured for i in rows],
+                                         histories=[seqs[i] for i in rows]).start_copy()  # fmt: skip
+        return LaunchedStep(rows, sample, len(batch))
 
     def commit_verified(self, num_accepted_tokens: list[int]) -> None:
         """After a verify step: make each verify row's states hold its first ``num_accepted_tokens[i]`` tokens.

@@ -42,16 +42,21 @@ class Sampler:
         self.generator = generator
         self.eos_token_ids = set(eos_token_ids or ())
 
+    def __call__(self, *args, **kwargs) -> list[SampledToken]:
+        """:meth:`sample`, waiting for the result on the host."""
+        return self.sample(*args, **kwargs).tokens()
+
     @torch.inference_mode()
-    def __call__(
+    def sample(
         self,
         logits: torch.Tensor,
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
         structured: list | None = None,
         histories: list[Any] | None = None,
-    ) -> list[SampledToken]:
+    ) -> "DeviceSample":
         """``logits``: ``[S, V]``; ``params`` and ``generators``: one per row. Does not modify ``logits``.
+        Queues the work and returns without waiting for the device (see :class:`DeviceSample`).
 
         ``structured``: per row a ``StructuredMatcher`` or None; constrained rows sample only what
         their grammar allows (greedy, sampled and logprobs alike), the other rows are untouched.
@@ -73,7 +78,7 @@ class Sampler:
             greedy = host_to_device([p.is_greedy for p in params], device, torch.bool)
             token_ids = torch.where(greedy, token_ids, (probs / self.exponential_noise(probs, generators)).argmax(dim=-1))
 
-        return self.outputs(processed, token_ids, params)
+        return DeviceSample.of(processed, token_ids, params)
 
     def exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
         """``E ~ Exp(1)`` shaped as ``probs [S, V]``: ``argmax(probs / E)`` is a draw from each row.
@@ -90,10 +95,7 @@ class Sampler:
     @staticmethod
     def outputs(processed: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[SampledToken]:
         """Each row's chosen token with its logprob (and top logprobs where asked) from ``processed [S, V]``."""
-        logprobs = torch.log_softmax(processed, dim=-1)
-        chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
-        tops = top_logprob_entries(logprobs, token_ids, [p.logprobs for p in params])
-        return [SampledToken(t, lp, top) for t, lp, top in zip(token_ids.tolist(), chosen.tolist(), tops)]
+        return DeviceSample.of(processed, token_ids, params).tokens()
 
     @staticmethod
     def adjust_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
@@ -133,17 +135,29 @@ def top_logprob_entries(
 
     ``logprobs``: ``[R, V]``; ``token_ids``: ``[R]`` (the sampled token, or a prompt token).
     """
-    num_rows, vocab = logprobs.shape
+    tensors = top_logprob_tensors(logprobs, token_ids, want)
+    if tensors is None:
+        return [None] * logprobs.shape[0]
+    chosen, ranks, top_values, top_ids = (t.tolist() if t is not None else None for t in tensors)
+    return top_logprob_dicts(chosen, ranks, top_values, top_ids, token_ids.tolist(), want)
+
+
+def top_logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor, want: list[int | None]) -> tuple | None:
+    """The device half of :func:`top_logprob_entries`: ``(chosen [R], ranks [R], top values [R, k], top ids
+    [R, k])`` (the last two None when no row asks for alternatives), or None when no row asks."""
     if not any(k is not None for k in want):
-        return [None] * num_rows
+        return None
     chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
-    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist()
+    ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
     k_max = max(k for k in want if k is not None)
-    top_values, top_ids = logprobs.topk(min(k_max, vocab), dim=-1) if k_max > 0 else (None, None)
-    top_values = top_values.tolist() if top_values is not None else None
-    top_ids = top_ids.tolist() if top_ids is not None else None
-    chosen_list, token_list = chosen.tolist(), token_ids.tolist()
-    tops: list[dict[int, Logprob] | None] = [None] * num_rows
+    top_values, top_ids = logprobs.topk(min(k_max, logprobs.shape[1]), dim=-1) if k_max > 0 else (None, None)
+    return chosen, ranks, top_values, top_ids
+
+
+def top_logprob_dicts(chosen_list: list[float], ranks: list[int], top_values: list | None, top_ids: list | None,
+                      token_list: list[int], want: list[int | None]) -> list[dict[int, Logprob] | None]:
+    """The host half of :func:`top_logprob_entries`, from the host lists of :func:`top_logprob_tensors`."""
+    tops: list[dict[int, Logprob] | None] = [None] * len(want)
     for row, k in enumerate(want):
         if k is None:
             continue
@@ -154,3 +168,49 @@ def top_logprob_entries(
                 entry[token] = Logprob(top_values[row][rank], rank + 1)
         tops[row] = entry
     return tops
+
+
+class DeviceSample:
+    """Sampled rows still on the device: ``tokens()`` waits for them and builds the ``SampledToken`` list.
+
+    ``token_ids`` ``[S]`` int64 stays on the device, so a next step can take its input ids from it
+    without a host round trip (async scheduling). ``start_copy()`` queues the copies to host
+    memory right away (on CUDA: pinned, non-blocking, an event behind them), so ``tokens()`` waits
+    for this step only, not for work queued after it.
+    """
+
+    def __init__(self, token_ids: torch.Tensor, chosen: torch.Tensor, tops: tuple | None, want: list[int | None]):
+        self.token_ids = token_ids
+        self.want = want
+        self._tensors = (token_ids, chosen, *(tops[1:] if tops is not None else ()))
+        self._host: tuple | None = None
+        self._event = None
+
+    @classmethod
+    def of(cls, processed: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> "DeviceSample":
+        """Each row's chosen token with its logprob (and top logprobs where asked) from ``processed [S, V]``."""
+        logprobs = torch.log_softmax(processed, dim=-1)
+        want = [p.logprobs for p in params]
+        tops = top_logprob_tensors(logprobs, token_ids, want)
+        chosen = tops[0] if tops is not None else logprobs.gather(1, token_ids[:, None])[:, 0]
+        return cls(token_ids, chosen, tops, want)
+
+    def start_copy(self) -> "DeviceSample":
+        """Queue the device-to-host copies now (a no-op on the CPU); returns self."""
+        if self._host is None and self.token_ids.device.type == "cuda":
+            self._host = tuple(t.to("cpu", non_blocking=True) if t is not None else None for t in self._tensors)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        return self
+
+    def tokens(self) -> list[SampledToken]:
+        """The host result, one ``SampledToken`` per row (waits for the device)."""
+        if self._event is not None:
+            self._event.synchronize()
+        host = self._host if self._host is not None else self._tensors
+        token_list, chosen, *rest = (t.tolist() if t is not None else None for t in host)
+        tops = [None] * len(token_list)
+        if rest:
+            ranks, top_values, top_ids = rest
+            tops = top_logprob_dicts(chosen, ranks, top_values, top_ids, token_list, self.want)
+        return [SampledToken(t, lp, top) for t, lp, top in zip(token_list, chosen, tops)]

@@ -283,8 +283,19 @@ class Scheduler:
             seq.num_computed_tokens += n
             self.prefix_cache.on_computed(seq)
             if seq.finish_reason is not None:
-                self.kv_connector.request_finished(seq)
-                self._release(seq)
-                self.running.remove(seq)
-                seq.status = SequenceStatus.FINISHED
+                self.finish(seq)
         return progressed
+
+    def finish(self, seq: Sequence, release: bool = True) -> None:
+        """End a running sequence that stopped: its slot and blocks go back (``release_finished``),
+        unless ``release`` is False (async scheduling: a step still in flight computes its row, and
+        the caller releases it once that step is done)."""
+        if release:
+            self.release_finished(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def release_finished(self, seq: Sequence) -> None:
+        """Free what a finished sequence holds (the KV connector may keep it for a peer first)."""
+        self.kv_connector.request_finished(seq)
+        self._release(seq)
