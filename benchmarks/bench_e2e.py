@@ -65,6 +65,7 @@ def build_llm(config_dir: Path, model, args) -> LLM:
             model=str(config_dir), dtype="bfloat16", device=args.device, max_model_len=2 * args.max_len + 16,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=False, extra={"enforce_eager": args.enforce_eager},
+            async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         )  # fmt: skip
     finally:
         loader.load_model = original
@@ -192,6 +193,8 @@ def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int, ban
     if not profile:
         for i in range(batch):
             engine.abort_request(f"profile-{i}")
+        while engine.has_unfinished_requests():  # NOTE: a step still in flight (async scheduling)
+            engine.step()
         return
     runner = engine.runner
     graphs = runner.cuda_graphs
@@ -220,6 +223,8 @@ def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int, ban
     runner.cuda_graphs = graphs
     for i in range(batch):
         engine.abort_request(f"profile-{i}")
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 @torch.inference_mode()
@@ -295,6 +300,8 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                   help="auto: the engine's default (on for CUDA); with it on and --repeat > 1, one more warmed run with it off")
     p.add_argument("--warmup", choices=["tiny", "full"], default="tiny")
     p.add_argument("--repeat", type=int, default=1, help="timed runs; each later one is warmed by the one before")
     p.add_argument("--skip-twin-check", action="store_true")
@@ -359,14 +366,31 @@ def main() -> None:
         f"{k}={metrics[k]:.2f}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
         for k in ("num_steps", "prefill_only_steps", "prefill_only_time_s", "decode_only_steps",
                   "decode_only_time_s", "mixed_steps", "mixed_time_s", "num_preemptions") if k in metrics))
+    engine = llm.llm_engine
+    overlapped = engine.async_scheduler
+    if overlapped is not None and args.repeat > 1:
+        # The same warmed run with the host work on the critical path (async scheduling off).
+        engine.async_scheduler = None
+        ours = run_ours(llm, prompts, outputs, "none")
+        ours["warmup"] = "previous run, async scheduling off"
+        runs.append(ours)
+        print(f"ours (warm-up: previous run, async scheduling off): {ours['tokens'] / ours['seconds']:.0f} tok/s")
+        engine.async_scheduler = overlapped
     if args.profile_steps:
         bandwidth = None
         if torch.cuda.is_available():
             from common import copy_bandwidth  # NOTE: imports triton
 
             bandwidth = copy_bandwidth()
-        decode_step_profile(llm, prompts, 1, args.profile_steps, top=18, bandwidth=bandwidth, profile=False)
-        decode_step_profile(llm, prompts, min(args.max_num_seqs, 256), args.profile_steps, top=18, bandwidth=bandwidth)
+        modes = [("async scheduling on", overlapped), ("async scheduling off", None)] if overlapped else [("sync", None)]
+        full = min(args.max_num_seqs, 256)
+        for i, (label, mode) in enumerate(modes):
+            engine.async_scheduler = mode
+            print(f"\n# decode steps, {label}")
+            decode_step_profile(llm, prompts, 1, args.profile_steps, top=18, bandwidth=bandwidth, profile=False)
+            decode_step_profile(llm, prompts, full, args.profile_steps, top=18, bandwidth=bandwidth,
+                                profile=i == len(modes) - 1)
+        engine.async_scheduler = overlapped
 
     hf = None
     if ref is not None:
