@@ -91,3 +91,24 @@ def test_warmup_takes_and_hits_in_forward_checkpoints_then_empties_the_cache(che
     assert stats["prefix_cache_queries"] == 0 and stats["checkpoints_captured"] == 0
     assert stats["prefix_cache_checkpoints"] == 0 and stats["prefix_cache_bytes"] == 0
     assert_all_free(stats)
+
+
+def test_warmup_fills_the_budget_with_several_prompts_when_max_model_len_is_short(checkpoint):
+    # A budget larger than max_model_len (bench_e2e: 16,384 tokens, 2,016 per sequence): the first
+    # step must still be a full budget of fresh prompts, and one step holds sixteen fresh prompts.
+    engine = LLMEngine(model=str(checkpoint), dtype="float32", block_size=4, max_num_batched_tokens=1024,
+                       max_model_len=200, max_num_seqs=32, extra={"warmup": False})
+    batches = []
+    schedule = engine.scheduler.schedule
+
+    def recording_schedule():
+        batch = schedule()
+        batches.append([(seq.num_computed_tokens, n) for seq, n in zip(batch.seqs, batch.num_new_tokens)])
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    engine.warmup()
+    first = batches[0]
+    assert sum(n for _, n in first) == 1024 and len(first) > 1 and all(c == 0 for c, _ in first)
+    assert any(sum(1 for c, n in b if c == 0 and n == 37) == 16 for b in batches)
+    assert_all_free(engine.stats())
