@@ -270,3 +270,16 @@ def test_stop_strings_and_logprobs_with_drafts_equal_those_without():
         assert want.keys() == have.keys()
         assert all(abs(want[t].logprob - have[t].logprob) < 1e-4 and want[t].rank == have[t].rank for t in want)
     assert llm.get_metrics()["spec_decode_num_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("length", [1.0, 2.0, 2.5, 3.4, 4.0])
+def test_synthetic_acceptance_realises_the_asked_mean_in_short_runs(length):
+    from deltaserve.spec_decode.proposer import SyntheticAcceptance
+
+    for seed in range(3):
+        acceptance = SyntheticAcceptance(length, seed)
+        counts = [n for _ in range(40) for n in acceptance.num_accepted([3])]  # batch 1, 40 verify steps
+        assert abs(sum(counts) / len(counts) + 1 - length) <= 1 / len(counts) + 1e-12
+        assert set(counts) <= {int(length - 1), min(3, int(length - 1) + 1)}
+    # Rows with fewer drafts accept what they have.
+    assert SyntheticAcceptance(4.0).num_accepted([3, 1, 0]) == [3, 1, 0]

@@ -57,17 +57,29 @@ class SyntheticProposer:
 
 
 class SyntheticAcceptance:
-    """Accepted drafts per verify step with mean ``acceptance_length - 1`` (as SGLang's simulated
-    acceptance): ``floor`` or ``ceil`` of it, at random with the fractional part's probability."""
+    """Accepted drafts per verify row with mean ``acceptance_length - 1``: ``floor`` or ``ceil`` of
+    it, the ``ceil`` on a fraction of the rows equal to the fractional part, spread by carrying the
+    remainder from row to row (error diffusion), so that the realised mean is the asked one within
+    one row in every run, short runs too (a draw at random per row, as SGLang's simulated
+    acceptance, measured 3.23 for 3.4 over ~40 steps). Rows with fewer drafts accept all of them.
+
+    ``seed`` sets where the carry starts (runs with different seeds spread the ``ceil`` rows differently).
+    """
 
     def __init__(self, acceptance_length: float, seed: int = 0):
         self.mean_accepted = acceptance_length - 1.0
-        self.rng = random.Random(seed)
+        self.carry = random.Random(seed).random()
 
     def num_accepted(self, num_drafts: Seq[int]) -> list[int]:
         base = int(self.mean_accepted)
         frac = self.mean_accepted - base
-        return [min(k, base + (self.rng.random() < frac)) for k in num_drafts]
+        out = []
+        for k in num_drafts:
+            self.carry += frac
+            extra = self.carry >= 1.0
+            self.carry -= extra
+            out.append(min(k, base + extra))
+        return out
 
 
 def make_proposer(config: SpeculativeConfig, runner=None) -> Proposer:
