@@ -23,10 +23,11 @@ MAX_MODEL_LEN = 128
 PROMPT = "The state of a linear attention layer"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async_scheduling"])
+def server(request, tmp_path_factory):
+    # NOTE: async scheduling (the CUDA default) runs here on the CPU too: the same answers, one step later.
     model_dir = make_model(tmp_path_factory.mktemp("server_api"))
-    with serve_in_thread(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8) as running:
+    with serve_in_thread(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8, async_scheduling=request.param) as running:
         yield running
 
 

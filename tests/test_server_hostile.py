@@ -18,10 +18,10 @@ MAX_MODEL_LEN = 64
 CHAT = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async_scheduling"])
+def server(request, tmp_path_factory):
     model_dir = make_model(tmp_path_factory.mktemp("server_hostile"))
-    with serve_in_thread(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8) as running:
+    with serve_in_thread(model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=8, async_scheduling=request.param) as running:
         yield running
 
 
