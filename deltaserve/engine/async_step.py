@@ -35,8 +35,12 @@ call later): a sequence sampled at ``n`` with a grammar (the bitmask needs the a
 with penalties (they count the token history), a KV connector (a prefill instance hands over the
 state right after the first token), and a KV cache that might make the schedule preempt (checked
 before scheduling: every running sequence's next blocks must be free, after evicting cached ones).
-Speculative decoding (the drafts need the tokens) and tensor parallelism (the step inputs are
-broadcast to the workers as host lists) use the synchronous engine step altogether.
+Speculative decoding: a step with drafts needs the previous step's tokens, so the engine pipelines
+only the steps for which drafting is paused (``Speculator.paused``: more sequences than
+``disable_by_batch_size``, or an auto-disable pause), drains the pipeline before a step that may
+draft and runs that one synchronously; with MTP drafts (the head observes every step's hidden states)
+and with tensor parallelism (the step inputs are broadcast to the workers as host lists) the engine
+steps synchronously altogether.
 """
 
 from __future__ import annotations
@@ -61,16 +65,17 @@ PLACEHOLDER = -1
 
 def async_scheduling_enabled(config) -> bool:
     """Whether the engine pipelines its steps: ``config.async_scheduling``, where None means on for a
-    CUDA device and off on the CPU (where nothing runs concurrently with the host). Speculative
-    decoding and tensor parallelism keep the synchronous step (logged once when asked for)."""
+    CUDA device and off on the CPU (where nothing runs concurrently with the host). MTP drafts and
+    tensor parallelism keep the synchronous step (logged once when asked for)."""
     wanted = config.async_scheduling
     if wanted is None:
         wanted = str(config.device).startswith("cuda")
     if not wanted:
         return False
     reasons = []
-    if config.speculative_config is not None:
-        reasons.append("speculative decoding (drafts need the sampled tokens)")
+    spec = config.speculative_config
+    if spec is not None and getattr(spec, "method", None) == "mtp":
+        reasons.append("MTP drafts (the head observes every step)")
     if config.tensor_parallel_size > 1:
         reasons.append("tensor parallelism (step inputs are broadcast as host lists)")
     if reasons:
@@ -138,6 +143,15 @@ class AsyncScheduler:
             raise RuntimeError(f"nothing could be scheduled with work pending: {self.describe()}")
         self.inflight = nxt
         return progressed
+
+    def drain(self) -> list[Sequence]:
+        """Resolve the step in flight, if any, launching nothing: the engine's state is then exact
+        (a synchronous step may follow). Returns the sequences that gained a token."""
+        step, self.inflight = self.inflight, None
+        if step is None:
+            return []
+        self._advance(step)
+        return self._resolve(step, None)
 
     def abort(self, seq: Sequence) -> None:
         """``Scheduler.abort``, except that a sequence with a row in flight keeps its slot and blocks

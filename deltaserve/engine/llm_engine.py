@@ -143,6 +143,7 @@ class LLMEngine:
         self.metrics = EngineMetrics()
         # Async scheduling: one step in flight while the host postprocesses the previous one (None: synchronous).
         self.async_scheduler = None
+        self._drafts_decided = True  # NOTE: the next step's drafts are proposed (see step())
         if async_scheduling_enabled(self.config):
             self.async_scheduler = AsyncScheduler(self.scheduler, self.runner, lambda: self.metrics, self.stats)
         self.requests: dict[str, _Request] = {}
@@ -299,8 +300,28 @@ class LLMEngine:
             # NOTE: a prefilled request's first token goes out at once, not after its first decode step.
             arrived, self._arrived = self._arrived, []
             return [self._report(self.requests[rid]) for rid in arrived if rid in self.requests]
-        if self.async_scheduler is not None:
-            progressed = self.async_scheduler.step()
+        pipeline = self.async_scheduler
+        speculator = self.runner.speculator
+        if pipeline is not None and speculator is not None:
+            # NOTE: with a speculator only the steps that cannot draft are pipelined (async_step.py). A
+            # synchronous step decides the next step's drafts at its end; a pipelined one cannot, so the
+            # speculator counts the step as a refused proposal before it is launched.
+            running = self.scheduler.running
+            drafts = any(seq.spec_token_ids for seq in running)
+            if not drafts and (self._drafts_decided or speculator.paused(len(running))):
+                if not self._drafts_decided:
+                    speculator.skip_step(len(running))
+                progressed = pipeline.step()
+                self._drafts_decided = False
+            else:
+                was_pipelined = pipeline.busy
+                progressed = pipeline.drain()
+                if was_pipelined:
+                    self.runner.propose_drafts(self.scheduler.running, self.block_manager)
+                progressed += self._sync_step()
+                self._drafts_decided = True
+        elif pipeline is not None:
+            progressed = pipeline.step()
         else:
             progressed = self._sync_step()
         for request_id in self._request_errors:

@@ -97,6 +97,17 @@ class Speculator:
         for seq, draft, budget in zip(ready, drafts, budgets):
             seq.spec_token_ids = list(draft[:budget])
 
+    def paused(self, num_running: int) -> bool:
+        """Whether the next step drafts nothing whatever the tokens (more running sequences than
+        ``disable_by_batch_size``, or an auto-disable pause with steps left); no side effect. The engine may then pipeline that step (async scheduling) and :meth:`skip_step` it."""
+        limit = self.config.disable_by_batch_size
+        return (limit is not None and num_running > limit) or self._off_steps > 0
+
+    def skip_step(self, num_running: int) -> None:
+        """A step run without proposing (it was :meth:`paused`): the pause counts it as it counts a
+        step whose proposal it refused."""
+        self._drafting_on(num_running)
+
     def _drafting_on(self, num_running: int) -> bool:
         limit = self.config.disable_by_batch_size
         if limit is not None and num_running > limit:
