@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU runs that are still owed, one phase per argument, each under its own time limit, logs into
+# ${OUT:-benchmarks/logs/run} (the device tool brings $OUT back). Run through scripts/gpu_run.sh with
+# .whl carried, e.g. on the lent H200:
+#
+#   bash scripts/gpu_run.sh bash benchmarks/gpu_session.sh tests spec      # one call: ~9 min on a fresh machine
+#   bash scripts/gpu_run.sh bash benchmarks/gpu_session.sh e2e startup     # the next call, machine still warm
+#
+# A fresh machine spends minutes compiling Triton kernels: the limits below allow for that.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/logs/run}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+for phase in "$@"; do
+  case $phase in
+    tests)   timeout 420 python -m pytest -v -n 8 -p no:cacheprovider -W ignore tests/gpu 2>&1 | tee "$out/gpu-tests.txt" | grep -E "FAILED|ERROR|passed|failed" ;;
+    spec)    timeout 300 python benchmarks/bench_spec_decode.py --output-len 128 --models qwen3_next kimi 2>&1 | tee "$out/spec-decode.txt" ;;
+    e2e)     mkdir -p /tmp/empty-triton-cache
+             TRITON_CACHE_DIR=/tmp/empty-triton-cache timeout 330 python benchmarks/bench_e2e.py --repeat 2 --skip-twin-check --skip-hf --profile-steps 8 2>&1 | tee "$out/e2e.txt" ;;
+    e2e-qwen) timeout 330 python benchmarks/bench_e2e.py --model qwen3_next --repeat 2 --skip-twin-check 2>&1 | tee "$out/e2e-qwen3-next.txt" ;;
+    prefix)  timeout 250 python benchmarks/bench_prefix_cache.py --settings off "in-forward 256" "in-forward 1024" 2>&1 | tee "$out/prefix-cache.txt" ;;
+    startup) timeout 400 python benchmarks/bench_startup.py 2>&1 | tee "$out/startup.txt" ;;
+    *) echo "unknown phase $phase (tests, spec, e2e, e2e-qwen, prefix, startup)"; exit 2 ;;
+  esac
+done
