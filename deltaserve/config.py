@@ -51,7 +51,8 @@ class EngineConfig:
     speculative_config: dict | SpeculativeConfig | None = None
     # vLLM's async_scheduling: schedule and prepare the next step, and postprocess the last one, while
     # the device runs (deltaserve.engine.async_step). None: on for CUDA devices, off on the CPU; the
-    # synchronous step is kept with speculative decoding or tensor_parallel_size > 1.
+    # synchronous step is kept with MTP drafts or tensor_parallel_size > 1, and for the steps of a
+    # speculative engine that may draft.
     async_scheduling: bool | None = None
     extra: dict = field(default_factory=dict)
 

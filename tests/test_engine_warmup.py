@@ -80,9 +80,9 @@ def test_warmup_takes_and_hits_in_forward_checkpoints_then_empties_the_cache(che
     seen = {}
     reset = engine.prefix_cache.reset
 
-    def recording_reset(counters: bool = False) -> None:
+    def recording_reset() -> None:
         seen.update(engine.prefix_cache.stats())
-        reset(counters)
+        reset()
 
     engine.prefix_cache.reset = recording_reset
     engine.warmup()

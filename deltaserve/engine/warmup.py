@@ -94,7 +94,8 @@ def run_warmup(engine) -> float:
             if request_id in engine.requests:
                 engine.abort_request(request_id)
         if engine.prefix_cache is not None:
-            engine.prefix_cache.reset(counters=True)
+            engine.prefix_cache.reset()
+            engine.prefix_cache.zero_counters()
     seconds = time.perf_counter() - start
     logger.info("warm-up: %.1f s (prompts of %s, %s, %d and %d x %d tokens)", seconds, firsts, shorts, joiner, wide,
                 shorts[0])

@@ -101,7 +101,12 @@ class PrefixCache:
         self._pending: Counter[int] = Counter()  # block hashes of running sequences' tokens
         self._promised: set[tuple] = set()
         self._live: dict[int, _Live] = {}
+        self.zero_counters()
+
+    def zero_counters(self) -> None:
+        """Hit/miss and checkpoint counters back to 0 (at start, and after the engine warm-up)."""
         self.num_queries = self.num_hits = self.num_hit_tokens = self.num_miss_tokens = self.num_captured = 0
+        self.store.num_stored = self.store.num_evicted = 0
 
     @property
     def budget_bytes(self) -> int:
@@ -233,15 +238,11 @@ class PrefixCache:
         """Evict the lowest-valued checkpoints until the pools have these many free slots and blocks."""
         self.store.make_room(num_slots, num_blocks)
 
-    def reset(self, counters: bool = False) -> None:
-        """Drop every checkpoint and forget the hashes of free blocks; running sequences keep theirs.
-        ``counters``: zero the hit/miss and stored/evicted counters too."""
+    def reset(self) -> None:
+        """Drop every checkpoint and forget the hashes of free blocks; running sequences keep theirs."""
         while self.store.evict():
             pass
         self.bm.forget_free_hashes()
-        if counters:
-            self.num_queries = self.num_hits = self.num_hit_tokens = self.num_miss_tokens = self.num_captured = 0
-            self.store.num_stored = self.store.num_evicted = 0
 
     def stats(self) -> dict:
         return dict(

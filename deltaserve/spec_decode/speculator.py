@@ -99,7 +99,8 @@ class Speculator:
 
     def paused(self, num_running: int) -> bool:
         """Whether the next step drafts nothing whatever the tokens (more running sequences than
-        ``disable_by_batch_size``, or an auto-disable pause with steps left); no side effect. The engine may then pipeline that step (async scheduling) and :meth:`skip_step` it."""
+        ``disable_by_batch_size``, or an auto-disable pause with steps left); no side effect. The
+        engine may then pipeline that step (async scheduling) and :meth:`skip_step` it."""
         limit = self.config.disable_by_batch_size
         return (limit is not None and num_running > limit) or self._off_steps > 0
 
