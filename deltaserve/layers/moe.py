@@ -24,17 +24,13 @@ from deltaserve.distributed.communication_op import tensor_model_parallel_all_re
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import read_blocks, read_loaded, shard_size
 from deltaserve.layers.mlp import GatedMLP, get_activation
-from deltaserve.ops.moe import fused_experts
+from deltaserve.ops.moe import fused_experts, sigmoid_topk, softmax_topk
 
 
 class TopkRouter(nn.Module):
-    """Sigmoid scores in float32; ``e_score_correction_bias`` only chooses the experts.
-
-    Grouped top-k: the experts are split into ``num_expert_group`` groups, each group is scored by
-    the sum of its two best biased scores, the best ``topk_group`` groups are kept, and the
-    ``top_k`` best biased scores among their experts are chosen. The weights are the raw scores of
-    the chosen experts, renormalised to sum 1 (``renormalize``), times ``routed_scaling_factor``.
-    """
+    """Float32 logits, then :func:`deltaserve.ops.moe.sigmoid_topk` (DeepSeek-V3 routing):
+    ``e_score_correction_bias`` only chooses the experts; the weights are renormalised (``renormalize``)
+    and scaled by ``routed_scaling_factor``."""
 
     def __init__(
         self,
@@ -63,21 +59,10 @@ class TopkRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[T, hidden]`` -> (topk_weights float32 ``[T, k]``, topk_ids int64 ``[T, k]``)."""
         logits = torch.nn.functional.linear(x.float(), self.weight.float())
-        scores = logits.sigmoid()
-        scores_for_choice = scores + self.e_score_correction_bias
-        if self.num_expert_group > 1:
-            num_tokens = x.shape[0]
-            grouped = scores_for_choice.view(num_tokens, self.num_expert_group, -1)
-            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
-            group_idx = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_idx, True)
-            expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(num_tokens, -1)
-            scores_for_choice = scores_for_choice.masked_fill(~expert_mask, float("-inf"))
-        topk_ids = scores_for_choice.topk(self.top_k, dim=-1, sorted=False).indices
-        topk_weights = scores.gather(1, topk_ids)
-        if self.renormalize:
-            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return topk_weights * self.routed_scaling_factor, topk_ids
+        return sigmoid_topk(
+            logits, self.e_score_correction_bias, self.top_k, num_expert_group=self.num_expert_group,
+            topk_group=self.topk_group, renormalize=self.renormalize, scale=self.routed_scaling_factor,
+        )  # fmt: skip
 
 
 class SoftmaxTopkRouter(nn.Module):
@@ -96,11 +81,7 @@ class SoftmaxTopkRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[T, hidden]`` -> (topk_weights float32 ``[T, k]``, topk_ids int64 ``[T, k]``)."""
         # NOTE: logits in the model dtype, softmax in float32, as transformers' Qwen3NextTopKRouter.
-        probs = torch.softmax(torch.nn.functional.linear(x, self.weight).float(), dim=-1)
-        topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)
-        if self.renormalize:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        return topk_weights, topk_ids
+        return softmax_topk(torch.nn.functional.linear(x, self.weight), self.top_k, renormalize=self.renormalize)
 
 
 # Checkpoint names of one expert's (gate, up, down) projections.

@@ -5,13 +5,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.ops.norm import gated_rms_norm, rms_norm, zero_centered_rms_norm
+from deltaserve.ops.norm import (
+    add_rms_norm,
+    add_zero_centered_rms_norm,
+    gated_rms_norm,
+    rms_norm,
+    zero_centered_rms_norm,
+)
 
 
 class RMSNorm(nn.Module):
     """``weight * RMSNorm(x)``; with ``residual``, adds it first and returns ``(normed, new_residual)`` as vLLM does."""
 
     _norm = staticmethod(rms_norm)
+    _add_norm = staticmethod(add_rms_norm)
     _init = staticmethod(torch.ones)
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
@@ -24,8 +31,7 @@ class RMSNorm(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x, self.weight, self.eps)
-        x = x + residual
-        return self._norm(x, self.weight, self.eps), x
+        return self._add_norm(x, residual, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
@@ -35,6 +41,7 @@ class ZeroCenteredRMSNorm(RMSNorm):
     """``(1 + weight) * RMSNorm(x)``, as Qwen3-Next and Qwen3.5 store their norms (``weight`` starts at 0)."""
 
     _norm = staticmethod(zero_centered_rms_norm)
+    _add_norm = staticmethod(add_zero_centered_rms_norm)
     _init = staticmethod(torch.zeros)
 
 

@@ -67,3 +67,35 @@ def gated_rms_norm(
 def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``(1 + weight) * RMSNorm(x)`` over the last dim, all in float32; returns ``x.dtype``."""
     return dispatch("norm", "zero_centered_rms_norm", x, zero_centered_rms_norm_ref)(x, weight, eps)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`add_rms_norm`."""
+    summed = x + residual
+    return rms_norm_ref(summed, weight, eps), summed
+
+
+def add_zero_centered_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`add_zero_centered_rms_norm`."""
+    summed = x + residual
+    return zero_centered_rms_norm_ref(summed, weight, eps), summed
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rms_norm(x + residual), x + residual)``: the pre-norm block's residual add and norm in one
+    (one launch on the GPU, where the norm takes the float32 sum before it is rounded to ``x.dtype``)."""
+    return dispatch("norm", "add_rms_norm", x, add_rms_norm_ref)(x, residual, weight, eps)
+
+
+def add_zero_centered_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(zero_centered_rms_norm(x + residual), x + residual)``, as :func:`add_rms_norm`."""
+    impl = dispatch("norm", "add_zero_centered_rms_norm", x, add_zero_centered_rms_norm_ref)
+    return impl(x, residual, weight, eps)

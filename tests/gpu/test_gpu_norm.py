@@ -14,6 +14,10 @@ from conftest import rel_err  # noqa: E402
 
 from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.ops.norm import (  # noqa: E402
+    add_rms_norm,
+    add_rms_norm_ref,
+    add_zero_centered_rms_norm,
+    add_zero_centered_rms_norm_ref,
     gated_rms_norm,
     gated_rms_norm_ref,
     rms_norm,
@@ -27,6 +31,8 @@ def test_gpu_dispatch_is_used():
     assert gpu_impl("norm", "rms_norm") is not None
     assert gpu_impl("norm", "gated_rms_norm") is not None
     assert gpu_impl("norm", "zero_centered_rms_norm") is not None
+    assert gpu_impl("norm", "add_rms_norm") is not None
+    assert gpu_impl("norm", "add_zero_centered_rms_norm") is not None
 
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
@@ -60,3 +66,18 @@ def test_gated_rms_norm_matches_reference_per_head(dtype, bound, activation):
     out = gated_rms_norm(x.cuda(), gate.cuda(), weight.cuda(), 1e-5, activation)
     assert out.dtype == dtype and out.shape == x.shape
     assert rel_err(out.cpu(), gated_rms_norm_ref(x, gate, weight, 1e-5, activation)) < bound
+
+
+@pytest.mark.parametrize("fused, ref", [(add_rms_norm, add_rms_norm_ref),
+                                        (add_zero_centered_rms_norm, add_zero_centered_rms_norm_ref)],
+                         ids=["kimi", "zero_centered"])
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_residual_add_and_norm_match_reference(fused, ref, dtype, bound):
+    # The pre-norm block's residual add fused into the norm: both the normed output and the new residual.
+    x, residual = (3 * torch.randn(37, 2304)).to(dtype), (3 * torch.randn(37, 2304)).to(dtype)
+    weight = (0.1 * torch.randn(2304)).to(dtype)
+    out, summed = fused(x.cuda(), residual.cuda(), weight.cuda(), 1e-6)
+    expected_out, expected_sum = ref(x, residual, weight, 1e-6)
+    assert out.dtype == dtype and summed.dtype == dtype and out.shape == x.shape
+    assert rel_err(summed.cpu(), expected_sum) < bound / 10
+    assert rel_err(out.cpu(), expected_out) < bound

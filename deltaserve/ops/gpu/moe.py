@@ -1,10 +1,12 @@
 """Routed experts on the GPU with static shapes and no host sync (CUDA-graph safe).
 
-Same contract as :func:`deltaserve.ops.moe.fused_experts_ref`. Two paths:
+Same contracts as :mod:`deltaserve.ops.moe`: the routers' top-k (one Triton kernel a batch) and the
+routed experts, two paths:
 
 - bfloat16 with ``torch._grouped_mm`` (Hopper/Ampere, torch >= 2.9): the ``T*k`` (token, expert)
-  pairs are sorted by expert, gathered, and run through two grouped GEMMs whose group boundaries
-  (``offs``) stay on the device; each expert's weights are read once per step.
+  pairs are grouped by expert, gathered, and run through two grouped GEMMs whose group boundaries
+  (``offs``) stay on the device; each expert's weights are read once per step. Grouping and the
+  weighted sum are one Triton kernel each (``moe_kernels``).
 - otherwise (float32, older GPUs): every expert on every token as two batched matmuls, the
   unchosen ones weighted by zero. ``E/k`` times the arithmetic, fine for small models and tests.
 """
@@ -15,6 +17,9 @@ import functools
 from typing import Callable
 
 import torch
+
+from deltaserve.ops.gpu.moe_kernels import SIGMOID, SOFTMAX, combine_experts, group_by_expert, topk_route
+from deltaserve.ops.moe import sigmoid_topk_ref
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,23 +38,13 @@ def fused_experts_grouped(
     topk_ids: torch.Tensor,
     act_fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
-    """Sort (token, expert) pairs by expert, two ``torch._grouped_mm`` calls, weighted sum in float32."""
-    num_tokens, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
-    flat_ids = topk_ids.reshape(-1)
-    _, order = torch.sort(flat_ids)
-    token_of = order // top_k
-    # NOTE: counts by scatter_add, not bincount (which syncs to size its output).
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids, dtype=torch.int32))
-    offs = counts.cumsum(0, dtype=torch.int32)
-    xs = x.index_select(0, token_of)  # [S, hidden], grouped by expert
-    gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs).chunk(2, dim=-1)  # [S, I] each
-    y = torch._grouped_mm(act_fn(gate) * up, w2.transpose(-2, -1), offs=offs)  # [S, hidden]
-    y = y.float() * topk_weights.reshape(-1).float().index_select(0, order).unsqueeze(-1)
-    # Back to (token, k) order; each row is written once, so the sum below is deterministic.
-    unsorted = torch.empty_like(y).index_copy_(0, order, y)
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+    """Pairs grouped by expert (one counting-sort kernel), gathered, two ``torch._grouped_mm`` calls,
+    then one kernel for the weighted sum in float32."""
+    groups = group_by_expert(topk_ids, w13.shape[0])
+    xs = x.index_select(0, groups.token_of)  # [T*k, hidden], grouped by expert
+    gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=groups.offs).chunk(2, dim=-1)  # [T*k, I] each
+    y = torch._grouped_mm(act_fn(gate) * up, w2.transpose(-2, -1), offs=groups.offs)  # [T*k, hidden]
+    return combine_experts(y, groups.row_of, topk_weights)
 
 
 def fused_experts_dense(
@@ -84,3 +79,27 @@ def fused_experts(
     if x.dtype == torch.bfloat16 and w13.dtype == torch.bfloat16 and grouped_mm_supported(x.device.index or 0):
         return fused_experts_grouped(x, w13, w2, topk_weights, topk_ids, act_fn)
     return fused_experts_dense(x, w13, w2, topk_weights, topk_ids, act_fn)
+
+
+def sigmoid_topk(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    *,
+    num_expert_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`deltaserve.ops.moe.sigmoid_topk`; one kernel unless the experts are grouped."""
+    if num_expert_group > 1:
+        return sigmoid_topk_ref(
+            logits, bias, top_k, num_expert_group=num_expert_group, topk_group=topk_group,
+            renormalize=renormalize, scale=scale,
+        )  # fmt: skip
+    return topk_route(logits, top_k, score=SIGMOID, bias=bias, renormalize=renormalize, scale=scale, eps=1e-20)
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, *, renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """See :func:`deltaserve.ops.moe.softmax_topk`; one kernel."""
+    return topk_route(logits, top_k, score=SOFTMAX, renormalize=renormalize)

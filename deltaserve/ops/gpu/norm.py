@@ -27,6 +27,24 @@ def zero_centered_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     return y.view(x.shape)
 
 
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * RMSNorm(x + residual), x + residual)``, one launch; the sum in float32, stored in ``residual.dtype``."""
+    y, _, _, summed = layer_norm_fwd(_rows(x), weight, None, eps, residual=_rows(residual), is_rms_norm=True)
+    return y.view(x.shape), summed.view(x.shape)
+
+
+def add_zero_centered_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``((1 + weight) * RMSNorm(x + residual), x + residual)``, as :func:`add_rms_norm`."""
+    y, _, _, summed = layer_norm_fwd(
+        _rows(x), 1.0 + weight.float(), None, eps, residual=_rows(residual), is_rms_norm=True
+    )
+    return y.view(x.shape), summed.view(x.shape)
+
+
 def gated_rms_norm(
     x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, activation: str = "sigmoid"
 ) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""The MoE kernels of the GPU path (routing, grouping by expert, the weighted sum) and the routed experts
+built on them, against the torch references and a float64 per-token loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from conftest import rel_err  # noqa: E402
+from test_ops_moe import naive_experts  # noqa: E402
+
+from deltaserve.ops import gpu_impl  # noqa: E402
+from deltaserve.ops.gpu.moe import fused_experts_grouped, grouped_mm_supported  # noqa: E402
+from deltaserve.ops.gpu.moe_kernels import combine_experts, group_by_expert  # noqa: E402
+from deltaserve.ops.moe import sigmoid_topk, sigmoid_topk_ref, softmax_topk, softmax_topk_ref  # noqa: E402
+
+SHAPES = [(1, 32, 8), (37, 32, 8), (256, 32, 8), (3, 512, 10), (4096, 512, 10), (300, 64, 4)]
+
+
+def by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen experts of each row in ascending order, with their weights (order is not part of the contract)."""
+    ids, perm = ids.sort(dim=1)
+    return weights.gather(1, perm), ids
+
+
+def test_routing_ops_dispatch_to_the_kernels():
+    assert gpu_impl("moe", "sigmoid_topk") is not None
+    assert gpu_impl("moe", "softmax_topk") is not None
+
+
+@pytest.mark.parametrize("tokens, experts, top_k", SHAPES)
+def test_sigmoid_routing_chooses_the_reference_experts(tokens, experts, top_k):
+    logits = torch.randn(tokens, experts, device="cuda")
+    bias = torch.randn(experts, device="cuda") * 0.1
+    got = by_expert(*sigmoid_topk(logits, bias, top_k, renormalize=True, scale=2.446))
+    expected = by_expert(*sigmoid_topk_ref(logits, bias, top_k, renormalize=True, scale=2.446))
+    assert torch.equal(got[1], expected[1])
+    assert got[0].dtype == torch.float32 and rel_err(got[0], expected[0]) < 1e-6
+
+
+@pytest.mark.parametrize("tokens, experts, top_k", SHAPES)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_softmax_routing_chooses_the_reference_experts(tokens, experts, top_k, renormalize):
+    # NOTE: float32 logits: with bfloat16 ones, equal logits tie and either expert is right.
+    logits = torch.randn(tokens, experts, device="cuda")
+    got = by_expert(*softmax_topk(logits, top_k, renormalize=renormalize))
+    expected = by_expert(*softmax_topk_ref(logits, top_k, renormalize=renormalize))
+    assert torch.equal(got[1], expected[1])
+    assert rel_err(got[0], expected[0]) < 1e-6
+
+
+@pytest.mark.parametrize("tokens, experts, top_k", SHAPES)
+def test_grouping_by_expert_is_a_stable_sort(tokens, experts, top_k):
+    # Experts drawn from the first half only: the other half have empty groups.
+    ids = torch.stack([torch.randperm(experts // 2)[:top_k] for _ in range(tokens)]).cuda()
+    groups = group_by_expert(ids, experts)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    assert torch.equal(groups.token_of.long(), order // top_k)
+    assert torch.equal(groups.offs, torch.bincount(flat, minlength=experts).cumsum(0).int())
+    assert torch.equal(order[groups.row_of.reshape(-1).long()], torch.arange(tokens * top_k, device="cuda"))
+
+
+def test_combining_sums_each_tokens_rows_in_float32():
+    tokens, top_k, hidden = 50, 8, 2304
+    y = torch.randn(tokens * top_k, hidden, device="cuda", dtype=torch.bfloat16)
+    row_of = torch.randperm(tokens * top_k, device="cuda").int().view(tokens, top_k)
+    weights = torch.rand(tokens, top_k, device="cuda")
+    got = combine_experts(y, row_of, weights)
+    expected = (y.double()[row_of.long()] * weights.double().unsqueeze(-1)).sum(1)
+    assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 4e-3
+
+
+@pytest.mark.skipif(not grouped_mm_supported(0), reason="torch._grouped_mm's bf16 kernel is not available")
+@pytest.mark.parametrize("tokens", [1, 7, 256, 2000])
+def test_grouped_experts_match_a_float64_loop(tokens):
+    hidden, inter, experts, top_k = 256, 128, 32, 8
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
+    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    got = fused_experts_grouped(x, w13, w2, weights, ids, F.silu)
+    expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert rel_err(got.cpu(), expected) < 1.5e-2
+
+
+@pytest.mark.skipif(not grouped_mm_supported(0), reason="torch._grouped_mm's bf16 kernel is not available")
+def test_routing_and_experts_replay_in_a_cuda_graph():
+    tokens, hidden, inter, experts, top_k = 64, 256, 128, 32, 8
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    logits = torch.randn(tokens, experts, device="cuda")
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
+
+    def step():
+        weights, ids = sigmoid_topk(logits, None, top_k)
+        return fused_experts_grouped(x, w13, w2, weights, ids, F.silu)
+
+    step()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    logits.copy_(torch.randn_like(logits))
+    graph.replay()
+    assert torch.equal(out, step())
