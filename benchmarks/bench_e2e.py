@@ -157,10 +157,10 @@ def step_floor_bytes(engine, num_experts_hit: int | None) -> tuple[float, dict]:
 
 
 def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int, bandwidth: float | None,
-                        profile: bool = True) -> None:
+                        profile: tuple[str, ...] = ("CUDA graphs", "eager")) -> None:
     """Decode steps at a full batch: step time (per-step synced median, and ``steps`` steps back to
     back over one sync: what an overlapped engine pays), the floor (bytes / copy bandwidth of this
-    run), then torch.profiler's top kernels (graphs on, then off)."""
+    run), then torch.profiler's kernels per step and top kernels for each mode in ``profile``."""
     engine = llm.llm_engine
     params = SamplingParams(temperature=0.0, max_tokens=10 * steps + 8, ignore_eos=True)
     for i in range(batch):
@@ -199,7 +199,7 @@ def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int, ban
     runner = engine.runner
     graphs = runner.cuda_graphs
     for label, use in (("CUDA graphs", graphs), ("eager", None)):
-        if label == "CUDA graphs" and graphs is None:
+        if label not in profile or (label == "CUDA graphs" and graphs is None):
             continue
         runner.cuda_graphs = use
         engine.step()
@@ -213,7 +213,10 @@ def decode_step_profile(llm: LLM, prompts, batch: int, steps: int, top: int, ban
                 engine.step()
             sync()
         wall = (time.perf_counter() - t0) / 3 * 1e3
-        print(f"\n# profile, 3 decode steps at batch {batch}, {label} ({wall:.2f} ms/step under the profiler)")
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 3 / 1e3
+        print(f"\n# profile, 3 decode steps at batch {batch}, {label} ({wall:.2f} ms/step under the profiler): "
+              f"{len(kernels) / 3:.0f} kernels and {gpu_ms:.2f} ms of GPU time per step")
         averages = prof.key_averages()
         try:
             table = averages.table(sort_by="device_time_total", row_limit=top, max_name_column_width=60)
@@ -387,9 +390,11 @@ def main() -> None:
         for i, (label, mode) in enumerate(modes):
             engine.async_scheduler = mode
             print(f"\n# decode steps, {label}")
-            decode_step_profile(llm, prompts, 1, args.profile_steps, top=18, bandwidth=bandwidth, profile=False)
-            decode_step_profile(llm, prompts, full, args.profile_steps, top=18, bandwidth=bandwidth,
-                                profile=i == len(modes) - 1)
+            last = i == len(modes) - 1
+            decode_step_profile(llm, prompts, 1, args.profile_steps, top=12, bandwidth=bandwidth,
+                                profile=("CUDA graphs",) if last else ())
+            decode_step_profile(llm, prompts, full, args.profile_steps, top=25, bandwidth=bandwidth,
+                                profile=("CUDA graphs", "eager") if last else ())
         engine.async_scheduler = overlapped
 
     hf = None

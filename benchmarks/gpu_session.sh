@@ -21,6 +21,9 @@ for phase in "$@"; do
     e2e-qwen) timeout 330 python benchmarks/bench_e2e.py --model qwen3_next --repeat 2 --skip-twin-check 2>&1 | tee "$out/e2e-qwen3-next.txt" ;;
     prefix)  timeout 250 python benchmarks/bench_prefix_cache.py --settings off "in-forward 256" "in-forward 1024" 2>&1 | tee "$out/prefix-cache.txt" ;;
     startup) timeout 400 python benchmarks/bench_startup.py 2>&1 | tee "$out/startup.txt" ;;
-    *) echo "unknown phase $phase (tests, spec, e2e, e2e-qwen, prefix, startup)"; exit 2 ;;
+    startup-small) timeout 300 python benchmarks/bench_startup.py --num-layers 4 2>&1 | tee "$out/startup-4-layers.txt" ;;
+    tests-moe) timeout 240 python -m pytest -q -n 4 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py \
+                 tests/gpu/test_gpu_norm.py tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests-moe.txt" | tail -25 ;;
+    *) echo "unknown phase $phase (tests, tests-moe, spec, e2e, e2e-qwen, prefix, startup, startup-small)"; exit 2 ;;
   esac
 done
