@@ -23,7 +23,8 @@ from torch import nn
 from deltaserve.distributed.communication_op import tensor_model_parallel_all_reduce
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import read_blocks, read_loaded, shard_size
-from deltaserve.layers.mlp import GatedMLP, get_activation
+from deltaserve.layers.mlp import GatedMLP
+from deltaserve.ops.activation import check_activation
 from deltaserve.ops.moe import fused_experts, sigmoid_topk, softmax_topk
 
 
@@ -116,7 +117,8 @@ class FusedExperts(nn.Module):
         self.w2_weight = nn.Parameter(
             torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype), requires_grad=False
         )
-        self.act_fn = get_activation(hidden_act)
+        check_activation(hidden_act)
+        self.activation = hidden_act
 
     def checkpoint_weights(
         self, stored: Callable[[str], bool] | None = None
@@ -155,7 +157,7 @@ class FusedExperts(nn.Module):
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x ``[T, hidden]``, topk ``[T, k]`` -> ``[T, hidden]`` (sum of weighted expert outputs)."""
         # NOTE: dispatched: a per-expert loop on the CPU, grouped GEMMs without host sync on CUDA.
-        return fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.act_fn)
+        return fused_experts(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, self.activation)
 
 
 class SparseMoeBlock(nn.Module):

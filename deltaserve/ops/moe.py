@@ -5,16 +5,15 @@ scores with a choice-only bias (:func:`sigmoid_topk`, DeepSeek-V3 / Kimi) or a s
 (:func:`softmax_topk`, Qwen). The order of the ``k`` chosen experts is not part of the contract.
 
 Experts are stored stacked: ``w13 [E, 2I, hidden]`` (gate rows first, then up) and
-``w2 [E, hidden, I]``; expert ``e`` maps ``x`` to ``w2[e] @ (act(w13[e, :I] @ x) * (w13[e, I:] @ x))``.
+``w2 [E, hidden, I]``; expert ``e`` maps ``x`` to ``w2[e] @ (act(w13[e, :I] @ x) * (w13[e, I:] @ x))`` (``act`` named by ``activation``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 from deltaserve.ops import dispatch
+from deltaserve.ops.activation import ACTIVATIONS, check_activation
 
 
 def fused_experts_ref(
@@ -23,7 +22,7 @@ def fused_experts_ref(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    activation: str = "silu",
 ) -> torch.Tensor:
     """Torch reference of :func:`fused_experts`: one matmul pair per expert hit (a host sync for the counts)."""
     num_tokens, top_k = topk_ids.shape
@@ -42,7 +41,7 @@ def fused_experts_ref(
             continue
         rows = token_of[start : start + count]
         gate, up = torch.nn.functional.linear(x[rows], w13[expert]).chunk(2, dim=-1)
-        y = torch.nn.functional.linear(act_fn(gate) * up, w2[expert])
+        y = torch.nn.functional.linear(ACTIVATIONS[activation](gate) * up, w2[expert])
         out.index_add_(0, rows, y.float() * weights[start : start + count])
         start += count
     return out.to(x.dtype)
@@ -54,11 +53,12 @@ def fused_experts(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    activation: str = "silu",
 ) -> torch.Tensor:
     """``sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])`` for ``x [T, hidden]``, topk ``[T, k]``
     (weights float32, ids int64); returns ``[T, hidden]`` in ``x.dtype``, summed in float32."""
-    return dispatch("moe", "fused_experts", x, fused_experts_ref)(x, w13, w2, topk_weights, topk_ids, act_fn)
+    check_activation(activation)
+    return dispatch("moe", "fused_experts", x, fused_experts_ref)(x, w13, w2, topk_weights, topk_ids, activation)
 
 
 def sigmoid_topk_ref(

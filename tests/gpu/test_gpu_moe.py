@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
@@ -15,6 +14,7 @@ from conftest import rel_err  # noqa: E402
 from test_ops_moe import naive_experts  # noqa: E402
 
 from deltaserve.ops import gpu_impl  # noqa: E402
+from deltaserve.ops.activation import act_and_mul, act_and_mul_ref  # noqa: E402
 from deltaserve.ops.gpu.moe import fused_experts_grouped, grouped_mm_supported  # noqa: E402
 from deltaserve.ops.gpu.moe_kernels import combine_experts, group_by_expert  # noqa: E402
 from deltaserve.ops.moe import sigmoid_topk, sigmoid_topk_ref, softmax_topk, softmax_topk_ref  # noqa: E402
@@ -76,6 +76,15 @@ def test_combining_sums_each_tokens_rows_in_float32():
     assert got.dtype == torch.bfloat16 and rel_err(got, expected) < 4e-3
 
 
+@pytest.mark.parametrize("shape", [(1, 2048), (300, 2048), (5, 3, 96)])
+def test_silu_and_mul_matches_reference(shape):
+    x = (2 * torch.randn(*shape, device="cuda")).bfloat16()
+    got = act_and_mul(x, "silu")
+    assert gpu_impl("activation", "act_and_mul") is not None
+    assert got.dtype == x.dtype and got.shape == (*shape[:-1], shape[-1] // 2)
+    assert rel_err(got, act_and_mul_ref(x.double(), "silu")) < 4e-3
+
+
 @pytest.mark.skipif(not grouped_mm_supported(0), reason="torch._grouped_mm's bf16 kernel is not available")
 @pytest.mark.parametrize("tokens", [1, 7, 256, 2000])
 def test_grouped_experts_match_a_float64_loop(tokens):
@@ -84,7 +93,7 @@ def test_grouped_experts_match_a_float64_loop(tokens):
     w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
     w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
     weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
-    got = fused_experts_grouped(x, w13, w2, weights, ids, F.silu)
+    got = fused_experts_grouped(x, w13, w2, weights, ids, "silu")
     expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
     assert got.dtype == torch.bfloat16 and not got.isnan().any()
     assert rel_err(got.cpu(), expected) < 1.5e-2
@@ -100,7 +109,7 @@ def test_routing_and_experts_replay_in_a_cuda_graph():
 
     def step():
         weights, ids = sigmoid_topk(logits, None, top_k)
-        return fused_experts_grouped(x, w13, w2, weights, ids, F.silu)
+        return fused_experts_grouped(x, w13, w2, weights, ids, "silu")
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -14,9 +14,11 @@ routed experts, two paths:
 from __future__ import annotations
 
 import functools
-from typing import Callable
 
 import torch
+
+from deltaserve.ops.activation import ACTIVATIONS
+from deltaserve.ops.gpu.activation import act_and_mul
 
 from deltaserve.ops.gpu.moe_kernels import SIGMOID, SOFTMAX, combine_experts, group_by_expert, topk_route
 from deltaserve.ops.moe import sigmoid_topk_ref
@@ -36,14 +38,14 @@ def fused_experts_grouped(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    activation: str = "silu",
 ) -> torch.Tensor:
     """Pairs grouped by expert (one counting-sort kernel), gathered, two ``torch._grouped_mm`` calls,
     then one kernel for the weighted sum in float32."""
     groups = group_by_expert(topk_ids, w13.shape[0])
     xs = x.index_select(0, groups.token_of)  # [T*k, hidden], grouped by expert
-    gate, up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=groups.offs).chunk(2, dim=-1)  # [T*k, I] each
-    y = torch._grouped_mm(act_fn(gate) * up, w2.transpose(-2, -1), offs=groups.offs)  # [T*k, hidden]
+    gate_up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=groups.offs)  # [T*k, 2I]
+    y = torch._grouped_mm(act_and_mul(gate_up, activation), w2.transpose(-2, -1), offs=groups.offs)  # [T*k, hidden]
     return combine_experts(y, groups.row_of, topk_weights)
 
 
@@ -53,13 +55,13 @@ def fused_experts_dense(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    activation: str = "silu",
 ) -> torch.Tensor:
     """Every expert on every token (two bmm), combined with a ``[T, E]`` weight matrix that is zero off the top-k."""
     num_tokens = x.shape[0]
     num_experts = w13.shape[0]
     gate, up = torch.matmul(x.unsqueeze(0), w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
-    y = torch.bmm(act_fn(gate) * up, w2.transpose(1, 2))  # [E, T, hidden]
+    y = torch.bmm(ACTIVATIONS[activation](gate) * up, w2.transpose(1, 2))  # [E, T, hidden]
     dense = torch.zeros(num_tokens, num_experts, dtype=torch.float32, device=x.device)
     dense.scatter_(1, topk_ids, topk_weights.float())
     return torch.einsum("te,eth->th", dense, y.float()).to(x.dtype)
@@ -71,14 +73,14 @@ def fused_experts(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
+    activation: str = "silu",
 ) -> torch.Tensor:
     """See :func:`deltaserve.ops.moe.fused_experts`; grouped GEMMs for bf16 where supported, else dense."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
     if x.dtype == torch.bfloat16 and w13.dtype == torch.bfloat16 and grouped_mm_supported(x.device.index or 0):
-        return fused_experts_grouped(x, w13, w2, topk_weights, topk_ids, act_fn)
-    return fused_experts_dense(x, w13, w2, topk_weights, topk_ids, act_fn)
+        return fused_experts_grouped(x, w13, w2, topk_weights, topk_ids, activation)
+    return fused_experts_dense(x, w13, w2, topk_weights, topk_ids, activation)
 
 
 def sigmoid_topk(
