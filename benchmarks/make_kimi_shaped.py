@@ -5,7 +5,8 @@ The dimensions are those of ``tests/data/kimi-linear-48b-a3b-config.json`` (hidd
 of 256, so that two copies of the weights are not needed and it fits one card: about 7.7 B
 parameters, 15.5 GB in bf16). No checkpoint is written: our model is built on the meta device,
 given storage on the target device and initialised in place; transformers' ``KimiLinearForCausalLM``
-then gets the *same* tensors (shared storage) under its own names.
+then gets the *same* tensors (shared storage) under its own names (a merged projection's blocks as
+views of its rows).
 
     python benchmarks/make_kimi_shaped.py        # builds both on cuda, compares their logits
 """
@@ -92,13 +93,26 @@ def make_model(
     return model.eval().requires_grad_(False)
 
 
+def checkpoint_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Our parameters under the checkpoint's names, sharing storage: a merged projection (``MergedLinear``)
+    appears as its blocks' rows (views), as in ``state_dict``; buffers are left out, a tied weight is
+    named once."""
+    buffers = {name for name, _ in model.named_buffers()}
+    params, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in buffers and id(tensor) not in seen:
+            seen.add(id(tensor))
+            params[name] = tensor.detach()
+    return params
+
+
 def transformers_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our parameters under transformers' names (its conversion_mapping for kimi_linear, in reverse):
     the forget-gate weights move under ``forget_gate``, ``block_sparse_moe`` becomes ``mlp``, stacked
     experts become ``gate_up_proj`` / ``down_proj`` (same layout, shared), q/k/v convs are concatenated."""
     state: dict[str, torch.Tensor] = {}
     convs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in model.named_parameters():
+    for name, tensor in checkpoint_parameters(model).items():
         name = re.sub(r"self_attn\.(f_a_proj|f_b_proj|dt_bias|A_log)", r"self_attn.forget_gate.\1", name)
         name = name.replace(".block_sparse_moe.", ".mlp.")
         name = name.replace("experts.w13_weight", "experts.gate_up_proj")
@@ -115,7 +129,8 @@ def transformers_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def make_transformers_twin(model: torch.nn.Module, experts_implementation: str | None = None):
     """transformers' ``KimiLinearForCausalLM`` of ``model.config`` holding ``model``'s tensors (no copy
-    except the concatenated convs); raises when a transformers weight is left without a value."""
+    except the concatenated convs; the merged projections' blocks are views); raises when a transformers
+    weight is left without a value."""
     from transformers import KimiLinearForCausalLM as HFKimiLinear
 
     config = model.config

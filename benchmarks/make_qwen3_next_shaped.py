@@ -62,10 +62,11 @@ def make_model(config_dir: str | Path, dtype: torch.dtype = torch.bfloat16, devi
 
 
 def transformers_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Our parameters under transformers' names: the checkpoint's, except the stacked experts, which are
-    transformers' ``gate_up_proj`` / ``down_proj`` (same layout, shared)."""
+    """Our parameters under transformers' names: the checkpoint's (merged projections' blocks as views of
+    their rows), except the stacked experts, which are transformers' ``gate_up_proj`` / ``down_proj``
+    (same layout, shared)."""
     state = {}
-    for name, tensor in model.named_parameters():
+    for name, tensor in make_kimi_shaped.checkpoint_parameters(model).items():
         name = name.replace("experts.w13_weight", "experts.gate_up_proj")
         name = name.replace("experts.w2_weight", "experts.down_proj")
         state[name] = tensor

@@ -4,7 +4,11 @@ decode-step checks of a layer against it."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from conftest import rel_err
 from transformers.cache_utils import DynamicCache
 
@@ -29,6 +33,22 @@ def run_layer(layer, hidden: list[torch.Tensor], query_lens, num_computed, slots
     positions = torch.cat([torch.arange(c, c + q) for c, q in zip(num_computed, query_lens)]).to(device)
     with torch.no_grad(), forward_context(ctx):
         return layer(positions, torch.cat(hidden))
+
+
+@contextlib.contextmanager
+def linear_calls() -> Iterator[list[tuple[int, int]]]:
+    """Records ``(input width, output width)`` of every ``F.linear`` (one GEMM each) made inside."""
+    calls, linear = [], F.linear
+
+    def record(x, weight, bias=None):
+        calls.append((weight.shape[1], weight.shape[0]))
+        return linear(x, weight, bias)
+
+    F.linear = record
+    try:
+        yield calls
+    finally:
+        F.linear = linear
 
 
 def slot_states(pool: StatePool, group: str, slot: int) -> tuple[torch.Tensor, torch.Tensor]:

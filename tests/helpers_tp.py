@@ -191,3 +191,63 @@ def gdn_worker(rank: int, world_size: int, init_method: str, weights: dict, hidd
         gather_to_first(run_gdn_layer(projection, path, hidden, world_size))
     destroy_distributed()
 
+
+
+# ---- MergedLinear under TP, real processes -----------------------------------------------------------
+
+MERGED_HIDDEN = 6
+
+
+def merged_blocks():
+    """Blocks of every kind: split, split with sub-blocks (``[q | k | v]``), replicated with a bias, split."""
+    from deltaserve.layers.linear import LinearBlock
+
+    return [
+        LinearBlock("q_proj", 8),
+        LinearBlock("in_proj_qkv", (4, 4, 8)),
+        LinearBlock("f_a_proj", 3, sharded=False, bias=True),
+        LinearBlock("b_proj", 2),
+    ]
+
+
+def merged_holder():
+    """A module holding one ``MergedLinear`` (``in_proj``) with its views under the blocks' names."""
+    from torch import nn
+
+    from deltaserve.layers.linear import MergedLinear
+
+    holder = nn.Module()
+    holder.in_proj = MergedLinear(MERGED_HIDDEN, merged_blocks())
+    for block, view in zip(holder.in_proj.blocks, holder.in_proj.views):
+        setattr(holder, block.name, view)
+    return holder
+
+
+def run_merged_linear(weights: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This process's merged layer, loaded through the loader's slots from ``weights``: ``(weight, bias, y)``."""
+    from safetensors import safe_open
+
+    from deltaserve.models.loader import checkpoint_slots
+
+    holder = merged_holder()
+    # NOTE: NaN first: a row that no block loads shows up.
+    holder.in_proj.weight.data.fill_(float("nan"))
+    holder.in_proj.bias.data.fill_(float("nan"))
+    slots = checkpoint_slots(holder)
+    with safe_open(weights, framework="pt") as f:
+        assert set(f.keys()) == set(slots)
+        for name, (shape, load) in slots.items():
+            assert tuple(f.get_slice(name).get_shape()) == shape, name
+            load(f.get_slice(name))
+    with torch.no_grad():
+        y = holder.in_proj(x)
+    return holder.in_proj.weight.detach().clone(), holder.in_proj.bias.detach().clone(), y
+
+
+def merged_linear_worker(rank: int, world_size: int, init_method: str, weights: Path, x: torch.Tensor) -> None:
+    from deltaserve.distributed.message_queue import gather_to_first
+    from deltaserve.distributed.parallel_state import destroy_distributed, init_distributed
+
+    init_distributed(rank, world_size, init_method=init_method, timeout_s=60)
+    gather_to_first(run_merged_linear(weights, x))
+    destroy_distributed()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import rel_err
 from helpers_layer import (CachedReference, assert_untouched, check_decode_steps, check_mixed_batch, check_slot,
-                           nan_pool, run_layer, slot_states)  # fmt: skip
+                           linear_calls, nan_pool, run_layer, slot_states)  # fmt: skip
 from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5GatedDeltaNet
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet
@@ -148,6 +148,13 @@ def test_projection_gathers_q_k_v_as_transformers_orders_them(layers):
             z_ref, b_ref, a_ref = ref.in_proj_z(x[None]), ref.in_proj_b(x[None]), ref.in_proj_a(x[None])
     assert torch.equal(mixed_qkv, reference_conv_inputs(ref, x)) and torch.equal(z, z_ref.reshape(3, HV, DV))
     assert torch.equal(b, b_ref.reshape(3, HV)) and torch.equal(a, a_ref.reshape(3, HV))
+
+
+def test_the_projections_of_the_input_are_one_gemm(layers):
+    _, ours, _ = layers
+    with torch.no_grad(), linear_calls() as calls:
+        ours.project(torch.randn(3, HIDDEN))
+    assert calls == [(HIDDEN, CONV_DIM + HV * DV + 2 * HV)]  # [qkvz | ba] or [qkv | z | b | a]
 
 
 def test_bfloat16_recurrent_state_stays_close(layers):

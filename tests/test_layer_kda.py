@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import rel_err
 from helpers_layer import (CachedReference, assert_untouched, check_decode_steps, check_mixed_batch, check_slot,
-                           nan_pool, run_layer, slot_states)  # fmt: skip
+                           linear_calls, nan_pool, run_layer, slot_states)  # fmt: skip
 from transformers import KimiLinearConfig
 from transformers.models.kimi_linear.modeling_kimi_linear import KimiLinearDeltaAttention
 
@@ -82,6 +82,16 @@ def test_state_dict_names_and_shapes_are_the_checkpoints(layers):
     }  # fmt: skip
     assert layer.A_log.dtype == layer.dt_bias.dtype == torch.float32
     assert layer.q_proj.weight.dtype == layer.o_norm.weight.dtype == torch.bfloat16
+
+
+def test_the_six_projections_of_the_input_are_one_gemm(layers):
+    _, ours, _ = layers
+    pool = make_pool()
+    bind(ours, pool)
+    with linear_calls() as calls:
+        run_layer(ours, [torch.randn(1, HIDDEN), torch.randn(1, HIDDEN)], [1, 1], [0, 0], pool.allocate(2))
+    # [q | k | v | b | f_a | g_a], then f_b, g_b and o_proj
+    assert calls == [(HIDDEN, 3 * H * D + H + 2 * D), (D, H * D), (D, H * D), (H * D, HIDDEN)]
 
 
 @pytest.mark.parametrize("conv_layout", ["SD", "DS"])

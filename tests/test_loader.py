@@ -46,6 +46,24 @@ def test_wrong_shape_names_tensor_expected_and_found(ckpt):
     assert "model.layers.2.self_attn.kv_b_proj.weight: expected shape [64, 32], found [64, 31]" in str(err.value)
 
 
+def test_a_merged_projections_blocks_are_checked_by_their_own_names(ckpt):
+    # NOTE: q_proj ... g_a_proj (KDA), gate_proj / up_proj, q_proj / kv_a_proj_with_mqa (MLA) are one weight
+    # each in the model; the checkpoint's tensors are still checked one by one.
+    def edit(t):
+        t["model.layers.0.self_attn.f_a_proj.weight"] = torch.zeros(16, 63)
+        t["model.layers.2.self_attn.kv_a_proj_with_mqa.weight"] = torch.zeros(41, 64)
+        del t["model.layers.0.mlp.up_proj.weight"]
+
+    rewrite_weights(ckpt, edit)
+    with pytest.raises(ValueError) as err:
+        load_model(ckpt)
+    message = str(err.value)
+    assert "model.layers.0.self_attn.f_a_proj.weight: expected shape [16, 64], found [16, 63]" in message
+    assert "model.layers.2.self_attn.kv_a_proj_with_mqa.weight: expected shape [40, 64], found [41, 64]" in message
+    assert "model.layers.0.mlp.up_proj.weight (expected shape [128, 64])" in message
+    assert "in_proj" not in message and "gate_up_proj" not in message
+
+
 def test_unexpected_tensor_is_named(ckpt):
     rewrite_weights(ckpt, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)}))
     with pytest.raises(ValueError, match=r"unexpected tensors \(1\)") as err:

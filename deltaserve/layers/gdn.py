@@ -7,7 +7,8 @@ Parameter names are those of the checkpoints under ``linear_attn.``. Two project
   of the ``Hk`` groups ``[q Dk | k Dk | v G*Dv | z G*Dv]`` and ``[b G | a G]`` (``G = Hv / Hk``);
 - ``"split"`` (Qwen3.5): ``in_proj_qkv`` = ``[q all | k all | v all]``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``.
 
-Either way the conv runs over ``[q | k | v]`` (sizes ``Hk*Dk, Hk*Dk, Hv*Dv``), the pool's conv layout.
+Either way the conv runs over ``[q | k | v]`` (sizes ``Hk*Dk, Hk*Dk, Hv*Dv``), the pool's conv layout, and
+the projections are one GEMM (``in_proj``, the checkpoint tensors' rows side by side, named by its views).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import WeightSlot, blocks_slot, sharded_slot
 from deltaserve.layers.delta_rule import DeltaRuleMixer
-from deltaserve.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from deltaserve.layers.linear import LinearBlock, MergedLinear, RowParallelLinear
 from deltaserve.state.layout import divide
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.ops.delta_rule import gdn_gate
@@ -83,29 +84,29 @@ class GatedDeltaNet(DeltaRuleMixer):
         self.projection = projection
         conv_dim = 2 * key_dim + value_dim
 
-        def column(n_in: int, n_out: int) -> ColumnParallelLinear:
-            return ColumnParallelLinear(n_in, n_out * tp_size, dtype=dtype)
-
+        # NOTE: [q | k | v | z | b | a] widths of this rank's projection outputs, once put in that order.
+        self.output_split = [conv_dim, value_dim, num_v_heads, num_v_heads]
         if projection == "qkvz":
             # NOTE: rows interleaved per key-head group: a contiguous split hands out whole groups.
-            self.in_proj_qkvz = column(hidden_size, conv_dim + value_dim)
-            self.in_proj_ba = column(hidden_size, 2 * num_v_heads)
+            blocks = [LinearBlock("in_proj_qkvz", full_key_dim * 2 + full_value_dim * 2),
+                      LinearBlock("in_proj_ba", 2 * num_v_heads * tp_size)]  # fmt: skip
             group = num_v_heads // num_k_heads
             parts = [head_k_dim, head_k_dim, group * head_v_dim, group * head_v_dim]
-            # NOTE: one gather of the projection's columns each, instead of splits of strided views and copies.
-            # Plain attributes copied to each device on first use, not buffers: a model built on the meta
-            # device and given storage with to_empty() (as the loader does) would leave buffers uninitialised.
-            self._gather_index = {
-                "qkv": _grouped_index(num_k_heads, parts, [0, 1, 2]),
-                "z": _grouped_index(num_k_heads, parts, [3]),
-                "ba": _grouped_index(num_k_heads, [group, group], [0, 1]),
-            }
-            self._device_index: dict[tuple[str, torch.device], torch.Tensor] = {}
+            # NOTE: one gather of the merged output's columns into [q | k | v | z | b | a] (the ba columns
+            # follow this rank's qkvz ones), instead of splits of strided views and copies. A plain
+            # attribute copied to each device on first use, not a buffer: a model built on the meta device
+            # and given storage with to_empty() (as the loader does) would leave buffers uninitialised.
+            self._gather_index = torch.cat([
+                _grouped_index(num_k_heads, parts, [0, 1, 2, 3]),
+                conv_dim + value_dim + _grouped_index(num_k_heads, [group, group], [0, 1]),
+            ])  # fmt: skip
+            self._device_index: dict[torch.device, torch.Tensor] = {}
         else:
-            self.in_proj_qkv = MergedColumnParallelLinear(hidden_size, self.conv_blocks, dtype=dtype)
-            self.in_proj_z = column(hidden_size, value_dim)
-            self.in_proj_b = column(hidden_size, num_v_heads)
-            self.in_proj_a = column(hidden_size, num_v_heads)
+            blocks = [LinearBlock("in_proj_qkv", tuple(self.conv_blocks)), LinearBlock("in_proj_z", full_value_dim)]
+            blocks += [LinearBlock(name, num_v_heads * tp_size) for name in ("in_proj_b", "in_proj_a")]
+        self.in_proj = MergedLinear(hidden_size, blocks, dtype=dtype)
+        for block, view in zip(blocks, self.in_proj.views):
+            setattr(self, block.name, view)
         # NOTE: holds the depthwise weight [conv_dim, 1, K] over [q | k | v] under the checkpoint's name; never called.
         self.conv1d = nn.Conv1d(conv_dim, conv_dim, conv_kernel_size, groups=conv_dim, bias=False, dtype=dtype)
         # NOTE: the decay parameters and the norm weight stay float32 whatever the model dtype: the Qwen3.5
@@ -143,21 +144,19 @@ class GatedDeltaNet(DeltaRuleMixer):
             dtype=dtype,
         )
 
-    def _index(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, device)
-        if key not in self._device_index:
-            self._device_index[key] = self._gather_index[name].to(device)
-        return self._device_index[key]
+    def _index(self, device: torch.device) -> torch.Tensor:
+        if device not in self._device_index:
+            self._device_index[device] = self._gather_index.to(device)
+        return self._device_index[device]
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``mixed_qkv [T, conv_dim]`` (``[q | k | v]``), ``z [T, Hv, Dv]``, ``b, a [T, Hv]`` from ``x [T, hidden]``."""
-        shape = (x.shape[0], self.num_v_heads, self.head_v_dim)
+        """``mixed_qkv [T, conv_dim]`` (``[q | k | v]``), ``z [T, Hv, Dv]``, ``b, a [T, Hv]`` from ``x [T, hidden]``,
+        views of one GEMM's output (gathered into that order for ``"qkvz"``)."""
+        y = self.in_proj(x)
         if self.projection == "qkvz":
-            qkvz, ba = self.in_proj_qkvz(x), self.in_proj_ba(x)
-            ba = ba.index_select(-1, self._index("ba", x.device))
-            z = qkvz.index_select(-1, self._index("z", x.device)).view(shape)
-            return qkvz.index_select(-1, self._index("qkv", x.device)), z, *ba.split(self.num_v_heads, dim=-1)
-        return self.in_proj_qkv(x), self.in_proj_z(x).view(shape), self.in_proj_b(x), self.in_proj_a(x)
+            y = y.index_select(-1, self._index(x.device))
+        mixed_qkv, z, b, a = y.split(self.output_split, dim=-1)
+        return mixed_qkv, z.view(x.shape[0], self.num_v_heads, self.head_v_dim), b, a
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         ctx = self.batch_context(hidden_states)

@@ -13,7 +13,7 @@ from torch import nn
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import WeightSlot, sharded_slot
 from deltaserve.layers.delta_rule import DeltaRuleMixer
-from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from deltaserve.layers.linear import ColumnParallelLinear, LinearBlock, MergedLinear, RowParallelLinear
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.ops.kda import kda_gate
 from deltaserve.state.layout import divide
@@ -25,6 +25,9 @@ class KimiDeltaAttention(DeltaRuleMixer):
     Under TP each rank holds ``num_heads / tp`` heads: their projections, conv channels, decays and
     states (``[q_local | k_local | v_local]`` conv, ``(H/tp, D, D)`` recurrent); ``o_proj`` all-reduces.
     The low-rank ``f_a_proj`` / ``g_a_proj`` (hidden -> head_dim) are replicated.
+
+    The six projections of ``x`` are one GEMM, ``in_proj`` = ``[q | k | v | b | f_a | g_a]`` (this rank's
+    heads of the first four, all of the last two); ``q_proj``, ... name its rows for the checkpoint.
     """
 
     def __init__(
@@ -48,9 +51,6 @@ class KimiDeltaAttention(DeltaRuleMixer):
         self.num_heads = num_heads
         self.head_dim = head_dim
 
-        def linear(n_in: int, n_out: int) -> nn.Linear:
-            return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
-
         def column(n_in: int, n_out: int) -> ColumnParallelLinear:
             return ColumnParallelLinear(n_in, n_out, dtype=dtype)
 
@@ -58,16 +58,16 @@ class KimiDeltaAttention(DeltaRuleMixer):
             # NOTE: holds the depthwise weight [H*D, 1, K] under the checkpoint's name; never called.
             return nn.Conv1d(width, width, conv_kernel_size, groups=width, bias=False, dtype=dtype)
 
-        self.q_proj = column(hidden_size, full_width)
-        self.k_proj = column(hidden_size, full_width)
-        self.v_proj = column(hidden_size, full_width)
+        blocks = [LinearBlock(name, full_width) for name in ("q_proj", "k_proj", "v_proj")]
+        blocks += [LinearBlock("b_proj", num_heads * tp_size)]
+        blocks += [LinearBlock(name, head_dim, sharded=False) for name in ("f_a_proj", "g_a_proj")]
+        self.in_proj = MergedLinear(hidden_size, blocks, dtype=dtype)
+        self.q_proj, self.k_proj, self.v_proj, self.b_proj, self.f_a_proj, self.g_a_proj = self.in_proj.views
         self.q_conv1d, self.k_conv1d, self.v_conv1d = short_conv(), short_conv(), short_conv()
         # NOTE: the decay parameters stay float32 whatever the model dtype, as in the checkpoints.
         self.A_log = nn.Parameter(torch.zeros(1, 1, num_heads, 1, dtype=torch.float32))
         self.dt_bias = nn.Parameter(torch.zeros(width, dtype=torch.float32))
-        self.f_a_proj, self.f_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
-        self.b_proj = column(hidden_size, num_heads * tp_size)
-        self.g_a_proj, self.g_b_proj = linear(hidden_size, head_dim), column(head_dim, full_width)
+        self.f_b_proj, self.g_b_proj = column(head_dim, full_width), column(head_dim, full_width)
         self.o_norm = GatedRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
         self.o_proj = RowParallelLinear(full_width, hidden_size, dtype=dtype)
 
@@ -111,12 +111,14 @@ class KimiDeltaAttention(DeltaRuleMixer):
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         ctx = self.batch_context(hidden_states)
         x = hidden_states
-        mixed_qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [T, 3*H*D]
+        # NOTE: views of one GEMM's output (row stride: its full width); the conv kernels take strides.
+        width = self.num_heads * self.head_dim
+        mixed_qkv, b, f_a, g_a = self.in_proj(x).split([3 * width, self.num_heads, self.head_dim, self.head_dim], -1)
         q, k, v = self.split_qkv(self.short_conv(mixed_qkv, self.fuse_conv_weights(), ctx))
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias)  # [T, H, D] float32
+        g = kda_gate(self.f_b_proj(f_a), self.A_log, self.dt_bias)  # [T, H, D] float32
         # NOTE: sigmoid in float32 (as vLLM), the same as transformers' at fp32.
-        beta = torch.sigmoid(self.b_proj(x).float())  # [T, H]
+        beta = torch.sigmoid(b.float())  # [T, H]
         o = self.delta_rule(q, k, v, g, beta, ctx)
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(v.shape)
+        gate = self.g_b_proj(g_a).reshape(v.shape)
         o = self.o_norm(o, gate).reshape(x.shape[0], -1)
         return self.o_proj(o)

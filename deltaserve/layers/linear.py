@@ -6,6 +6,9 @@
   ``[q | k | v]``); each rank takes its slice of every block.
 - :class:`RowParallelLinear`: the inputs split; each rank's product is a partial sum, all-reduced
   (``reduce_results``), then the bias is added once.
+- :class:`MergedLinear`: several projections of the same input (each a :class:`LinearBlock`: a checkpoint
+  tensor of its own, split over the ranks or replicated) in one weight, so one GEMM; each block stays
+  visible under its checkpoint name through a :class:`LinearBlockView` beside the merged layer.
 
 Each has ``weight_loader(param, loaded_weight)`` that copies this rank's slice of the checkpoint
 tensor (a safetensors slice: only that slice is read) and ``weight_loaders()`` for the model loader.
@@ -13,6 +16,10 @@ At TP 1 each is an ``nn.Linear`` with the full weight, and its forward is ``F.li
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +95,161 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.copy_(read_blocks(loaded_weight, self.output_sizes, self.tp_rank, self.tp_size))
 
 
+@dataclass(frozen=True)
+class LinearBlock:
+    """One projection of a :class:`MergedLinear`: ``name`` is its checkpoint name beside the merged layer
+    (``"q_proj"`` for ``q_proj.weight``), ``size`` its output width (or the widths of the sub-blocks its
+    checkpoint tensor holds side by side, each split like a :class:`MergedColumnParallelLinear` block);
+    ``sharded``: split over the TP ranks (column-parallel), else replicated; ``bias``: it has one."""
+
+    name: str
+    size: int | tuple[int, ...]
+    sharded: bool = True
+    bias: bool = False
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        return (self.size,) if isinstance(self.size, int) else tuple(self.size)
+
+
+class MergedLinear(nn.Module):
+    """``[*, input_size] -> [*, sum of local widths]``: the blocks' outputs side by side, in block order
+    (a sharded block gives this rank's share, a replicated one all of it), from one ``F.linear``.
+
+    The weight (and bias) is named only through :attr:`views`, which the owner sets beside this layer
+    under the blocks' checkpoint names: ``state_dict``, ``load_state_dict`` and the model loader see
+    ``q_proj.weight``, ... and never the merged tensor. A block without a bias holds zero bias rows.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        blocks: Sequence[LinearBlock],
+        *,
+        dtype: torch.dtype | None = None,
+        what: str | None = None,
+    ):
+        super().__init__()
+        group = get_tp_group()
+        self.tp_rank, self.tp_size = group.rank, group.world_size
+        self.blocks = tuple(blocks)
+        self.input_size = input_size
+        self.local_sizes = [
+            sum(divide(n, self.tp_size, what or f"{b.name} output size") if b.sharded else n for n in b.parts)
+            for b in self.blocks
+        ]
+        self.offsets = [sum(self.local_sizes[:i]) for i in range(len(self.blocks))]
+        width = sum(self.local_sizes)
+        self.weight = nn.Parameter(torch.empty(width, input_size, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(width, dtype=dtype)) if any(b.bias for b in self.blocks) else None
+        # NOTE: nn.Linear's initialisation (the loader overwrites every row).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # NOTE: a plain list, not submodules: the owner registers the views under the checkpoint names.
+        self.views = [LinearBlockView(self, i) for i in range(len(self.blocks))]
+
+    def rows(self, index: int) -> slice:
+        return slice(self.offsets[index], self.offsets[index] + self.local_sizes[index])
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The blocks' outputs of ``y = self(x)``, views in block order."""
+        return y.split(self.local_sizes, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def read_block(self, index: int, loaded) -> torch.Tensor:
+        """This rank's rows of block ``index``'s checkpoint tensor (weight or bias), reading only those."""
+        block = self.blocks[index]
+        if not block.sharded or self.tp_size == 1:
+            return read_loaded(loaded)
+        return read_blocks(loaded, list(block.parts), self.tp_rank, self.tp_size)
+
+    def copy_rows(self, index: int, name: str, rows: torch.Tensor) -> None:
+        """Copy this rank's rows of block ``index``'s ``name`` (``"weight"`` / ``"bias"``) into place; a weight
+        of a block without a bias also zeroes its bias rows (every block's weight is loaded)."""
+        where = self.rows(index)
+        getattr(self, name).data[where].copy_(rows)
+        if name == "weight" and self.bias is not None and not self.blocks[index].bias:
+            self.bias.data[where].zero_()
+
+    def load_block(self, index: int, name: str, loaded) -> None:
+        """Load block ``index``'s ``name`` from its checkpoint tensor (this rank's rows only)."""
+        self.copy_rows(index, name, self.read_block(index, loaded))
+
+    def checkpoint_weights(self, stored=None) -> dict[str, WeightSlot]:
+        # NOTE: no tensor of its own in a checkpoint: the views name and load its rows.
+        return {}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        pass  # NOTE: the views save the rows under the blocks' names
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # fmt: skip
+        # NOTE: the views load the rows from the blocks' names; nothing is stored under this layer's own.
+        if strict:
+            unexpected_keys += [key for key in state_dict if key.startswith(prefix)]
+
+
+class LinearBlockView(nn.Module):
+    """Block ``index`` of a :class:`MergedLinear` under its checkpoint name: ``weight`` / ``bias`` are
+    views of this rank's rows of the merged tensors; it saves, loads and names them for the loader
+    (checkpoint shape: the full block's). Calling it computes the block alone (tests, not the engine)."""
+
+    def __init__(self, merged: MergedLinear, index: int):
+        super().__init__()
+        # NOTE: not a submodule: the merged layer is registered once, by its owner.
+        object.__setattr__(self, "merged", merged)
+        self.index = index
+        self.block = merged.blocks[index]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.merged.weight[self.merged.rows(self.index)]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.merged.bias[self.merged.rows(self.index)] if self.block.bias else None
+
+    def _names(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.block.bias else ("weight",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def checkpoint_weights(self, stored=None) -> dict[str, WeightSlot]:
+        full = sum(self.block.parts)
+        shapes = {"weight": (full, self.merged.input_size), "bias": (full,)}
+        return {
+            name: (shapes[name], lambda loaded, name=name: self.merged.load_block(self.index, name, loaded))
+            for name in self._names()
+        }
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        for name in self._names():
+            tensor = getattr(self, name)
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:  # fmt: skip
+        names = self._names()
+        for name in names:
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            source, target = state_dict[key], getattr(self, name)
+            if tuple(source.shape) != tuple(target.shape):
+                error_msgs.append(
+                    f"size mismatch for {key}: copying a param with shape {tuple(source.shape)} from checkpoint, "
+                    f"the shape in current model is {tuple(target.shape)}."
+                )
+                continue
+            # NOTE: a state dict holds this rank's rows (what state_dict() gives on this rank).
+            self.merged.copy_rows(self.index, name, source)
+        if strict:
+            unexpected_keys += [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in names]
+
+
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> tuple[int, int]:
     """``(KV heads a rank holds, ranks that hold each head)``: split when ``tp_size <= num_kv_heads``, else
     each head replicated on ``tp_size / num_kv_heads`` ranks (vLLM's rule); ValueError naming both otherwise."""
@@ -160,7 +322,10 @@ class RowParallelLinear(nn.Linear):
 __all__ = [
     "ColumnParallelLinear",
     "KVParallelLinear",
+    "LinearBlock",
+    "LinearBlockView",
     "MergedColumnParallelLinear",
+    "MergedLinear",
     "RowParallelLinear",
     "kv_heads_per_rank",
     "shard_size",

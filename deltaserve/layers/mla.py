@@ -2,8 +2,9 @@
 
 Checkpoint names: ``q_proj`` (or ``q_a_proj, q_a_layernorm, q_b_proj`` when ``q_lora_rank`` is set),
 ``kv_a_proj_with_mqa`` (``kv_lora_rank + qk_rope_head_dim`` out), ``kv_a_layernorm``, ``kv_b_proj``,
-``o_proj``. The paged KV cache stores one latent per token, ``[normed c_kv | k_pe]``; keys and values
-are rebuilt from it by :func:`deltaserve.ops.attention.paged_mla_attention`.
+``o_proj``; the two projections of the input, ``q_proj`` (or ``q_a_proj``) and ``kv_a_proj_with_mqa``, are
+one GEMM (``in_proj``, the names those of its rows). The paged KV cache stores one latent per token,
+``[normed c_kv | k_pe]``; keys and values are rebuilt from it by :func:`deltaserve.ops.attention.paged_mla_attention`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import nn
 
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.forward_context import get_forward_context
-from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from deltaserve.layers.linear import ColumnParallelLinear, LinearBlock, MergedLinear, RowParallelLinear
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.ops.attention import paged_mla_attention, write_kv_cache
 from deltaserve.state.layout import divide
@@ -52,13 +53,17 @@ class MLAAttention(nn.Module):
         self.v_head_dim = v_head_dim
         self.layer_idx = layer_idx
         self.scaling = self.qk_head_dim**-0.5
+        # NOTE: q_proj has no bias in the checkpoints (transformers' KimiLinearAttention), the latent ones may.
         if q_lora_rank is None:
-            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, dtype=dtype)
+            q_block = LinearBlock("q_proj", num_heads * self.qk_head_dim)
         else:
-            self.q_a_proj = nn.Linear(hidden_size, q_lora_rank, bias=bias, dtype=dtype)
+            q_block = LinearBlock("q_a_proj", q_lora_rank, sharded=False, bias=bias)
             self.q_a_layernorm = RMSNorm(q_lora_rank, eps=LATENT_NORM_EPS, dtype=dtype)
             self.q_b_proj = ColumnParallelLinear(q_lora_rank, num_heads * self.qk_head_dim, dtype=dtype)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias, dtype=dtype)
+        kv_block = LinearBlock("kv_a_proj_with_mqa", kv_lora_rank + qk_rope_head_dim, sharded=False, bias=bias)
+        self.in_proj = MergedLinear(hidden_size, [q_block, kv_block], dtype=dtype)
+        q_view, self.kv_a_proj_with_mqa = self.in_proj.views
+        setattr(self, q_block.name, q_view)
         self.kv_a_layernorm = RMSNorm(kv_lora_rank, eps=LATENT_NORM_EPS, dtype=dtype)
         self.kv_b_proj = ColumnParallelLinear(kv_lora_rank, num_heads * (qk_nope_head_dim + v_head_dim), dtype=dtype)
         self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=bias, dtype=dtype)
@@ -98,12 +103,11 @@ class MLAAttention(nn.Module):
         if ctx.block_tables is None or ctx.slot_mapping is None:
             raise RuntimeError("the forward context has no block_tables/slot_mapping, which MLA layers need")
         x = hidden_states
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q, kv_a = self.in_proj.split(self.in_proj(x))  # views of one GEMM's output
+        if self.q_lora_rank is not None:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(x.shape[0], self.num_heads, self.qk_head_dim)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [T, R + Dr]
         write_kv_cache(latent, self.kv_cache, ctx.slot_mapping)
         kv_b = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)

@@ -1,4 +1,5 @@
-"""Gated MLP (SwiGLU): ``down(act(gate(x)) * up(x))``; checkpoint names ``{gate,up,down}_proj``."""
+"""Gated MLP (SwiGLU): ``down(act(gate(x)) * up(x))``; checkpoint names ``{gate,up,down}_proj``, with
+``gate`` and ``up`` one GEMM (``gate_up_proj``, vLLM's name)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltaserve.layers.linear import ColumnParallelLinear, RowParallelLinear
+from deltaserve.layers.linear import LinearBlock, MergedLinear, RowParallelLinear
 
 ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu}
 
@@ -22,7 +23,8 @@ def get_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 class GatedMLP(nn.Module):
     """x ``[T, hidden]`` -> ``[T, hidden]``; under TP the intermediate channels are split (gate/up
-    column-, down row-parallel), and ``reduce_results=False`` leaves the partial sum to the caller."""
+    column-, down row-parallel), and ``reduce_results=False`` leaves the partial sum to the caller.
+    ``gate_up_proj`` holds ``[gate | up]`` (this rank's channels of each); ``gate_proj`` / ``up_proj`` name its rows."""
 
     def __init__(
         self,
@@ -34,12 +36,14 @@ class GatedMLP(nn.Module):
     ):
         super().__init__()
         what = "MLP intermediate_size"
-        self.gate_proj = ColumnParallelLinear(hidden_size, intermediate_size, dtype=dtype, what=what)
-        self.up_proj = ColumnParallelLinear(hidden_size, intermediate_size, dtype=dtype, what=what)
+        blocks = [LinearBlock("gate_proj", intermediate_size), LinearBlock("up_proj", intermediate_size)]
+        self.gate_up_proj = MergedLinear(hidden_size, blocks, dtype=dtype, what=what)
+        self.gate_proj, self.up_proj = self.gate_up_proj.views
         self.down_proj = RowParallelLinear(
             intermediate_size, hidden_size, reduce_results=reduce_results, dtype=dtype, what=what
         )
         self.act_fn = get_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(self.act_fn(gate) * up)
