@@ -349,16 +349,24 @@ def main() -> None:
         print(f"transformers twin: experts_implementation={ref.config._experts_implementation}; "
               f"logits rel err ours vs transformers (64 tokens, bf16): {twin}")
 
+    from bench_startup import CompileLog
+
+    compiles = CompileLog()
     t0 = time.perf_counter()
     llm = build_llm(config_dir, model, args)
     graphs = llm.llm_engine.runner.cuda_graphs
     print(f"engine ready in {time.perf_counter() - t0:.1f} s (CUDA graphs: "
-          f"{graphs.sizes if graphs is not None else 'off'}); KV blocks {llm.llm_engine.config.num_kv_blocks}")
+          f"{graphs.sizes if graphs is not None else 'off'}); KV blocks {llm.llm_engine.config.num_kv_blocks}; "
+          f"{len(compiles.events)} Triton compilations, {sum(t for _, t in compiles.events):.1f} s of them")
     runs = []
     for i in range(args.repeat):
         # NOTE: a repeat's warm-up is the run before it (the same shapes, every kernel compiled and tuned).
         warmup = args.warmup if i == 0 else "previous run"
+        seen = len(compiles.events)
         ours = run_ours(llm, prompts, outputs, args.warmup if i == 0 else "none")
+        late = compiles.since(seen)
+        print(f"Triton compilations during this run (its warm-up included): {len(late)}, "
+              f"{sum(t for _, t in late):.1f} s" + "".join(f"\n  {name}: {t:.2f} s" for name, t in late[:25]))
         ours["warmup"] = warmup
         runs.append(ours)
         ours_tps = ours["tokens"] / ours["seconds"]

@@ -90,7 +90,7 @@ def child(args) -> None:
     t0 = time.perf_counter()
     llm = build_llm(config_dir, model, argparse.Namespace(
         device="cuda", max_len=args.max_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=False))
+        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=False, async_scheduling="auto"))
     torch.cuda.synchronize()
     startup = time.perf_counter() - t0
     compiles_at_start = len(log.events)

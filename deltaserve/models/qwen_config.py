@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.layers.attention import rope_settings
-from deltaserve.layers.mlp import ACTIVATIONS
+from deltaserve.ops.activation import ACTIVATIONS
 from deltaserve.models.hybrid import FULL_ATTENTION, LINEAR_ATTENTION
 from deltaserve.models.kimi_linear_config import require_positive
 from deltaserve.state.layout import StateLayout, gdn_layout
