@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import triton
-from fla.modules.norm.l2norm import l2norm_fwd
 from fla.ops.common.chunk_delta_h import chunk_gated_delta_rule_fwd_kernel_h_blockdim64
 from fla.ops.common.chunk_o import chunk_fwd_o
 from fla.ops.gated_delta_rule.chunk_fwd import chunk_gated_delta_rule_fwd_intra
@@ -30,6 +29,8 @@ from fla.ops.kda.chunk_intra import chunk_kda_fwd_intra
 from fla.ops.utils import chunk_local_cumsum
 from fla.ops.utils.constant import RCP_LN2
 from fla.ops.utils.index import prepare_chunk_indices, prepare_chunk_offsets
+
+from deltaserve.ops.gpu.norm import l2norm
 
 
 def _states_fwd(k, w, u, g, gk, initial_state, cu_seqlens, chunk_indices, chunk_size):
@@ -81,8 +82,7 @@ def chunk_with_states(
     """
     q, k, v, g, beta = (t.contiguous() for t in (q, k, v, g, beta))
     if use_qk_l2norm_in_kernel:
-        q, _ = l2norm_fwd(q)
-        k, _ = l2norm_fwd(k)
+        q, k = l2norm(q), l2norm(k)
     chunk_indices = prepare_chunk_indices(cu_seqlens, chunk_size)
     g = chunk_local_cumsum(g, chunk_size=chunk_size, scale=RCP_LN2, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     common = dict(cu_seqlens=cu_seqlens, chunk_size=chunk_size, chunk_indices=chunk_indices)

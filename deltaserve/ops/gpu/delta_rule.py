@@ -16,8 +16,9 @@ from fla.ops.kda import chunk_kda as fla_chunk_kda
 from fla.ops.kda.fused_recurrent import fused_recurrent_kda_fwd as fla_fused_recurrent_kda_fwd
 
 from deltaserve.ops.delta_rule import L2NORM_EPS, DeltaRuleShape, check_shapes
-from deltaserve.ops.gpu.delta_rule_varlen import _check_blocks, _check_state, _last_dim_contiguous
 from deltaserve.ops.gpu.chunk_states import chunk_index, chunk_with_states
+from deltaserve.ops.gpu.delta_rule_varlen import _check_blocks, _check_state, _last_dim_contiguous
+from deltaserve.ops.gpu.norm import l2norm
 from deltaserve.ops.state_checkpoints import check_checkpoints
 
 _cu_cache: list = [None, None]  # [the caller's cu_seqlens, its int64 copy]
@@ -85,6 +86,10 @@ def chunk_delta_rule(
     initial = recurrent_state.index_select(0, index).float()  # [N, Hv, V, K]
     # NOTE: masked_fill, not a multiply: a fresh slot may hold anything, NaN included.
     initial.masked_fill_(~has_initial_state.to(torch.bool).view(-1, 1, 1, 1), 0.0)
+    if use_qk_l2norm_in_kernel:
+        # NOTE: normalised here, not inside fla's call: its L2 norm autotunes again for every bucket of
+        # the token count (deltaserve/ops/gpu/norm.py); this one is tuned for two.
+        q, k = l2norm(q), l2norm(k)
     if not shape.head_gate:
         group = shape.num_v_heads // shape.num_k_heads
         if group > 1:  # fla's KDA kernels take one q/k head per value head
@@ -94,8 +99,7 @@ def chunk_delta_rule(
     if checkpoints is not None:
         out, final, states = chunk_with_states(
             *args, head_gate=shape.head_gate, scale=q.shape[-1] ** -0.5 if scale is None else scale,
-            initial_state=initial, cu_seqlens=cu, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            chunk_size=chunk_size,
+            initial_state=initial, cu_seqlens=cu, use_qk_l2norm_in_kernel=False, chunk_size=chunk_size,
         )  # fmt: skip
         chunks, slots = _checkpoint_chunks(checkpoints, q.device, chunk_size)
         recurrent_state[slots] = states[0].index_select(0, chunks).to(recurrent_state.dtype)
@@ -105,8 +109,7 @@ def chunk_delta_rule(
         with torch.no_grad():
             out, final = fla_chunk(
                 *args, scale=scale, initial_state=initial, output_final_state=True,
-                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, state_v_first=True, cu_seqlens=cu,
-                chunk_size=chunk_size,
+                use_qk_l2norm_in_kernel=False, state_v_first=True, cu_seqlens=cu, chunk_size=chunk_size,
             )  # fmt: skip
     recurrent_state.index_copy_(0, index, final.to(recurrent_state.dtype))
     return out.squeeze(0)
