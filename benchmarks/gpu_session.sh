@@ -24,6 +24,12 @@ for phase in "$@"; do
     startup-small) timeout 300 python benchmarks/bench_startup.py --num-layers 4 2>&1 | tee "$out/startup-4-layers.txt" ;;
     tests-moe) timeout 240 python -m pytest -q -n 4 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py \
                  tests/gpu/test_gpu_norm.py tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests-moe.txt" | tail -25 ;;
+    final)   # one call on a fresh machine: e2e from an empty Triton cache (twin check, transformers), spec, tests
+             export TRITON_CACHE_DIR=/tmp/final-triton-cache; mkdir -p "$TRITON_CACHE_DIR"
+             timeout 340 python benchmarks/bench_e2e.py --repeat 2 --profile-steps 8 2>&1 | tee "$out/e2e.txt"
+             timeout 140 python benchmarks/bench_spec_decode.py --output-len 128 --models kimi 2>&1 | tee "$out/spec-decode-kimi.txt"
+             timeout 95 python -m pytest -q -n 6 -p no:cacheprovider -W ignore tests/gpu/test_gpu_norm.py tests/gpu/test_gpu_moe.py \
+               tests/gpu/test_gpu_kda.py tests/gpu/test_gpu_gdn.py tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests.txt" | tail -30 ;;
     *) echo "unknown phase $phase (tests, tests-moe, spec, e2e, e2e-qwen, prefix, startup, startup-small)"; exit 2 ;;
   esac
 done
