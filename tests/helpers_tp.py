@@ -132,6 +132,21 @@ class LogitsTap:
 GDN_SIZES = dict(hidden=32, hk=2, hv=4, dk=16, dv=8, kernel=4)
 
 
+def load_slots(module, weights: Path) -> None:
+    """Load every checkpoint slot of ``module`` (this rank's share) from the safetensors file ``weights``,
+    which must hold exactly those tensors, each of its slot's shape."""
+    from safetensors import safe_open
+
+    from deltaserve.models.loader import checkpoint_slots
+
+    slots = checkpoint_slots(module)
+    with safe_open(weights, framework="pt") as f:
+        assert set(f.keys()) == set(slots)
+        for name, (shape, load) in slots.items():
+            assert tuple(f.get_slice(name).get_shape()) == shape, name
+            load(f.get_slice(name))
+
+
 def gdn_config(projection: str):
     from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 
@@ -153,18 +168,12 @@ def run_gdn_layer(projection: str, weights: Path, hidden: torch.Tensor, tp_size:
 
     from deltaserve.forward_context import forward_context, make_forward_context
     from deltaserve.layers.gdn import GatedDeltaNet
-    from deltaserve.models.loader import checkpoint_slots
     from deltaserve.state.layout import gdn_layout
     from deltaserve.state.pool import StateGroup, StatePool
 
     s = GDN_SIZES
     layer = GatedDeltaNet.from_config(gdn_config(projection), layer_idx=0, projection=projection).eval()
-    slots = checkpoint_slots(layer)
-    with safe_open(weights, framework="pt") as f:
-        assert set(f.keys()) == set(slots)
-        for name, (shape, load) in slots.items():
-            assert tuple(f.get_slice(name).get_shape()) == shape, name
-            load(f.get_slice(name))
+    load_slots(layer, weights)
     layout = gdn_layout(s["hk"], s["hv"], s["dk"], s["dv"], conv_kernel_size=s["kernel"], tp_size=tp_size,
                         model_dtype=torch.float32, ssm_dtype="float32")  # fmt: skip
     pool = StatePool({"gdn": StateGroup(layout, 1)}, num_slots=3)
@@ -225,20 +234,11 @@ def merged_holder():
 
 def run_merged_linear(weights: Path, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This process's merged layer, loaded through the loader's slots from ``weights``: ``(weight, bias, y)``."""
-    from safetensors import safe_open
-
-    from deltaserve.models.loader import checkpoint_slots
-
     holder = merged_holder()
     # NOTE: NaN first: a row that no block loads shows up.
     holder.in_proj.weight.data.fill_(float("nan"))
     holder.in_proj.bias.data.fill_(float("nan"))
-    slots = checkpoint_slots(holder)
-    with safe_open(weights, framework="pt") as f:
-        assert set(f.keys()) == set(slots)
-        for name, (shape, load) in slots.items():
-            assert tuple(f.get_slice(name).get_shape()) == shape, name
-            load(f.get_slice(name))
+    load_slots(holder, weights)
     with torch.no_grad():
         y = holder.in_proj(x)
     return holder.in_proj.weight.detach().clone(), holder.in_proj.bias.detach().clone(), y
