@@ -13,6 +13,7 @@ from torch import nn
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import WeightSlot, sharded_slot
 from deltaserve.layers.delta_rule import DeltaRuleMixer
+from deltaserve.layers.derived import DerivedTensor
 from deltaserve.layers.linear import ColumnParallelLinear, LinearBlock, MergedLinear, RowParallelLinear
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.ops.kda import kda_gate
@@ -71,8 +72,7 @@ class KimiDeltaAttention(DeltaRuleMixer):
         self.o_norm = GatedRMSNorm(head_dim, eps=rms_norm_eps, dtype=dtype)
         self.o_proj = RowParallelLinear(full_width, hidden_size, dtype=dtype)
 
-        self._conv_weight: torch.Tensor | None = None
-        self._conv_weight_key: tuple | None = None
+        self._conv_weight = DerivedTensor(lambda q, k, v: torch.cat([q.squeeze(1), k.squeeze(1), v.squeeze(1)], dim=0))
 
     @classmethod
     def from_config(cls, hf_config, layer_idx: int, dtype: torch.dtype = torch.float32) -> "KimiDeltaAttention":
@@ -98,13 +98,7 @@ class KimiDeltaAttention(DeltaRuleMixer):
 
     def fuse_conv_weights(self) -> torch.Tensor:
         """``[3*H*D, K]`` conv weight of the concatenated ``[q | k | v]`` channels, cached until a weight changes."""
-        weights = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
-        # NOTE: in-place loads (load_state_dict, copy_) bump _version, so the cache cannot go stale.
-        key = tuple((w.data_ptr(), w._version, w.device, w.dtype) for w in weights)
-        if self._conv_weight is None or key != self._conv_weight_key:
-            self._conv_weight = torch.cat([w.detach().squeeze(1) for w in weights], dim=0)
-            self._conv_weight_key = key
-        return self._conv_weight
+        return self._conv_weight(self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
 
     # ---- forward -----------------------------------------------------------------------------
 

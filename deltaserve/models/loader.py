@@ -16,6 +16,7 @@ skipped with one log line.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -203,6 +204,10 @@ def load_weights(model: nn.Module, path: str | Path, only_prefix: str | None = N
                     except SafetensorError as exc:
                         raise ValueError(f"tensor {name} in {file} cannot be read: {exc}") from exc
                     bar.update()
+    # NOTE: the slots write through .data, which leaves a parameter's version as it was; tensors derived
+    # from parameters (layers/derived.py) key on the version, so tell them the weights changed.
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        torch.autograd.graph.increment_version(tensor)
 
 
 def _read_config_json(path: Path) -> dict:
