@@ -9,15 +9,15 @@ from conftest import rel_err
 from deltaserve.ops.moe import fused_experts
 
 
-def naive_experts(x, w13, w2, topk_weights, topk_ids):
-    """Per token, per chosen expert, in float64: ``sum_j w_j * down(silu(gate(x)) * up(x))``."""
+def naive_experts(x, w13, w2, topk_weights, topk_ids, act=F.silu):
+    """Per token, per chosen expert, in float64: ``sum_j w_j * down(act(gate(x)) * up(x))``."""
     x, w13, w2, topk_weights = (t.double() for t in (x, w13, w2, topk_weights))
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
         for j in range(topk_ids.shape[1]):
             e = int(topk_ids[t, j])
             gate, up = (w13[e] @ x[t]).chunk(2)
-            out[t] += topk_weights[t, j] * (w2[e] @ (F.silu(gate) * up))
+            out[t] += topk_weights[t, j] * (w2[e] @ (act(gate) * up))
     return out
 
 

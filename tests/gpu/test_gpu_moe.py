@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
@@ -15,9 +16,15 @@ from test_ops_moe import naive_experts  # noqa: E402
 
 from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.ops.activation import act_and_mul, act_and_mul_ref  # noqa: E402
-from deltaserve.ops.gpu.moe import fused_experts_grouped, grouped_mm_supported  # noqa: E402
+from deltaserve.ops.gpu.moe import FEW_PAIRS, fused_experts_few, fused_experts_grouped, grouped_mm_supported  # noqa: E402
+from deltaserve.ops.moe import fused_experts  # noqa: E402
 from deltaserve.ops.gpu.moe_kernels import combine_experts, group_by_expert  # noqa: E402
-from deltaserve.ops.moe import sigmoid_topk, sigmoid_topk_ref, softmax_topk, softmax_topk_ref  # noqa: E402
+from deltaserve.ops.moe import (  # noqa: E402
+    sigmoid_topk,
+    sigmoid_topk_ref,
+    softmax_topk,
+    softmax_topk_ref,
+)
 
 SHAPES = [(1, 32, 8), (37, 32, 8), (256, 32, 8), (3, 512, 10), (4096, 512, 10), (300, 64, 4)]
 
@@ -99,9 +106,11 @@ def test_grouped_experts_match_a_float64_loop(tokens):
     assert rel_err(got.cpu(), expected) < 1.5e-2
 
 
-@pytest.mark.skipif(not grouped_mm_supported(0), reason="torch._grouped_mm's bf16 kernel is not available")
-def test_routing_and_experts_replay_in_a_cuda_graph():
-    tokens, hidden, inter, experts, top_k = 64, 256, 128, 32, 8
+@pytest.mark.parametrize("experts_fn, tokens", [(fused_experts_grouped, 64), (fused_experts_few, 4)])
+def test_routing_and_experts_replay_in_a_cuda_graph(experts_fn, tokens):
+    if experts_fn is fused_experts_grouped and not grouped_mm_supported(0):
+        pytest.skip("torch._grouped_mm's bf16 kernel is not available")
+    hidden, inter, experts, top_k = 256, 128, 32, 8
     x = torch.randn(tokens, hidden, device="cuda").bfloat16()
     logits = torch.randn(tokens, experts, device="cuda")
     w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
@@ -109,7 +118,7 @@ def test_routing_and_experts_replay_in_a_cuda_graph():
 
     def step():
         weights, ids = sigmoid_topk(logits, None, top_k)
-        return fused_experts_grouped(x, w13, w2, weights, ids, "silu")
+        return experts_fn(x, w13, w2, weights, ids, "silu")
 
     step()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -119,3 +128,31 @@ def test_routing_and_experts_replay_in_a_cuda_graph():
     logits.copy_(torch.randn_like(logits))
     graph.replay()
     assert torch.equal(out, step())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens, activation", [(1, "silu"), (4, "silu"), (16, "silu"), (3, "gelu")])
+def test_few_pair_experts_match_a_float64_loop(tokens, activation, dtype):
+    # Odd sizes: the last column and reduction blocks are partial. 8 experts, top-4: several tokens per expert.
+    hidden, inter, experts, top_k = 200, 96, 8, 4
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).to(dtype)
+    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    got = fused_experts_few(x, w13, w2, weights, ids, activation)
+    act = F.silu if activation == "silu" else F.gelu
+    expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(), act)
+    assert got.dtype == dtype and not got.isnan().any()
+    assert rel_err(got.cpu(), expected) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, FEW_PAIRS // 8, FEW_PAIRS // 8 + 1])
+def test_dispatch_on_either_side_of_the_few_pair_bound_matches_a_float64_loop(tokens):
+    hidden, inter, experts, top_k = 256, 128, 32, 8
+    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
+    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
+    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    got = fused_experts(x, w13, w2, weights, ids, "silu")
+    expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
+    assert rel_err(got.cpu(), expected) < 1.5e-2

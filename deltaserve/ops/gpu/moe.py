@@ -1,8 +1,11 @@
 """Routed experts on the GPU with static shapes and no host sync (CUDA-graph safe).
 
 Same contracts as :mod:`deltaserve.ops.moe`: the routers' top-k (one Triton kernel a batch) and the
-routed experts, two paths:
+routed experts, three paths:
 
+- at most ``FEW_PAIRS`` (token, expert) pairs (decode at small batch, speculative verify): the pairs
+  grouped by expert and two Triton GEMMs that stream each expert's weights once per block of its
+  rows, the activation fused into the first (``moe_gemm``).
 - bfloat16 with ``torch._grouped_mm`` (Hopper/Ampere, torch >= 2.9): the ``T*k`` (token, expert)
   pairs are grouped by expert, gathered, and run through two grouped GEMMs whose group boundaries
   (``offs``) stay on the device; each expert's weights are read once per step. Grouping and the
@@ -20,8 +23,14 @@ import torch
 from deltaserve.ops.activation import ACTIVATIONS
 from deltaserve.ops.gpu.activation import act_and_mul
 
+from deltaserve.ops.gpu.moe_gemm import KERNEL_ACTIVATIONS, expert_down, expert_gate_up
 from deltaserve.ops.gpu.moe_kernels import SIGMOID, SOFTMAX, combine_experts, group_by_expert, topk_route
 from deltaserve.ops.moe import sigmoid_topk_ref
+
+
+# Pair counts (tokens * top_k) up to which the Triton expert GEMMs beat torch._grouped_mm
+# (benchmarks/bench_moe.py on an H200).
+FEW_PAIRS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,6 +56,21 @@ def fused_experts_grouped(
     gate_up = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=groups.offs)  # [T*k, 2I]
     y = torch._grouped_mm(act_and_mul(gate_up, activation), w2.transpose(-2, -1), offs=groups.offs)  # [T*k, hidden]
     return combine_experts(y, groups.row_of, topk_weights)
+
+
+def fused_experts_few(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Pairs grouped by expert, the gate/up GEMM with its activation, the down GEMM, the weighted sum:
+    four launches, each expert's weights read once per 16 of its rows."""
+    groups = group_by_expert(topk_ids, w13.shape[0])
+    h = expert_gate_up(x, w13, groups.token_of, groups.offs, activation)  # [T*k, I], grouped by expert
+    return combine_experts(expert_down(h, w2, groups.offs), groups.row_of, topk_weights)
 
 
 def fused_experts_dense(
@@ -75,9 +99,12 @@ def fused_experts(
     topk_ids: torch.Tensor,
     activation: str = "silu",
 ) -> torch.Tensor:
-    """See :func:`deltaserve.ops.moe.fused_experts`; grouped GEMMs for bf16 where supported, else dense."""
+    """See :func:`deltaserve.ops.moe.fused_experts`: the Triton expert GEMMs for few pairs, grouped GEMMs
+    for bf16 where supported, else dense."""
     if x.shape[0] == 0:
         return torch.zeros_like(x)
+    if topk_ids.numel() <= FEW_PAIRS and activation in KERNEL_ACTIVATIONS and x.dtype == w13.dtype == w2.dtype:
+        return fused_experts_few(x, w13, w2, topk_weights, topk_ids, activation)
     if x.dtype == torch.bfloat16 and w13.dtype == torch.bfloat16 and grouped_mm_supported(x.device.index or 0):
         return fused_experts_grouped(x, w13, w2, topk_weights, topk_ids, activation)
     return fused_experts_dense(x, w13, w2, topk_weights, topk_ids, activation)
