@@ -18,7 +18,7 @@ from helpers_model import GDN_ARCHS, make_checkpoint  # noqa: E402
 from deltaserve import LLM, SamplingParams  # noqa: E402
 from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.ops.attention import paged_mla_attention, paged_mla_attention_ref, write_kv_cache  # noqa: E402
-from deltaserve.ops.gpu import moe as gpu_moe  # noqa: E402
+from deltaserve.ops.gpu import attention as gpu_attention, moe as gpu_moe  # noqa: E402
 from deltaserve.ops.moe import fused_experts, fused_experts_ref  # noqa: E402
 
 # Greedy tokens are compared up to the first step where the CPU engine's top-2 logprobs are closer
@@ -75,10 +75,11 @@ def test_gpu_ops_are_dispatched():
           f"bf16 grouped path: {gpu_moe.grouped_mm_supported(torch.cuda.current_device())}")
 
 
-def paged_inputs(dtype, heads=32, rank=512, rope=64, nope=128, v_dim=128, block_size=16):
-    """A mixed batch (decodes and chunked prefills) over a NaN-poisoned cache whose used blocks are random."""
-    query_lens = [1, 1, 37, 1, 70, 5]
-    computed = [300, 17, 0, 1, 100, 63]
+def paged_inputs(dtype, heads=32, rank=512, rope=64, nope=128, v_dim=128, block_size=16, query_lens=None,
+                 computed=None):
+    """A batch (by default mixed: decodes and chunked prefills) over a NaN-poisoned cache whose used blocks are random."""
+    query_lens = query_lens or [1, 1, 37, 1, 70, 5]
+    computed = computed or [300, 17, 0, 1, 100, 63]
     seq_lens = [c + q for c, q in zip(computed, query_lens)]
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 5
     cache = torch.full((num_blocks, block_size, rank + rope), float("nan"), dtype=dtype)
@@ -113,6 +114,21 @@ def test_gpu_paged_mla_attention_matches_reference(dtype, bound, lengths_on_devi
     assert err < bound
 
 
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("computed", [[1500], [700, 2, 40, 0], [63] * 16 + [1000] * 16], ids=["b1", "b4", "b32"])
+def test_gpu_paged_mla_decode_with_split_keys_matches_reference(dtype, bound, computed):
+    # Decode only: few tokens, so each token's keys are split over several programs (some slices
+    # empty: contexts shorter than the split count times the key block).
+    assert gpu_attention.num_splits(len(computed), 2) > 1
+    q, cache, w_uk, w_uv, cu, seq_lens, tables = paged_inputs(dtype, query_lens=[1] * len(computed), computed=computed)
+    expected = paged_mla_attention_ref(q.float(), cache.float(), w_uk.float(), w_uv.float(), cu_seqlens=cu,
+                                       seq_lens=seq_lens, block_tables=tables, scale=0.1)
+    out = paged_mla_attention(q.cuda(), cache.cuda(), w_uk.cuda(), w_uv.cuda(), cu_seqlens=cu.cuda(),
+                              seq_lens=seq_lens.cuda(), block_tables=tables.cuda(), scale=0.1)
+    assert out.dtype == dtype and not out.isnan().any()
+    assert rel_err(out.float().cpu(), expected) < bound
+
+
 def test_gpu_write_kv_cache_skips_padding_rows():
     cache = torch.full((6, 4, 40), float("nan"), device="cuda")
     latent = torch.randn(5, 40, device="cuda")
@@ -133,8 +149,8 @@ def test_gpu_fused_experts_match_reference(dtype, bound):
     # NOTE: some experts get no token at all (ids drawn from the first 11 of 16).
     ids = torch.stack([torch.randperm(11)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k)
-    expected = fused_experts_ref(x.float(), w13.float(), w2.float(), weights, ids, F.silu)
-    out = fused_experts(x.cuda(), w13.cuda(), w2.cuda(), weights.cuda(), ids.cuda(), F.silu)
+    expected = fused_experts_ref(x.float(), w13.float(), w2.float(), weights, ids, "silu")
+    out = fused_experts(x.cuda(), w13.cuda(), w2.cuda(), weights.cuda(), ids.cuda(), "silu")
     assert out.dtype == dtype and not out.isnan().any()
     err = rel_err(out.float().cpu(), expected)
     print(f"fused experts {dtype}: rel err {err:.2e}")

@@ -5,10 +5,13 @@ expanded per head: ``q_nope @ w_uk`` moves each query into the latent space (``[
 kernel attends over the cached latents ``[c_kv | k_pe]`` (scores ``q_lat . c_kv + q_pe . k_pe``,
 values ``c_kv``), and ``@ w_uv^T`` maps the latent output back to ``[T, H, Dv]``.
 
-One kernel serves decode and (chunked) prefill: a program is one new token and a group of heads;
-it walks that token's causal key range through the block table with an online softmax. Sequence
-lengths are read on the device, so the op never syncs with the host and is CUDA-graph safe when
-``seq_lens`` and ``cu_seqlens`` are device tensors.
+One kernel serves decode and (chunked) prefill: a program is one new token, a group of heads and
+one of ``splits`` slices of that token's causal key range, walked through the block table with an
+online softmax. With few tokens (decode at small batch) a token's keys are split over up to
+``MAX_SPLITS`` programs so that the step fills the GPU; a second kernel merges the slices by their
+log-sum-exp (flash-decoding). The split count depends on the token count only, so a captured CUDA
+graph keeps it. Sequence lengths are read on the device, so the op never syncs with the host and is
+CUDA-graph safe when ``seq_lens`` and ``cu_seqlens`` are device tensors.
 """
 
 from __future__ import annotations
@@ -23,6 +26,15 @@ import triton.language as tl
 BLOCK_H = 16
 # Keys per inner iteration.
 BLOCK_N = 32
+# Key-range splits: enough programs for about TARGET_PROGRAMS in all, at most MAX_SPLITS per token.
+TARGET_PROGRAMS = 528
+MAX_SPLITS = 16
+
+
+def num_splits(num_tokens: int, num_head_blocks: int) -> int:
+    """Slices of each token's key range: a power of two, 1 once the tokens alone fill the GPU."""
+    want = TARGET_PROGRAMS // max(1, num_tokens * num_head_blocks)
+    return max(1, min(MAX_SPLITS, triton.next_power_of_2(want + 1) // 2))
 
 
 @triton.jit
@@ -59,17 +71,18 @@ def write_kv_cache(latent: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: t
 
 # NOTE: the block-table width changes with the longest sequence of a batch; specialising on it
 # (is it 1, a multiple of 16?) would recompile the kernel on new batch shapes.
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "splits"])
 def _mla_attention_kernel(
-    q_lat, q_pe, kv_cache, out,
+    q_lat, q_pe, kv_cache, out, o_part, lse_part,
     seq_ids, cu_seqlens, seq_lens, block_tables,
-    H, R, DR, sm_scale,
+    H, R, DR, sm_scale, splits,
     stride_qlt, stride_qlh, stride_qpt, stride_qph, stride_ot, stride_oh, stride_bt,
     BLOCK_SIZE: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, BDR: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     i_t = tl.program_id(0).to(tl.int64)
     i_hb = tl.program_id(1)
+    i_s = tl.program_id(2)
     seq = tl.load(seq_ids + i_t).to(tl.int64)
     seq_len = tl.load(seq_lens + seq)
     end = tl.load(cu_seqlens + seq + 1)
@@ -92,9 +105,13 @@ def _mla_attention_kernel(
     l_i = tl.zeros([BH], dtype=tl.float32)
     acc = tl.zeros([BH, BR], dtype=tl.float32)
     table = block_tables + seq * stride_bt
-    for start in range(0, num_keys, BN):
+    # This program's slice of the keys: whole BN blocks, the last slice shorter.
+    per_split = tl.cdiv(tl.cdiv(num_keys, BN), splits) * BN
+    k_lo = i_s * per_split
+    k_hi = tl.minimum(num_keys, k_lo + per_split)
+    for start in range(k_lo, k_hi, BN):
         o_n = start + tl.arange(0, BN)
-        m_n = o_n < num_keys
+        m_n = o_n < k_hi
         block = tl.load(table + o_n // BLOCK_SIZE, mask=m_n, other=0).to(tl.int64)
         row = (tl.maximum(block, 0) * BLOCK_SIZE + o_n % BLOCK_SIZE) * E  # [BN]
         b_c = tl.load(kv_cache + row[:, None] + o_r[None, :], mask=m_n[:, None] & m_r[None, :], other=0.0)
@@ -115,10 +132,36 @@ def _mla_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(b_c.dtype), b_c)
         m_i = m_new
-    # Rows that saw no key (padding) get zeros, not 0/0.
+    # Rows that saw no key (padding, an empty slice) get zeros, not 0/0.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out + i_t * stride_ot + o_h[:, None] * stride_oh + o_r[None, :], acc.to(out.dtype.element_ty),
-             mask=m_h[:, None] & m_r[None, :])
+    if SPLIT:
+        # [T, H, splits, R] partial outputs and their log2-sum-exp (-inf: no key in the slice).
+        part = (i_t * H + o_h) * splits + i_s
+        tl.store(o_part + part[:, None] * R + o_r[None, :], acc, mask=m_h[:, None] & m_r[None, :])
+        tl.store(lse_part + part, tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf")), mask=m_h)
+    else:
+        tl.store(out + i_t * stride_ot + o_h[:, None] * stride_oh + o_r[None, :], acc.to(out.dtype.element_ty),
+                 mask=m_h[:, None] & m_r[None, :])
+
+
+@triton.jit(do_not_specialize=["splits"])
+def _merge_splits_kernel(o_part, lse_part, out, H, R, splits, stride_ot, stride_oh,
+                         BS: tl.constexpr, BR: tl.constexpr):
+    i_t = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1)
+    row = i_t * H + i_h
+    o_s = tl.arange(0, BS)
+    m_s = o_s < splits
+    lse = tl.load(lse_part + row * splits + o_s, mask=m_s, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    o_r = tl.arange(0, BR)
+    m_r = o_r < R
+    parts = tl.load(o_part + (row * splits + o_s)[:, None] * R + o_r[None, :], mask=m_s[:, None] & m_r[None, :],
+                    other=0.0)
+    total = tl.sum(w, 0)
+    acc = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out + i_t * stride_ot + i_h * stride_oh + o_r, acc.to(out.dtype.element_ty), mask=m_r)
 
 
 def _device_int32(x: torch.Tensor | Sequence[int], device: torch.device) -> torch.Tensor:
@@ -177,16 +220,28 @@ def paged_mla_attention(
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q.dtype)).transpose(0, 1)
     o_lat = torch.empty(num_tokens, num_heads, rank, dtype=q.dtype, device=device)
     tables = block_tables.to(torch.int32)
-    grid = (num_tokens, triton.cdiv(num_heads, BLOCK_H))
-    _mla_attention_kernel[grid](
-        q_lat, q_pe, kv_cache, o_lat,
+    head_blocks = triton.cdiv(num_heads, BLOCK_H)
+    splits = num_splits(num_tokens, head_blocks)
+    if splits > 1:
+        o_part = torch.empty(num_tokens, num_heads, splits, rank, dtype=torch.float32, device=device)
+        lse_part = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32, device=device)
+    else:
+        o_part = lse_part = o_lat  # not written
+    block_r = max(16, triton.next_power_of_2(rank))
+    _mla_attention_kernel[(num_tokens, head_blocks, splits)](
+        q_lat, q_pe, kv_cache, o_lat, o_part, lse_part,
         seq_ids, cu, lens, tables,
-        num_heads, rank, rope_dim, scale,
+        num_heads, rank, rope_dim, scale, splits,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), o_lat.stride(0), o_lat.stride(1),
         tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[1], BH=BLOCK_H, BN=BLOCK_N,
-        BR=max(16, triton.next_power_of_2(rank)), BDR=max(16, triton.next_power_of_2(rope_dim)),
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        BR=block_r, BDR=max(16, triton.next_power_of_2(rope_dim)),
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=4, num_stages=2,
     )  # fmt: skip
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            o_part, lse_part, o_lat, num_heads, rank, splits, o_lat.stride(0), o_lat.stride(1),
+            BS=max(2, triton.next_power_of_2(splits)), BR=block_r,
+        )  # fmt: skip
     # Un-absorb w_uv: [H, T, R] @ [H, R, Dv] -> [H, T, Dv], viewed [T, H, Dv].
     return torch.bmm(o_lat.transpose(0, 1), w_uv.to(q.dtype).transpose(1, 2)).transpose(0, 1)
