@@ -80,7 +80,9 @@ def main() -> None:
         for bv, warps in ((16, 2), (16, 4), (16, 1), (8, 1)):
             variants[f"step: kda_decode_step (1 kernel, BV={bv}, {warps}w)"] = (
                 lambda bv=bv, warps=warps: fused_step(rec, conv, index, proj, f, beta, gate, p, bv, warps))
-        for bv, warps in ((32, 8), (16, 4), (16, 2), (32, 4)):
+        variants["recurrent alone (ours, default config)"] = (
+            lambda: gpu_delta_rule.fused_recurrent_delta_rule(q, k, v, g, beta, rec, index))
+        for bv, warps in ((32, 8), (16, 4), (16, 2), (32, 4), (4, 1), (2, 1), (8, 2)):
             variants[f"recurrent alone (ours, BV={bv}, {warps}w)"] = (
                 lambda bv=bv, warps=warps: gpu_delta_rule.fused_recurrent_delta_rule(q, k, v, g, beta, rec, index, block_v=bv,
                                                                        num_warps=warps))
@@ -92,6 +94,10 @@ def main() -> None:
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1),
             initial_state=rec, inplace_final_state=True, state_v_first=True, ssm_state_indices=index,
             use_qk_l2norm_in_kernel=True)
+        # The ceiling for this many bytes: a plain device copy of the batch's state (read + write).
+        src = torch.empty(batch * H * D * D, device="cuda")
+        dst = torch.empty_like(src)
+        variants["baseline: device copy of the same state bytes"] = lambda: dst.copy_(src)
         for name, fn in variants.items():
             fn()
             eager = time_ms(fn)
