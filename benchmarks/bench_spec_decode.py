@@ -12,6 +12,11 @@ config turns drafting off by itself (``auto_disable``); the "1.0 forced" row kee
     python benchmarks/bench_spec_decode.py --small --device cpu --batch 1 2 --output-len 8   # dry run
 
 Decode tok/s = tokens generated after the first (prefill) token / time of the decode-only steps.
+
+"bytes bound": the most speculation can gain when both steps run at the memory floor, acceptance x
+(bytes of a decode step) / (bytes of a verify step): a verify step of ``1 + k`` tokens a row reads the
+experts hit by all of them, which for random weights (routing close to uniform) is many more than a
+decode step's ``top_k`` at small batch.
 """
 
 from __future__ import annotations
@@ -91,6 +96,35 @@ def decode_rate(llm: LLM, batch: int, args, output_len: int) -> tuple[float, dic
     return tokens / max(seconds, 1e-9), 1e3 * seconds / max(steps, 1)
 
 
+def weight_bytes(model: torch.nn.Module, tokens: int) -> float:
+    """Weights one forward of ``tokens`` tokens reads: all dense ones, and of each MoE layer's routed
+    experts the expected number hit when each token picks ``top_k`` of ``E`` uniformly."""
+    from deltaserve.layers.moe import FusedExperts
+
+    experts, hit = 0.0, 0.0
+    top_k = getattr(model.config, "num_experts_per_tok", None) if hasattr(model, "config") else None
+    for module in model.modules():
+        if isinstance(module, FusedExperts):
+            size = sum(t.numel() * t.element_size() for t in module.parameters())
+            num = module.w13_weight.shape[0]
+            k = top_k or num
+            experts += size
+            hit += size * (1.0 - (1.0 - k / num) ** tokens)
+    return sum(t.numel() * t.element_size() for t in model.parameters()) - experts + hit
+
+
+def bytes_bound(llm: LLM, batch: int, acceptance: float | None) -> float:
+    """acceptance x floor bytes of a decode step / floor bytes of a verify step (weights and states)."""
+    if acceptance is None:
+        return 1.0
+    runner = llm.llm_engine.runner
+    pool = runner.state_pool
+    states = 2 * pool.bytes_total / (pool.num_slots + 1) * batch
+    decode = weight_bytes(runner.model, batch) + states
+    verify = weight_bytes(runner.model, batch * (1 + K)) + states
+    return acceptance * decode / verify
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["kimi", "qwen3_next"], choices=["kimi", "qwen3_next"])
@@ -123,18 +157,20 @@ def main() -> None:
                     spec = llm.llm_engine.runner.speculator
                     measured = spec.metrics.mean_acceptance_length if spec is not None else 1.0
                     disabled = spec.metrics.num_disabled_steps if spec is not None else 0
-                    rows.append((name, batch, label, rate, rate / base, measured, step_ms))
+                    bound = bytes_bound(llm, batch, acceptance)
+                    bound = max(bound, 1.0) if auto_disable else bound  # drafting may turn itself off
+                    rows.append((name, batch, label, rate, rate / base, bound, measured, step_ms))
                     print(f"{name:>10} | batch {batch:>3} | spec {label:>10} | {rate:9.1f} tok/s | "
-                          f"x{rate / base:5.2f} | acceptance {measured:4.2f} | {step_ms:7.2f} ms/step | "
+                          f"x{rate / base:5.2f} (bytes bound x{bound:4.2f}) | acceptance {measured:4.2f} | {step_ms:7.2f} ms/step | "
                           f"steps w/o drafts {disabled:4d} | {wall:6.1f} s", flush=True)  # fmt: skip
             del llm
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     print("\n| model | batch | speculation (mean acceptance length) | decode tok/s | vs no speculation | "
-          "measured acceptance | ms per decode step |")
-    print("|---|---|---|---|---|---|---|")
-    for name, batch, label, rate, speedup, measured, step_ms in rows:
-        print(f"| {name} | {batch} | {label} | {rate:.1f} | {speedup:.2f}x | {measured:.2f} | {step_ms:.2f} |")
+          "bytes bound | measured acceptance | ms per decode step |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch, label, rate, speedup, bound, measured, step_ms in rows:
+        print(f"| {name} | {batch} | {label} | {rate:.1f} | {speedup:.2f}x | {bound:.2f}x | {measured:.2f} | {step_ms:.2f} |")
 
 
 if __name__ == "__main__":
