@@ -6,7 +6,8 @@ measured in the same run). CUDA-graph replays, L2 flushed before each.
     python benchmarks/bench_mla_decode.py [--batch 1 16 64 256] [--context 512 4096]
 
 Rows: ``TARGET_PROGRAMS`` of ``deltaserve/ops/gpu/attention.py`` (0: never split); the split count
-follows from it and the batch.
+follows from it and the batch. ``--sweep`` times the kernel's tiles (heads per program ``BLOCK_H``,
+keys per iteration ``BLOCK_N``, warps, stages) at the engine's split rule.
 """
 
 from __future__ import annotations
@@ -33,11 +34,46 @@ def make(batch: int, context: int):
     return q, cache, w_uk, w_uv, cu, lens, tables
 
 
+def floor_ms(batch: int, context: int, bw: float) -> float:
+    """The cached latents and the absorbed projections w_uk, w_uv, read once."""
+    return (batch * (context + 1) * (RANK + ROPE) + 2 * HEADS * NOPE * RANK) * 2 / bw * 1e3
+
+
+def run(case) -> float:
+    q, cache, w_uk, w_uv, cu, lens, tables = case
+    return time_ms(graphed(lambda: gpu_attention.paged_mla_attention(
+        q, cache, w_uk, w_uv, cu_seqlens=cu, seq_lens=lens, block_tables=tables, scale=0.1)), rep=100)
+
+
+def sweep(batches: list[int], context: int, bw: float) -> None:
+    print(f"\n## tile sweep, context {context} (ms, and x floor)")
+    cases = [(b, make(b, context)) for b in batches]
+    widths = [7, 7, 5, 6] + [14] * len(cases)
+    print(fmt_row(["BLOCK_H", "BLOCK_N", "warps", "stages"] + [f"batch {b}" for b, _ in cases], widths))
+    saved = gpu_attention.BLOCK_H, gpu_attention.BLOCK_N, gpu_attention.MLA_WARPS, gpu_attention.MLA_STAGES
+    for bh in (16, 32):
+        for bn in (16, 32, 64):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    (gpu_attention.BLOCK_H, gpu_attention.BLOCK_N, gpu_attention.MLA_WARPS,
+                     gpu_attention.MLA_STAGES) = bh, bn, warps, stages
+                    cells = []
+                    for batch, case in cases:
+                        try:
+                            ms = run(case)
+                            cells.append(f"{ms:.4f} ({ms / floor_ms(batch, context, bw):.1f}x)")
+                        except Exception as exc:  # out of shared memory for a big tile: report and go on
+                            cells.append(type(exc).__name__[:14])
+                    print(fmt_row([bh, bn, warps, stages] + cells, widths), flush=True)
+    gpu_attention.BLOCK_H, gpu_attention.BLOCK_N, gpu_attention.MLA_WARPS, gpu_attention.MLA_STAGES = saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--context", type=int, nargs="+", default=[512, 4096])
-    parser.add_argument("--targets", type=int, nargs="+", default=[0, 264, 528, 1056, 2112])
+    parser.add_argument("--targets", type=int, nargs="+", default=[0, 132, 264, 528, 1056])
+    parser.add_argument("--sweep", action="store_true")
     args = parser.parse_args()
     header("bench_mla_decode: paged MLA decode attention, split key ranges")
     bw = copy_bandwidth()
@@ -47,18 +83,18 @@ def main() -> None:
     saved = gpu_attention.TARGET_PROGRAMS
     for context in args.context:
         for batch in args.batch:
-            q, cache, w_uk, w_uv, cu, lens, tables = make(batch, context)
-            # the cached latents and the absorbed projections w_uk, w_uv
-            floor_ms = (batch * (context + 1) * (RANK + ROPE) + 2 * HEADS * NOPE * RANK) * 2 / bw * 1e3
+            case = make(batch, context)
+            floor = floor_ms(batch, context, bw)
             cells = []
             for target in args.targets:
                 gpu_attention.TARGET_PROGRAMS = target
                 splits = gpu_attention.num_splits(batch, -(-HEADS // gpu_attention.BLOCK_H))
-                ms = time_ms(graphed(lambda: gpu_attention.paged_mla_attention(
-                    q, cache, w_uk, w_uv, cu_seqlens=cu, seq_lens=lens, block_tables=tables, scale=0.1)), rep=100)
-                cells.append(f"{ms:.4f} s{splits} ({ms / floor_ms:.1f}x)")
-            print(fmt_row([batch, context, f"{floor_ms:.4f}"] + cells, widths))
+                ms = run(case)
+                cells.append(f"{ms:.4f} s{splits} ({ms / floor:.1f}x)")
+            print(fmt_row([batch, context, f"{floor:.4f}"] + cells, widths))
     gpu_attention.TARGET_PROGRAMS = saved
+    if args.sweep:
+        sweep(args.batch, args.context[0], bw)
 
 
 if __name__ == "__main__":

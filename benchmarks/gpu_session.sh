@@ -35,8 +35,12 @@ for phase in "$@"; do
     kernels) timeout 200 python benchmarks/bench_moe.py --sweep 2>&1 | tee "$out/moe.txt"
              timeout 80 python benchmarks/bench_mla_decode.py 2>&1 | tee "$out/mla-decode.txt"
              timeout 60 python benchmarks/bench_kda_decode.py --batch 1 16 --no-pieces 2>&1 | tee "$out/kda-decode-small.txt" ;;
+    kernels2) timeout 150 python -m pytest -q -n 4 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py 2>&1 \
+                 | tee "$out/gpu-tests-moe.txt" | tail -15
+             timeout 240 python benchmarks/bench_moe.py --sweep --tokens 1 2 4 8 16 32 64 128 256 2>&1 | tee "$out/moe.txt"
+             timeout 150 python benchmarks/bench_mla_decode.py --sweep 2>&1 | tee "$out/mla-decode.txt" ;;
     e2e-quick) timeout 200 python benchmarks/bench_e2e.py --repeat 1 --skip-twin-check --skip-hf --profile-steps 8 2>&1 \
                  | tee "$out/e2e-quick.txt" ;;
-    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernels, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final)"; exit 2 ;;
+    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final)"; exit 2 ;;
   esac
 done

@@ -26,8 +26,12 @@ import triton.language as tl
 BLOCK_H = 16
 # Keys per inner iteration.
 BLOCK_N = 32
+# Warps and pipeline stages of the MLA kernel (benchmarks/bench_mla_decode.py --sweep).
+MLA_WARPS, MLA_STAGES = 4, 2
 # Key-range splits: enough programs for about TARGET_PROGRAMS in all, at most MAX_SPLITS per token.
-TARGET_PROGRAMS = 528
+# Two per SM of an H200 (benchmarks/bench_mla_decode.py: 264 beat 528 and up at batch 16 and 64, tied
+# at batch 1; more splits only pay once a context is long).
+TARGET_PROGRAMS = 264
 MAX_SPLITS = 16
 
 
@@ -236,7 +240,7 @@ def paged_mla_attention(
         tables.stride(0),
         BLOCK_SIZE=kv_cache.shape[1], BH=BLOCK_H, BN=BLOCK_N,
         BR=block_r, BDR=max(16, triton.next_power_of_2(rope_dim)),
-        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=4, num_stages=2,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=MLA_WARPS, num_stages=MLA_STAGES,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

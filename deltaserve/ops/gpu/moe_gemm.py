@@ -25,8 +25,9 @@ import triton.language as tl
 
 # Activations the gate/up kernel applies in float32; others take the grouped path.
 KERNEL_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1}
-# Tiles by rows per block (BLOCK_M: tl.dot's smallest is 16): (BLOCK_N, BLOCK_K, num_warps, num_stages).
-TILES = {16: (32, 128, 4, 4), 32: (64, 64, 4, 4), 64: (64, 64, 4, 3)}
+# Tiles by rows per block (BLOCK_M; from 16, tl.dot's smallest, a tensor-core product; below it the
+# products summed in registers): (BLOCK_N, BLOCK_K, num_warps, num_stages).
+TILES = {1: (32, 128, 4, 3), 4: (32, 128, 8, 3), 16: (32, 128, 4, 4), 32: (64, 64, 4, 4), 64: (64, 64, 4, 3)}
 FLOAT32_TILE = (16, (32, 64, 4, 2))  # float32 operands: smaller tiles (shared memory)
 
 
@@ -36,11 +37,24 @@ def block_m(num_pairs: int, num_experts: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(1, mean))))
 
 
-@triton.jit(do_not_specialize=["N", "K"])
+@triton.jit
+def _block_product(x, w, IEEE: tl.constexpr, BM: tl.constexpr):
+    """x ``[BM, BK]`` @ w ``[BK, BN]`` in float32: tl.dot from 16 rows, products summed in registers below."""
+    if BM < 16:
+        return tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+    elif IEEE:
+        return tl.dot(x, w, input_precision="ieee")
+    else:
+        return tl.dot(x, w)
+
+
+# NOTE: N and K stay specialised (a model has two pairs of them): their divisibility is what lets the
+# masked weight loads vectorise; EVEN_K drops the K mask altogether.
+@triton.jit
 def _expert_gemm_kernel(
     a, stride_a, w, stride_we, stride_wn, out, stride_o, token_of, offs, N, K, E,
     GATHER: tl.constexpr, GATED: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Program m is the m-th block of BM rows in the grouped order, counting each expert's
     # ceil(rows / BM) blocks: find its expert from the group ends (a cumulative sum over E).
@@ -69,20 +83,14 @@ def _expert_gemm_kernel(
     acc_up = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, K, BK):
         o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
+        m_k = (o_k < K) | EVEN_K
         x = tl.load(a + src[:, None] * stride_a + o_k[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
         m_w = m_k[:, None] & m_n[None, :]
         w_g = tl.load(w_e + o_n[None, :].to(tl.int64) * stride_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
-        if IEEE:
-            acc += tl.dot(x, w_g, input_precision="ieee")
-        else:
-            acc += tl.dot(x, w_g)
+        acc += _block_product(x, w_g, IEEE, BM)
         if GATED:
             w_u = tl.load(w_e + (N + o_n[None, :]).to(tl.int64) * stride_wn + o_k[:, None], mask=m_w, other=0.0)
-            if IEEE:
-                acc_up += tl.dot(x, w_u, input_precision="ieee")
-            else:
-                acc_up += tl.dot(x, w_u)
+            acc_up += _block_product(x, w_u, IEEE, BM)
     if GATED:
         if ACT == 0:
             acc = acc * tl.sigmoid(acc) * acc_up
@@ -108,7 +116,8 @@ def _launch(a, w, out, token_of, offs, n, *, gather: bool, gated: bool, act: int
     _expert_gemm_kernel[grid](
         a, a.stride(0), w, w.stride(0), w.stride(1), out, out.stride(0), token_of, offs, n, w.shape[2], num_experts,
         GATHER=gather, GATED=gated, ACT=act, IEEE=a.dtype == torch.float32,
-        BM=bm, BN=bn, BK=bk, BE=max(2, triton.next_power_of_2(num_experts)), num_warps=warps, num_stages=stages,
+        BM=bm, BN=bn, BK=bk, BE=max(2, triton.next_power_of_2(num_experts)), EVEN_K=w.shape[2] % bk == 0,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 
