@@ -50,13 +50,12 @@ def sweep(batches: list[int], context: int, bw: float) -> None:
     cases = [(b, make(b, context)) for b in batches]
     widths = [7, 7, 5, 6] + [14] * len(cases)
     print(fmt_row(["BLOCK_H", "BLOCK_N", "warps", "stages"] + [f"batch {b}" for b, _ in cases], widths))
-    saved = gpu_attention.BLOCK_H, gpu_attention.BLOCK_N, gpu_attention.MLA_WARPS, gpu_attention.MLA_STAGES
+    saved = gpu_attention.mla_tile
     for bh in (16, 32):
         for bn in (16, 32, 64):
             for warps in (4, 8):
                 for stages in (2, 3):
-                    (gpu_attention.BLOCK_H, gpu_attention.BLOCK_N, gpu_attention.MLA_WARPS,
-                     gpu_attention.MLA_STAGES) = bh, bn, warps, stages
+                    gpu_attention.mla_tile = lambda _, tile=(bh, bn, warps, stages): tile
                     cells = []
                     for batch, case in cases:
                         try:
@@ -65,7 +64,7 @@ def sweep(batches: list[int], context: int, bw: float) -> None:
                         except Exception as exc:  # out of shared memory for a big tile: report and go on
                             cells.append(type(exc).__name__[:14])
                     print(fmt_row([bh, bn, warps, stages] + cells, widths), flush=True)
-    gpu_attention.BLOCK_H, gpu_attention.BLOCK_N, gpu_attention.MLA_WARPS, gpu_attention.MLA_STAGES = saved
+    gpu_attention.mla_tile = saved
 
 
 def main() -> None:
@@ -88,7 +87,7 @@ def main() -> None:
             cells = []
             for target in args.targets:
                 gpu_attention.TARGET_PROGRAMS = target
-                splits = gpu_attention.num_splits(batch, -(-HEADS // gpu_attention.BLOCK_H))
+                splits = gpu_attention.num_splits(batch, -(-HEADS // gpu_attention.mla_tile(batch)[0]))
                 ms = run(case)
                 cells.append(f"{ms:.4f} s{splits} ({ms / floor:.1f}x)")
             print(fmt_row([batch, context, f"{floor:.4f}"] + cells, widths))

@@ -65,10 +65,7 @@ def sweep(token_counts: list[int], experts: int, bw: float) -> None:
     print(f"\n## tile sweep of the Triton path, {experts} experts (ms, and x floor)")
     # NOTE: up to FEW_PAIRS pairs over 32+ experts is at most 4 rows an expert (BLOCK_M 16): that block
     # gets the wide search, the larger ones a few tiles each.
-    # BLOCK_M 1 and 4 sum the products in registers (no tensor cores), for experts with that few rows.
-    configs = [(bm, bn, bk, warps, stages)
-               for bm in (1, 4) for bn in (32, 64) for bk in (128, 256) for warps, stages in ((4, 3), (8, 4))]
-    configs += [(16, bn, bk, warps, stages)
+    configs = [(16, bn, bk, warps, stages)
                 for bn in (32, 64, 128) for bk in (128, 256) for warps, stages in ((4, 3), (8, 4))]
     configs += [(bm, bn, 128, warps, stages) for bm in (32, 64) for bn in (64, 128) for warps, stages in ((4, 3), (8, 4))]
     cases = [(t, *make(t, experts)) for t in token_counts]

@@ -101,8 +101,10 @@ def paged_inputs(dtype, heads=32, rank=512, rope=64, nope=128, v_dim=128, block_
 
 @pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("lengths_on_device", [False, True], ids=["host_lens", "device_lens"])
-def test_gpu_paged_mla_attention_matches_reference(dtype, bound, lengths_on_device):
-    q, cache, w_uk, w_uv, cu, seq_lens, tables = paged_inputs(dtype)
+@pytest.mark.parametrize("query_lens", [None, [1, 1, 137, 1, 70, 5]], ids=["narrow_tile", "wide_tile"])
+def test_gpu_paged_mla_attention_matches_reference(dtype, bound, lengths_on_device, query_lens):
+    # NOTE: 215 tokens reach WIDE_TOKENS (32 heads a program) in bfloat16.
+    q, cache, w_uk, w_uv, cu, seq_lens, tables = paged_inputs(dtype, query_lens=query_lens)
     expected = paged_mla_attention_ref(q.float(), cache.float(), w_uk.float(), w_uv.float(), cu_seqlens=cu,
                                        seq_lens=seq_lens, block_tables=tables, scale=0.1)
     lens = (cu.cuda(), seq_lens.cuda()) if lengths_on_device else (cu.tolist(), seq_lens.tolist())
@@ -119,7 +121,7 @@ def test_gpu_paged_mla_attention_matches_reference(dtype, bound, lengths_on_devi
 def test_gpu_paged_mla_decode_with_split_keys_matches_reference(dtype, bound, computed):
     # Decode only: few tokens, so each token's keys are split over several programs (some slices
     # empty: contexts shorter than the split count times the key block).
-    assert gpu_attention.num_splits(len(computed), 2) > 1
+    assert gpu_attention.num_splits(len(computed), 32 // gpu_attention.mla_tile(len(computed))[0]) > 1
     q, cache, w_uk, w_uv, cu, seq_lens, tables = paged_inputs(dtype, query_lens=[1] * len(computed), computed=computed)
     expected = paged_mla_attention_ref(q.float(), cache.float(), w_uk.float(), w_uv.float(), cu_seqlens=cu,
                                        seq_lens=seq_lens, block_tables=tables, scale=0.1)

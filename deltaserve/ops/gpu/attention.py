@@ -22,12 +22,18 @@ import torch
 import triton
 import triton.language as tl
 
-# Head rows per program: tl.dot needs at least 16 rows; fewer heads are masked.
-BLOCK_H = 16
-# Keys per inner iteration.
-BLOCK_N = 32
-# Warps and pipeline stages of the MLA kernel (benchmarks/bench_mla_decode.py --sweep).
-MLA_WARPS, MLA_STAGES = 4, 2
+# MLA tiles (head rows per program, keys per iteration, warps, stages; tl.dot needs at least 16 head
+# rows, fewer heads are masked): from benchmarks/bench_mla_decode.py --sweep on an H200. 32 heads a
+# program read each key once for all heads (1.45x faster at batch 256), 16 leave more programs to a
+# small batch (split keys); the wide tile from WIDE_TOKENS tokens.
+NARROW_TILE = (16, 32, 4, 2)
+WIDE_TILE = (32, 32, 4, 3)
+WIDE_TOKENS = 128
+
+
+def mla_tile(num_tokens: int) -> tuple[int, int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps, num_stages) of the MLA kernel for a step of ``num_tokens`` tokens."""
+    return WIDE_TILE if num_tokens >= WIDE_TOKENS else NARROW_TILE
 # Key-range splits: enough programs for about TARGET_PROGRAMS in all, at most MAX_SPLITS per token.
 # Two per SM of an H200 (benchmarks/bench_mla_decode.py: 264 beat 528 and up at batch 16 and 64, tied
 # at batch 1; more splits only pay once a context is long).
@@ -224,7 +230,9 @@ def paged_mla_attention(
     q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk.to(q.dtype)).transpose(0, 1)
     o_lat = torch.empty(num_tokens, num_heads, rank, dtype=q.dtype, device=device)
     tables = block_tables.to(torch.int32)
-    head_blocks = triton.cdiv(num_heads, BLOCK_H)
+    # NOTE: float32 keys take twice the shared memory per stage: the narrow tile only.
+    block_h, block_n, warps, stages = mla_tile(num_tokens) if q.dtype != torch.float32 else NARROW_TILE
+    head_blocks = triton.cdiv(num_heads, block_h)
     splits = num_splits(num_tokens, head_blocks)
     if splits > 1:
         o_part = torch.empty(num_tokens, num_heads, splits, rank, dtype=torch.float32, device=device)
@@ -238,9 +246,9 @@ def paged_mla_attention(
         num_heads, rank, rope_dim, scale, splits,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), o_lat.stride(0), o_lat.stride(1),
         tables.stride(0),
-        BLOCK_SIZE=kv_cache.shape[1], BH=BLOCK_H, BN=BLOCK_N,
+        BLOCK_SIZE=kv_cache.shape[1], BH=block_h, BN=block_n,
         BR=block_r, BDR=max(16, triton.next_power_of_2(rope_dim)),
-        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=MLA_WARPS, num_stages=MLA_STAGES,
+        IEEE=q.dtype == torch.float32, SPLIT=splits > 1, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

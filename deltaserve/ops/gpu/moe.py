@@ -3,7 +3,7 @@
 Same contracts as :mod:`deltaserve.ops.moe`: the routers' top-k (one Triton kernel a batch) and the
 routed experts, three paths:
 
-- at most ``FEW_PAIRS`` (token, expert) pairs (decode at small batch, speculative verify): the pairs
+- at most ``FEW_PAIRS`` (token, expert) pairs (decode up to batch 256, speculative verify): the pairs
   grouped by expert and two Triton GEMMs that stream each expert's weights once per block of its
   rows, the activation fused into the first (``moe_gemm``).
 - bfloat16 with ``torch._grouped_mm`` (Hopper/Ampere, torch >= 2.9): the ``T*k`` (token, expert)
@@ -28,9 +28,11 @@ from deltaserve.ops.gpu.moe_kernels import SIGMOID, SOFTMAX, combine_experts, gr
 from deltaserve.ops.moe import sigmoid_topk_ref
 
 
-# Pair counts (tokens * top_k) up to which the Triton expert GEMMs beat torch._grouped_mm
-# (benchmarks/bench_moe.py on an H200).
-FEW_PAIRS = 128
+# Pair counts (tokens * top_k) up to which the Triton expert GEMMs run: they beat torch._grouped_mm
+# by 1.2-1.6x at every count measured up to here (benchmarks/bench_moe.py on an H200: 1 to 256 tokens,
+# top-8, 32 and 256 experts); larger steps (prefill) are compute-bound, where cutlass's grouped GEMM
+# is the tuned one.
+FEW_PAIRS = 2048
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,7 +69,7 @@ def fused_experts_few(
     activation: str = "silu",
 ) -> torch.Tensor:
     """Pairs grouped by expert, the gate/up GEMM with its activation, the down GEMM, the weighted sum:
-    four launches, each expert's weights read once per 16 of its rows."""
+    four launches, each expert's weights read once per block of 16 to 64 of its rows."""
     groups = group_by_expert(topk_ids, w13.shape[0])
     h = expert_gate_up(x, w13, groups.token_of, groups.offs, activation)  # [T*k, I], grouped by expert
     return combine_experts(expert_down(h, w2, groups.offs), groups.row_of, topk_weights)

@@ -1,7 +1,8 @@
 """Routed-expert GEMMs for a few (token, expert) pairs: decode at small batch and speculative verify.
 
-With a handful of rows per expert, ``torch._grouped_mm`` spends most of its time on its per-group
-set-up and reaches about half the copy bandwidth. Here each expert's weights are streamed once per
+With up to a few dozen rows per expert, ``torch._grouped_mm`` spends much of its time on its per-group
+set-up: at Kimi-Linear dims on an H200 it takes 1.4-2.9x the time of reading the experts' weights once,
+these kernels 1.0-1.9x (``benchmarks/bench_moe.py``). Here each expert's weights are streamed once per
 block of ``BLOCK_M`` of its rows (pairs grouped by :func:`moe_kernels.group_by_expert`; ``BLOCK_M``
 about the mean rows per expert, 16 to 64):
 
@@ -25,9 +26,10 @@ import triton.language as tl
 
 # Activations the gate/up kernel applies in float32; others take the grouped path.
 KERNEL_ACTIVATIONS = {"silu": 0, "swish": 0, "gelu": 1}
-# Tiles by rows per block (BLOCK_M; from 16, tl.dot's smallest, a tensor-core product; below it the
-# products summed in registers): (BLOCK_N, BLOCK_K, num_warps, num_stages).
-TILES = {1: (32, 128, 4, 3), 4: (32, 128, 8, 3), 16: (32, 128, 4, 4), 32: (64, 64, 4, 4), 64: (64, 64, 4, 3)}
+# Tiles by rows per block (BLOCK_M: tl.dot's smallest is 16): (BLOCK_N, BLOCK_K, num_warps, num_stages),
+# the best of benchmarks/bench_moe.py --sweep on an H200 (32 experts, Kimi-Linear dims; summing the
+# products in registers for experts of 1 or 4 rows lost to the 16-row tensor-core tile everywhere).
+TILES = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 64, 4, 3)}
 FLOAT32_TILE = (16, (32, 64, 4, 2))  # float32 operands: smaller tiles (shared memory)
 
 
@@ -35,17 +37,6 @@ def block_m(num_pairs: int, num_experts: int) -> int:
     """Rows per block: about the mean rows per expert, 16 to 64."""
     mean = num_pairs // max(1, min(num_pairs, num_experts))
     return max(16, min(64, triton.next_power_of_2(max(1, mean))))
-
-
-@triton.jit
-def _block_product(x, w, IEEE: tl.constexpr, BM: tl.constexpr):
-    """x ``[BM, BK]`` @ w ``[BK, BN]`` in float32: tl.dot from 16 rows, products summed in registers below."""
-    if BM < 16:
-        return tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
-    elif IEEE:
-        return tl.dot(x, w, input_precision="ieee")
-    else:
-        return tl.dot(x, w)
 
 
 # NOTE: N and K stay specialised (a model has two pairs of them): their divisibility is what lets the
@@ -87,10 +78,16 @@ def _expert_gemm_kernel(
         x = tl.load(a + src[:, None] * stride_a + o_k[None, :], mask=m_rows[:, None] & m_k[None, :], other=0.0)
         m_w = m_k[:, None] & m_n[None, :]
         w_g = tl.load(w_e + o_n[None, :].to(tl.int64) * stride_wn + o_k[:, None], mask=m_w, other=0.0)  # [BK, BN]
-        acc += _block_product(x, w_g, IEEE, BM)
+        if IEEE:
+            acc += tl.dot(x, w_g, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w_g)
         if GATED:
             w_u = tl.load(w_e + (N + o_n[None, :]).to(tl.int64) * stride_wn + o_k[:, None], mask=m_w, other=0.0)
-            acc_up += _block_product(x, w_u, IEEE, BM)
+            if IEEE:
+                acc_up += tl.dot(x, w_u, input_precision="ieee")
+            else:
+                acc_up += tl.dot(x, w_u)
     if GATED:
         if ACT == 0:
             acc = acc * tl.sigmoid(acc) * acc_up
