@@ -36,6 +36,8 @@ for phase in "$@"; do
              export TRITON_CACHE_DIR=/tmp/final-triton-cache; mkdir -p "$TRITON_CACHE_DIR"
              timeout 320 python benchmarks/bench_e2e.py --repeat 2 --profile-steps 8 2>&1 | tee "$out/e2e.txt"
              timeout 130 python benchmarks/bench_spec_decode.py --output-len 128 --models kimi 2>&1 | tee "$out/spec-decode-kimi.txt" ;;
+    kernel-tests-all) timeout 170 python -m pytest -q -n 8 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py \
+                 tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests-kernels.txt" | tail -25 ;;
     kernel-tests) timeout 170 python -m pytest -q -n 6 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py \
                  tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests-kernels.txt" | tail -25 ;;
     kernels) timeout 200 python benchmarks/bench_moe.py --sweep 2>&1 | tee "$out/moe.txt"
@@ -47,6 +49,6 @@ for phase in "$@"; do
              timeout 150 python benchmarks/bench_mla_decode.py --sweep 2>&1 | tee "$out/mla-decode.txt" ;;
     e2e-quick) timeout 200 python benchmarks/bench_e2e.py --repeat 1 --skip-twin-check --skip-hf --profile-steps 8 2>&1 \
                  | tee "$out/e2e-quick.txt" ;;
-    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final, final2)"; exit 2 ;;
+    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernel-tests-all, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final, final2)"; exit 2 ;;
   esac
 done
