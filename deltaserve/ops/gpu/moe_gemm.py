@@ -1,4 +1,5 @@
-"""Routed-expert GEMMs for a few (token, expert) pairs: decode at small batch and speculative verify.
+"""Routed-expert GEMMs for decode-sized steps (up to ``moe.FEW_PAIRS`` (token, expert) pairs): decode and
+speculative verify.
 
 With up to a few dozen rows per expert, ``torch._grouped_mm`` spends much of its time on its per-group
 set-up: at Kimi-Linear dims on an H200 it takes 1.4-2.9x the time of reading the experts' weights once,
