@@ -30,11 +30,10 @@ for phase in "$@"; do
              timeout 140 python benchmarks/bench_spec_decode.py --output-len 128 --models kimi 2>&1 | tee "$out/spec-decode-kimi.txt"
              timeout 95 python -m pytest -q -n 6 -p no:cacheprovider -W ignore tests/gpu/test_gpu_norm.py tests/gpu/test_gpu_moe.py \
                tests/gpu/test_gpu_kda.py tests/gpu/test_gpu_gdn.py tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests.txt" | tail -30 ;;
-    final2)  # one call on a fresh machine: the changed kernels' tests, e2e from an empty Triton cache, Kimi speculation
-             timeout 120 python -m pytest -q -n 6 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py \
-               tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests-kernels.txt" | tail -15
+    final2)  # one call on a fresh machine: e2e from an empty Triton cache (with transformers), Kimi speculation;
+             # on 2026-12-03 the e2e part took ~320 s (cut before transformers' generate) and speculation ~110 s
              export TRITON_CACHE_DIR=/tmp/final-triton-cache; mkdir -p "$TRITON_CACHE_DIR"
-             timeout 320 python benchmarks/bench_e2e.py --repeat 2 --profile-steps 8 2>&1 | tee "$out/e2e.txt"
+             timeout 400 python benchmarks/bench_e2e.py --repeat 2 --profile-steps 8 2>&1 | tee "$out/e2e.txt"
              timeout 130 python benchmarks/bench_spec_decode.py --output-len 128 --models kimi 2>&1 | tee "$out/spec-decode-kimi.txt" ;;
     kernel-tests-all) timeout 170 python -m pytest -q -n 8 -p no:cacheprovider -W ignore tests/gpu/test_gpu_moe.py \
                  tests/gpu/test_engine_gpu.py 2>&1 | tee "$out/gpu-tests-kernels.txt" | tail -25 ;;
