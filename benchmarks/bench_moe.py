@@ -11,7 +11,6 @@ at a few token counts, to pick the fixed ones in ``deltaserve/ops/gpu/moe_gemm.p
 from __future__ import annotations
 
 import argparse
-import itertools
 
 import torch
 from common import copy_bandwidth, fmt_row, graphed, header, time_ms

@@ -102,7 +102,7 @@ def weight_bytes(model: torch.nn.Module, tokens: int) -> float:
     from deltaserve.layers.moe import FusedExperts
 
     experts, hit = 0.0, 0.0
-    top_k = getattr(model.config, "num_experts_per_tok", None) if hasattr(model, "config") else None
+    top_k = getattr(model.config, "num_experts_per_tok", None)
     for module in model.modules():
         if isinstance(module, FusedExperts):
             size = sum(t.numel() * t.element_size() for t in module.parameters())

@@ -17,14 +17,8 @@ from test_ops_moe import naive_experts  # noqa: E402
 from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.ops.activation import act_and_mul, act_and_mul_ref  # noqa: E402
 from deltaserve.ops.gpu.moe import FEW_PAIRS, fused_experts_few, fused_experts_grouped, grouped_mm_supported  # noqa: E402
-from deltaserve.ops.moe import fused_experts  # noqa: E402
 from deltaserve.ops.gpu.moe_kernels import combine_experts, group_by_expert  # noqa: E402
-from deltaserve.ops.moe import (  # noqa: E402
-    sigmoid_topk,
-    sigmoid_topk_ref,
-    softmax_topk,
-    softmax_topk_ref,
-)
+from deltaserve.ops.moe import fused_experts, sigmoid_topk, sigmoid_topk_ref, softmax_topk, softmax_topk_ref  # noqa: E402
 
 SHAPES = [(1, 32, 8), (37, 32, 8), (256, 32, 8), (3, 512, 10), (4096, 512, 10), (300, 64, 4)]
 

@@ -34,6 +34,8 @@ WIDE_TOKENS = 128
 def mla_tile(num_tokens: int) -> tuple[int, int, int, int]:
     """(BLOCK_H, BLOCK_N, num_warps, num_stages) of the MLA kernel for a step of ``num_tokens`` tokens."""
     return WIDE_TILE if num_tokens >= WIDE_TOKENS else NARROW_TILE
+
+
 # Key-range splits: enough programs for about TARGET_PROGRAMS in all, at most MAX_SPLITS per token.
 # Two per SM of an H200 (benchmarks/bench_mla_decode.py: 264 beat 528 and up at batch 16 and 64, tied
 # at batch 1; more splits only pay once a context is long).

@@ -23,60 +23,40 @@ import triton.language as tl
 SIGMOID, SOFTMAX = 0, 1
 
 
-@triton.jit
-def _choose_topk(logit, bias, cols, m_e, scale, eps, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr):
-    """Rows of float32 logits ``[BT, BE]`` -> (weights ``[BT, BLOCK_K]`` float32, ids int64)."""
-    if SCORE == 0:
-        scores = tl.sigmoid(logit)
-        choice = scores
-        if HAS_BIAS:
-            choice = scores + bias[None, :]
-    else:
-        p = tl.exp(logit - tl.max(logit, axis=1)[:, None])
-        scores = p / tl.sum(p, axis=1)[:, None]
-        choice = scores
-    choice = tl.where(m_e[None, :], choice, float("-inf"))
-    slots = tl.arange(0, BLOCK_K)
-    chosen_w = tl.zeros([logit.shape[0], BLOCK_K], dtype=tl.float32)
-    chosen_i = tl.zeros([logit.shape[0], BLOCK_K], dtype=tl.int64)
-    for j in tl.static_range(TOP_K):
-        best = tl.argmax(choice, axis=1)  # [BT]; ties: the lower index
-        hit = cols[None, :] == best[:, None]
-        w = tl.sum(tl.where(hit, scores, 0.0), axis=1)
-        chosen_w = tl.where(slots[None, :] == j, w[:, None], chosen_w)
-        chosen_i = tl.where(slots[None, :] == j, best[:, None].to(tl.int64), chosen_i)
-        choice = tl.where(hit, float("-inf"), choice)
-    if RENORMALIZE:
-        chosen_w = chosen_w / (tl.sum(chosen_w, axis=1)[:, None] + eps)
-    return chosen_w * scale, chosen_i
-
-
-@triton.jit
-def _store_topk(weights, ids, rows, m_t, chosen_w, chosen_i, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    slots = tl.arange(0, BLOCK_K)
-    out = rows[:, None].to(tl.int64) * TOP_K + slots[None, :]
-    m = m_t[:, None] & (slots[None, :] < TOP_K)
-    tl.store(weights + out, chosen_w, mask=m)
-    tl.store(ids + out, chosen_i, mask=m)
-
-
 @triton.jit(do_not_specialize=["T"])
 def _topk_route_kernel(
     logits, stride_t, bias, weights, ids, T, E, scale, eps,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     SCORE: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
 ):
-    rows = tl.program_id(0) + tl.arange(0, 1)
-    m_t = rows < T
+    t = tl.program_id(0)
     cols = tl.arange(0, BLOCK_E)
-    m_e = cols < E
-    logit = tl.load(logits + rows[:, None].to(tl.int64) * stride_t + cols[None, :], mask=m_t[:, None] & m_e[None, :],
-                    other=float("-inf")).to(tl.float32)
-    bias_row = tl.load(bias + cols, mask=m_e & HAS_BIAS, other=0.0).to(tl.float32)
-    chosen_w, chosen_i = _choose_topk(logit, bias_row, cols, m_e, scale, eps, TOP_K, BLOCK_K, SCORE, HAS_BIAS,
-                                      RENORMALIZE)
-    _store_topk(weights, ids, rows, m_t, chosen_w, chosen_i, TOP_K, BLOCK_K)
+    m = cols < E
+    logit = tl.load(logits + t.to(tl.int64) * stride_t + cols, mask=m, other=float("-inf")).to(tl.float32)
+    if SCORE == 0:
+        scores = tl.sigmoid(logit)
+        choice = scores
+        if HAS_BIAS:
+            choice = scores + tl.load(bias + cols, mask=m, other=0.0).to(tl.float32)
+    else:
+        p = tl.exp(logit - tl.max(logit, axis=0))
+        scores = p / tl.sum(p, axis=0)
+        choice = scores
+    choice = tl.where(m, choice, float("-inf"))
+    slots = tl.arange(0, BLOCK_K)
+    chosen_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    chosen_i = tl.zeros([BLOCK_K], dtype=tl.int64)
+    for j in tl.static_range(TOP_K):
+        best = tl.argmax(choice, axis=0)
+        w = tl.sum(tl.where(cols == best, scores, 0.0), axis=0)
+        chosen_w = tl.where(slots == j, w, chosen_w)
+        chosen_i = tl.where(slots == j, best.to(tl.int64), chosen_i)
+        choice = tl.where(cols == best, float("-inf"), choice)
+    if RENORMALIZE:
+        chosen_w = chosen_w / (tl.sum(chosen_w, axis=0) + eps)
+    out = t.to(tl.int64) * TOP_K + slots
+    tl.store(weights + out, chosen_w * scale, mask=slots < TOP_K)
+    tl.store(ids + out, chosen_i, mask=slots < TOP_K)
 
 
 def topk_route(
