@@ -88,7 +88,7 @@ def main() -> None:
                                                                        num_warps=warps))
         if not args.no_pieces:
             variants["  piece: conv update"] = lambda: causal_conv1d_update(proj, p["conv_w"], conv, index)
-            variants["  piece: kda_gate (fla)"] = lambda: kda_gate(f, p["A_log"], p["dt_bias"])
+            variants["  piece: kda_gate"] = lambda: kda_gate(f, p["A_log"], p["dt_bias"])
             variants["  piece: gated_rms_norm (fla)"] = lambda: gated_rms_norm(o, gate.view(-1, H, D), p["norm_w"], 1e-5)
         variants["recurrent alone (fla fwd, baseline)"] = lambda: gpu_delta_rule.fla_fused_recurrent_kda_fwd(
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), g.unsqueeze(1), beta.unsqueeze(1),

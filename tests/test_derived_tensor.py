@@ -1,4 +1,4 @@
-"""A derived tensor (the router's float32 weight, KDA's fused conv weight) follows its parameters."""
+"""A derived tensor (such as KDA's fused conv weight) follows its parameters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 from helpers_model import make_checkpoint
 
 from deltaserve.layers.derived import DerivedTensor
-from deltaserve.layers.moe import TopkRouter
+from deltaserve.layers.kda import KimiDeltaAttention
 from deltaserve.models.loader import load_model, load_weights
 
 
@@ -37,8 +37,9 @@ def test_derived_tensor_is_recomputed_only_when_a_parameter_changes():
 def test_reloading_weights_refreshes_the_derived_tensors(tmp_path):
     # The loader writes through .data (no version bump of its own): it must still invalidate them.
     model = load_model(make_checkpoint(tmp_path / "a", seed=0))
-    router = next(m for m in model.modules() if isinstance(m, TopkRouter))
-    before = router._weight_f32(router.weight).clone()
+    kda = next(m for m in model.modules() if isinstance(m, KimiDeltaAttention))
+    before = kda.fuse_conv_weights().clone()
     load_weights(model, make_checkpoint(tmp_path / "b", seed=1))
-    after = router._weight_f32(router.weight)
-    assert not torch.equal(after, before) and torch.equal(after, router.weight.float())
+    after = kda.fuse_conv_weights()
+    convs = (kda.q_conv1d.weight, kda.k_conv1d.weight, kda.v_conv1d.weight)
+    assert not torch.equal(after, before) and torch.equal(after, torch.cat([w.squeeze(1) for w in convs]))

@@ -18,6 +18,7 @@ from deltaserve.engine.logits_processors import (
 from deltaserve.engine.outputs import Logprob
 from deltaserve.engine.sampling_params import SamplingParams
 from deltaserve.forward_context import host_to_device
+from deltaserve.ops.sampling import greedy_sample
 from deltaserve.structured.logits import apply_structured_outputs
 
 
@@ -34,8 +35,9 @@ class Sampler:
 
     Logprobs come from ``log_softmax`` in float32 of the processed logits (``min_tokens``,
     ``logit_bias``, penalties, then temperature, ``min_p``, top-k, top-p); greedy rows (temperature
-    0 or top-k 1) take the argmax after the first three and skip the rest. ``eos_token_ids`` are the
-    tokens ``min_tokens`` holds back (with each row's ``stop_token_ids``).
+    0 or top-k 1) take the argmax after the first three and skip the rest; a batch of greedy rows only,
+    none asking for top logprobs, takes token and logprob in one pass (``ops.sampling.greedy_sample``).
+    ``eos_token_ids`` are the tokens ``min_tokens`` holds back (with each row's ``stop_token_ids``).
     """
 
     def __init__(self, generator: torch.Generator | None = None, eos_token_ids: set[int] | None = None):
@@ -70,6 +72,10 @@ class Sampler:
         device = logits.device
         tensors = SamplingTensors.build(params, histories, self.eos_token_ids, logits.shape[1], device)
         adjusted = self.adjust_logits(apply_structured_outputs(logits.float(), structured), tensors)
+        if all(p.is_greedy and p.logprobs is None for p in params):
+            # NOTE: the token and its logprob are all that is read back: one pass over the rows.
+            token_ids, chosen = greedy_sample(adjusted)
+            return DeviceSample(token_ids, chosen, None, [None] * len(params))
         processed = self.process_logits(adjusted, params)
 
         token_ids = adjusted.argmax(dim=-1)

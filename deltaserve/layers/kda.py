@@ -16,7 +16,7 @@ from deltaserve.layers.delta_rule import DeltaRuleMixer
 from deltaserve.layers.derived import DerivedTensor
 from deltaserve.layers.linear import ColumnParallelLinear, LinearBlock, MergedLinear, RowParallelLinear
 from deltaserve.layers.norm import GatedRMSNorm
-from deltaserve.ops.kda import kda_gate
+from deltaserve.ops.kda import kda_gates
 from deltaserve.state.layout import divide
 
 
@@ -109,9 +109,8 @@ class KimiDeltaAttention(DeltaRuleMixer):
         width = self.num_heads * self.head_dim
         mixed_qkv, b, f_a, g_a = self.in_proj(x).split([3 * width, self.num_heads, self.head_dim, self.head_dim], -1)
         q, k, v = self.split_qkv(self.short_conv(mixed_qkv, self.fuse_conv_weights(), ctx))
-        g = kda_gate(self.f_b_proj(f_a), self.A_log, self.dt_bias)  # [T, H, D] float32
-        # NOTE: sigmoid in float32 (as vLLM), the same as transformers' at fp32.
-        beta = torch.sigmoid(b.float())  # [T, H]
+        # NOTE: beta = sigmoid(b) in float32 (as vLLM), the same as transformers' at fp32.
+        g, beta = kda_gates(self.f_b_proj(f_a), b, self.A_log, self.dt_bias)  # [T, H, D], [T, H] float32
         o = self.delta_rule(q, k, v, g, beta, ctx)
         gate = self.g_b_proj(g_a).reshape(v.shape)
         o = self.o_norm(o, gate).reshape(x.shape[0], -1)

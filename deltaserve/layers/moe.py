@@ -23,10 +23,9 @@ from torch import nn
 from deltaserve.distributed.communication_op import tensor_model_parallel_all_reduce
 from deltaserve.distributed.parallel_state import get_tp_group
 from deltaserve.distributed.sharding import read_blocks, read_loaded, shard_size
-from deltaserve.layers.derived import DerivedTensor
 from deltaserve.layers.mlp import GatedMLP
 from deltaserve.ops.activation import check_activation
-from deltaserve.ops.moe import fused_experts, sigmoid_topk, softmax_topk
+from deltaserve.ops.moe import fused_experts, router_logits, sigmoid_topk, softmax_topk
 
 
 class TopkRouter(nn.Module):
@@ -57,11 +56,10 @@ class TopkRouter(nn.Module):
         # NOTE: kept in float32 whatever the model dtype: it is added to float32 scores and ties
         # between experts are decided by it.
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32), requires_grad=False)
-        self._weight_f32 = DerivedTensor(lambda w: w.float())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x ``[T, hidden]`` -> (topk_weights float32 ``[T, k]``, topk_ids int64 ``[T, k]``)."""
-        logits = torch.nn.functional.linear(x.float(), self._weight_f32(self.weight))
+        logits = router_logits(x, self.weight)
         return sigmoid_topk(
             logits, self.e_score_correction_bias, self.top_k, num_expert_group=self.num_expert_group,
             topk_group=self.topk_group, renormalize=self.renormalize, scale=self.routed_scaling_factor,

@@ -1,7 +1,7 @@
 """Kernel-level ops: one signature, two implementations.
 
-Each public op (``deltaserve.ops.attention``, ``.conv1d``, ``.delta_rule``, ``.kda``, ``.moe``, ``.norm``) is a
-dispatcher: on CUDA inputs it calls the same-named function of ``deltaserve.ops.gpu.<module>`` when
+Each public op (``deltaserve.ops.attention``, ``.conv1d``, ``.delta_rule``, ``.kda``, ``.moe``, ``.norm``,
+``.sampling``) is a dispatcher: on CUDA inputs it calls the same-named function of ``deltaserve.ops.gpu.<module>`` when
 that module imports (fla-core Triton kernels or the project's own), else the torch reference
 ``<name>_ref`` (CPU or GPU, float32 accumulation). Tests compare the two.
 """

@@ -1,4 +1,5 @@
-"""Kimi Delta Attention ops: the per-channel forget gate, and the delta rule with that gate.
+"""Kimi Delta Attention ops: the per-channel forget gate (alone, or with the write strength ``beta``),
+and the delta rule with that gate.
 
 The algorithm lives in :mod:`deltaserve.ops.delta_rule` (shared with GDN); ``chunk_kda`` and
 ``fused_recurrent_kda`` are its entry points for a gate ``g [T, H, K]``, one log-decay per key channel.
@@ -37,6 +38,22 @@ def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tor
     ``f [T, H*K]`` is the output of ``f_b_proj``; ``A_log`` has ``H`` elements (``[1,1,H,1]`` in checkpoints).
     """
     return dispatch("kda", "kda_gate", f, kda_gate_ref)(f, A_log, dt_bias)
+
+
+def kda_gates_ref(
+    f: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of :func:`kda_gates`."""
+    return kda_gate_ref(f, A_log, dt_bias), torch.sigmoid(b.float())
+
+
+def kda_gates(
+    f: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both gates of a KDA step: ``g [T, H, K]`` as :func:`kda_gate`, and the write strength
+    ``beta [T, H] = sigmoid(b)``, both float32, from ``f [T, H*K]`` and ``b [T, H]`` (``b_proj``'s output;
+    either may be a column view of a wider projection)."""
+    return dispatch("kda", "kda_gates", f, kda_gates_ref)(f, b, A_log, dt_bias)
 
 
 def _check_kda_gate(g: torch.Tensor, op: str) -> None:

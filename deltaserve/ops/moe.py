@@ -1,6 +1,6 @@
 """A MoE block's routing and routed experts: torch references, dispatched to ``deltaserve/ops/gpu/moe.py`` on CUDA.
 
-Routing: router logits ``[T, E]`` -> (weights float32 ``[T, k]``, ids int64 ``[T, k]``), by sigmoid
+Routing: router logits ``[T, E]`` in float32 (:func:`router_logits`) -> (weights float32 ``[T, k]``, ids int64 ``[T, k]``), by sigmoid
 scores with a choice-only bias (:func:`sigmoid_topk`, DeepSeek-V3 / Kimi) or a softmax
 (:func:`softmax_topk`, Qwen). The order of the ``k`` chosen experts is not part of the contract.
 
@@ -59,6 +59,17 @@ def fused_experts(
     (weights float32, ids int64); returns ``[T, hidden]`` in ``x.dtype``, summed in float32."""
     check_activation(activation)
     return dispatch("moe", "fused_experts", x, fused_experts_ref)(x, w13, w2, topk_weights, topk_ids, activation)
+
+
+def router_logits_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Torch reference of :func:`router_logits`: both operands widened to float32, then one GEMM."""
+    return torch.nn.functional.linear(x.float(), weight.float())
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Float32 router logits ``x @ weight.T`` for ``x [T, hidden]``, ``weight [E, hidden]``: every product
+    and every sum in float32, whatever the inputs' dtype (the routing decides by small differences)."""
+    return dispatch("moe", "router_logits", x, router_logits_ref)(x, weight)
 
 
 def sigmoid_topk_ref(

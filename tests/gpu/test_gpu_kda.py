@@ -20,7 +20,7 @@ from deltaserve.ops.delta_rule import (  # noqa: E402
     fused_recurrent_delta_rule_ref as fused_recurrent_kda_ref,
 )
 from deltaserve.ops.gpu import delta_rule as gpu_delta_rule  # noqa: E402
-from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate, kda_gate_ref  # noqa: E402
+from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate, kda_gate_ref, kda_gates, kda_gates_ref  # noqa: E402
 
 H, D, NUM_SLOTS = 4, 128, 8
 # fla's chunk kernels multiply bf16 tiles (tf32 for fp32 inputs) with fp32 accumulation
@@ -59,6 +59,7 @@ def cuda(*tensors):
 
 def test_gpu_dispatch_is_used():
     assert gpu_impl("kda", "kda_gate") is not None
+    assert gpu_impl("kda", "kda_gates") is not None
     for name in ("chunk_delta_rule", "fused_recurrent_delta_rule"):
         assert gpu_impl("delta_rule", name) is not None, name
 
@@ -70,6 +71,19 @@ def test_kda_gate_matches_reference(dtype):
     out = kda_gate(*cuda(f, A_log, dt_bias))
     assert out.dtype == torch.float32 and out.shape == (33, H, D)
     assert rel_err(out.cpu(), kda_gate_ref(f, A_log, dt_bias)) < 1e-5
+
+
+@pytest.mark.parametrize("num_tokens", [1, 17, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kda_gates_read_column_views_of_one_projection(num_tokens, dtype):
+    # f and b as the layer passes them: column slices of one wider GEMM output (row stride > width).
+    proj = (4 * torch.randn(num_tokens, H * D + H + 40)).to(dtype)
+    f, b = proj[:, : H * D], proj[:, H * D : H * D + H]
+    A_log, dt_bias = gate_params()
+    g, beta = kda_gates(*cuda(f, b, A_log, dt_bias))
+    g_ref, beta_ref = kda_gates_ref(f, b, A_log, dt_bias)
+    assert g.dtype == beta.dtype == torch.float32 and g.shape == (num_tokens, H, D) and beta.shape == (num_tokens, H)
+    assert rel_err(g.cpu(), g_ref) < 1e-5 and (beta.cpu() - beta_ref).abs().max().item() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

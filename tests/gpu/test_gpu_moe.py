@@ -18,7 +18,9 @@ from deltaserve.ops import gpu_impl  # noqa: E402
 from deltaserve.ops.activation import act_and_mul, act_and_mul_ref  # noqa: E402
 from deltaserve.ops.gpu.moe import FEW_PAIRS, fused_experts_few, fused_experts_grouped, grouped_mm_supported  # noqa: E402
 from deltaserve.ops.gpu.moe_kernels import combine_experts, group_by_expert  # noqa: E402
-from deltaserve.ops.moe import fused_experts, sigmoid_topk, sigmoid_topk_ref, softmax_topk, softmax_topk_ref  # noqa: E402
+from deltaserve.ops.moe import (  # noqa: E402
+    fused_experts, router_logits, sigmoid_topk, sigmoid_topk_ref, softmax_topk, softmax_topk_ref,
+)
 
 SHAPES = [(1, 32, 8), (37, 32, 8), (256, 32, 8), (3, 512, 10), (4096, 512, 10), (300, 64, 4)]
 
@@ -32,6 +34,20 @@ def by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, t
 def test_routing_ops_dispatch_to_the_kernels():
     assert gpu_impl("moe", "sigmoid_topk") is not None
     assert gpu_impl("moe", "softmax_topk") is not None
+    assert gpu_impl("moe", "router_logits") is not None
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 256, 2048])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_router_logits_are_float32_sums_of_exact_products(tokens, dtype):
+    # The products of bf16/fp16 values are exact in float32: the logits must agree with a float64
+    # recomputation to float32 accumulation error, far below a bf16 rounding of them.
+    x = torch.randn(tokens, 2304, device="cuda").to(dtype)
+    weight = (torch.randn(256, 2304, device="cuda") * 0.02).to(dtype)
+    logits = router_logits(x, weight)
+    assert logits.dtype == torch.float32 and logits.shape == (tokens, 256)
+    exact = x.double() @ weight.double().T
+    assert (logits.double() - exact).abs().max().item() < 1e-4 * exact.abs().max().item()
 
 
 @pytest.mark.parametrize("tokens, experts, top_k", SHAPES)

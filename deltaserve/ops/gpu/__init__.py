@@ -1,4 +1,4 @@
-"""GPU implementations of the kernel-level ops (Triton and torch; fla-core for KDA's gate, chunked prefill and norms).
+"""GPU implementations of the kernel-level ops (Triton and torch; fla-core for chunked prefill and norms).
 
 Imported only through ``deltaserve.ops.gpu_impl`` when a CUDA tensor reaches a public op, so a CPU
 machine never imports Triton or fla. Modules, each mirroring the public op module of the same name:
@@ -10,11 +10,12 @@ machine never imports Triton or fla. Modules, each mirroring the public op modul
   per-head gate, GVA, in place on the slots) and GDN's gate kernel;
 - ``chunk_states``: fla's chunked pipeline run step by step with its per-chunk states stored in
   float32 (prefix-cache checkpoints inside the forward);
-- ``kda``: fla-core's ``kda_gate_fwd``;
+- ``kda``: KDA's forget gate with the write strength ``beta`` (one Triton launch, strided inputs);
 - ``kda_decode``: one fused kernel for a KDA layer's whole decode step (tests and benchmarks only:
   the layer composes the ops above, which are faster under CUDA graphs, benchmarks/RESULTS.md);
 - ``moe``: routed experts through ``torch._grouped_mm`` (bf16) or dense batched matmuls, no host sync;
 - ``norm``: fla-core's fused RMSNorm and sigmoid-gated RMSNorm;
+- ``sampling``: greedy token and logprob in one pass over the logits (split rows, merged);
 - ``state_copy``: fused slot-to-slot copies over all layers (used by ``deltaserve.state.copy``).
 """
 

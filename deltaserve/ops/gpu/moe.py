@@ -1,7 +1,7 @@
 """Routed experts on the GPU with static shapes and no host sync (CUDA-graph safe).
 
-Same contracts as :mod:`deltaserve.ops.moe`: the routers' top-k (one Triton kernel a batch) and the
-routed experts, three paths:
+Same contracts as :mod:`deltaserve.ops.moe`: the router logits (one tensor-core GEMM with float32
+output), the routers' top-k (one Triton kernel a batch) and the routed experts, three paths:
 
 - at most ``FEW_PAIRS`` (token, expert) pairs (decode up to batch 256, speculative verify): the pairs
   grouped by expert and two Triton GEMMs that stream each expert's weights once per block of its
@@ -25,7 +25,7 @@ from deltaserve.ops.gpu.activation import act_and_mul
 
 from deltaserve.ops.gpu.moe_gemm import KERNEL_ACTIVATIONS, expert_down, expert_gate_up
 from deltaserve.ops.gpu.moe_kernels import SIGMOID, SOFTMAX, combine_experts, group_by_expert, topk_route
-from deltaserve.ops.moe import sigmoid_topk_ref
+from deltaserve.ops.moe import router_logits_ref, sigmoid_topk_ref
 
 
 # Pair counts (tokens * top_k) up to which the Triton expert GEMMs run: they beat torch._grouped_mm
@@ -33,6 +33,16 @@ from deltaserve.ops.moe import sigmoid_topk_ref
 # top-8, 32 and 256 experts); larger steps (prefill) are compute-bound, where cutlass's grouped GEMM
 # is the tuned one.
 FEW_PAIRS = 2048
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """bf16 or fp16 operands of one dtype: a single GEMM accumulating and writing float32 (``torch.mm``'s
+    ``out_dtype``), the same sums as widening both first, since the product of two bf16 (or fp16) values
+    is exact in float32, without the float32 copy of ``x`` and the SIMT float32 GEMM over a weight read
+    at twice its size; other dtypes through the reference."""
+    if x.dim() == 2 and x.dtype == weight.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return router_logits_ref(x, weight)
 
 
 @functools.lru_cache(maxsize=None)
