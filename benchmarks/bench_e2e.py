@@ -399,9 +399,9 @@ def main() -> None:
             engine.async_scheduler = mode
             print(f"\n# decode steps, {label}")
             last = i == len(modes) - 1
-            decode_step_profile(llm, prompts, 1, args.profile_steps, top=12, bandwidth=bandwidth,
+            decode_step_profile(llm, prompts, 1, args.profile_steps, top=30, bandwidth=bandwidth,
                                 profile=("CUDA graphs",) if last else ())
-            decode_step_profile(llm, prompts, full, args.profile_steps, top=25, bandwidth=bandwidth,
+            decode_step_profile(llm, prompts, full, args.profile_steps, top=30, bandwidth=bandwidth,
                                 profile=("CUDA graphs", "eager") if last else ())
         engine.async_scheduler = overlapped
 

@@ -46,8 +46,21 @@ for phase in "$@"; do
                  | tee "$out/gpu-tests-moe.txt" | tail -15
              timeout 240 python benchmarks/bench_moe.py --sweep --tokens 1 2 4 8 16 32 64 128 256 2>&1 | tee "$out/moe.txt"
              timeout 150 python benchmarks/bench_mla_decode.py --sweep 2>&1 | tee "$out/mla-decode.txt" ;;
+    new-tests) timeout 150 python -m pytest -q -n 4 -p no:cacheprovider -W ignore tests/gpu/test_gpu_sampling.py \
+                 "tests/gpu/test_gpu_kda.py::test_gpu_dispatch_is_used" "tests/gpu/test_gpu_kda.py::test_kda_gate_matches_reference" \
+                 "tests/gpu/test_gpu_kda.py::test_kda_gates_read_column_views_of_one_projection" \
+                 "tests/gpu/test_gpu_moe.py::test_routing_ops_dispatch_to_the_kernels" \
+                 "tests/gpu/test_gpu_moe.py::test_router_logits_are_float32_sums_of_exact_products" \
+                 2>&1 | tee "$out/gpu-tests-new.txt" | tail -25 ;;
+    decode-ops) timeout 90 python benchmarks/bench_decode_ops.py 2>&1 | tee "$out/decode-ops.txt" ;;
+    e2e-full) # e2e from an empty Triton cache, with the twin check and transformers' generate
+             export TRITON_CACHE_DIR=/tmp/full-triton-cache; mkdir -p "$TRITON_CACHE_DIR"
+             timeout 420 python benchmarks/bench_e2e.py --repeat 2 --profile-steps 8 2>&1 | tee "$out/e2e.txt" ;;
+    spec-kimi) timeout 130 python benchmarks/bench_spec_decode.py --output-len 128 --models kimi 2>&1 | tee "$out/spec-decode-kimi.txt" ;;
     e2e-quick) timeout 200 python benchmarks/bench_e2e.py --repeat 1 --skip-twin-check --skip-hf --profile-steps 8 2>&1 \
                  | tee "$out/e2e-quick.txt" ;;
-    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernel-tests-all, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final, final2)"; exit 2 ;;
+    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernel-tests-all, new-tests, decode-ops, e2e-full, spec-kimi, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final, final2)"; exit 2 ;;
   esac
+  # NOTE: a pytest cut by its time limit leaves its xdist workers running (and compiling): end them
+  pkill -9 -f "sys.stdin.readline" 2>/dev/null || true
 done
