@@ -56,10 +56,14 @@ for phase in "$@"; do
     e2e-full) # e2e from an empty Triton cache, with the twin check and transformers' generate
              export TRITON_CACHE_DIR=/tmp/full-triton-cache; mkdir -p "$TRITON_CACHE_DIR"
              timeout 420 python benchmarks/bench_e2e.py --repeat 2 --profile-steps 8 2>&1 | tee "$out/e2e.txt" ;;
+    e2e-check) # e2e from an empty Triton cache without the twin check and transformers (fresh start, both runs)
+             export TRITON_CACHE_DIR=/tmp/check-triton-cache; mkdir -p "$TRITON_CACHE_DIR"
+             timeout 300 python benchmarks/bench_e2e.py --repeat 2 --skip-twin-check --skip-hf --profile-steps 8 2>&1 \
+                 | tee "$out/e2e-check.txt" ;;
     spec-kimi) timeout 130 python benchmarks/bench_spec_decode.py --output-len 128 --models kimi 2>&1 | tee "$out/spec-decode-kimi.txt" ;;
     e2e-quick) timeout 200 python benchmarks/bench_e2e.py --repeat 1 --skip-twin-check --skip-hf --profile-steps 8 2>&1 \
                  | tee "$out/e2e-quick.txt" ;;
-    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernel-tests-all, new-tests, decode-ops, e2e-full, spec-kimi, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final, final2)"; exit 2 ;;
+    *) echo "unknown phase $phase (tests, tests-moe, kernel-tests, kernel-tests-all, new-tests, decode-ops, e2e-full, e2e-check, spec-kimi, kernels, kernels2, spec, e2e, e2e-quick, e2e-qwen, prefix, startup, startup-small, final, final2)"; exit 2 ;;
   esac
   # NOTE: a pytest cut by its time limit leaves its xdist workers running (and compiling): end them
   pkill -9 -f "sys.stdin.readline" 2>/dev/null || true

@@ -64,3 +64,20 @@ def test_greedy_batches_on_cuda_equal_the_cpu_sampler():
     assert outs["cuda"][3].token_id == 17 and outs["cuda"][15].token_id == 11
     for a, b in zip(outs["cuda"], outs["cpu"]):
         assert abs(a.logprob - b.logprob) < 1e-4 and a.top_logprobs is None
+
+
+def test_greedy_sample_compiles_once_for_every_batch_size():
+    # A batch size first seen mid-serving must not stop a step to compile (bench_e2e counts them).
+    from deltaserve.ops.gpu import sampling as gpu_sampling
+
+    kernels = (gpu_sampling._greedy_chunk_kernel, gpu_sampling._greedy_merge_kernel)
+    if not all(hasattr(k, "device_caches") for k in kernels):
+        pytest.skip("this Triton keeps no per-device kernel cache to count")
+    logits = torch.randn(300, 163840, device="cuda")
+    greedy_sample(logits[:1])
+    device = torch.cuda.current_device()
+    before = [len(k.device_caches[device][0]) for k in kernels]
+    for rows in (2, 3, 7, 16, 33, 64, 100, 128, 177, 256, 300):
+        token_ids, _ = greedy_sample(logits[:rows])
+        assert torch.equal(token_ids, logits[:rows].argmax(dim=-1))
+    assert [len(k.device_caches[device][0]) for k in kernels] == before

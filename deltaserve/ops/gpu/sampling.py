@@ -14,6 +14,7 @@ import triton.language as tl
 
 BLOCK = 1024  # elements a loop iteration
 TARGET_PROGRAMS = 528  # about four programs per SM of an H100/H200
+MAX_SPLITS = 256  # chunks of a row at most: the merge reads them in one fixed-size block
 
 
 @triton.jit
@@ -22,7 +23,9 @@ def _rebase(m):
     return tl.where(m == float("-inf"), 0.0, m)
 
 
-@triton.jit
+# NOTE: the integer arguments that vary with the batch are not specialised on (and the merge block is
+# fixed), so each kernel compiles once per dtype: a batch size first seen mid-serving compiles nothing.
+@triton.jit(do_not_specialize=["V", "CHUNK", "SPLITS"])
 def _greedy_chunk_kernel(logits, stride, part_max, part_sum, part_idx, V, CHUNK, SPLITS, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -47,7 +50,7 @@ def _greedy_chunk_kernel(logits, stride, part_max, part_sum, part_idx, V, CHUNK,
     tl.store(part_idx + out, idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS", "V"])
 def _greedy_merge_kernel(part_max, part_sum, part_idx, token_ids, logprobs, SPLITS, V, BLOCK_S: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     o = tl.arange(0, BLOCK_S)
@@ -73,7 +76,7 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return token_ids, logprobs
-    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(vocab, BLOCK)))
+    splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, rows), triton.cdiv(vocab, BLOCK), MAX_SPLITS))
     chunk = triton.cdiv(triton.cdiv(vocab, splits), BLOCK) * BLOCK
     splits = triton.cdiv(vocab, chunk)
     part_max = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
@@ -82,5 +85,5 @@ def greedy_sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _greedy_chunk_kernel[(rows, splits)](logits, logits.stride(0), part_max, part_sum, part_idx, vocab, chunk,
                                          splits, BLOCK=BLOCK, num_warps=4)
     _greedy_merge_kernel[(rows,)](part_max, part_sum, part_idx, token_ids, logprobs, splits, vocab,
-                                  BLOCK_S=triton.next_power_of_2(splits))
+                                  BLOCK_S=MAX_SPLITS)
     return token_ids, logprobs
