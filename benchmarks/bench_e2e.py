@@ -25,7 +25,6 @@ import datetime
 import gc
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -106,22 +105,7 @@ class StepTimer:
                 f"tokens; slowest {slowest[0]:.2f} s with {slowest[1]} prefill + {slowest[2]} decode tokens); "
                 f"decode-only steps: {len(decode)}, {t_dec:.2f} s ({1e3 * t_dec / max(1, len(decode)):.1f} ms/step, "
                 f"{sum(s[2] for s in decode) / max(t_dec, 1e-9):.0f} tok/s); "
-                f"outside steps: {total - t_pre - t_dec:.2f} s; {self.worst_against_its_size()}")
-
-    def worst_against_its_size(self) -> str:
-        """The step furthest over the median of its size class (with or without prefill, scheduled tokens
-        rounded up to a power of two): the issue's bound for shapes the warm-up never saw is 2x."""
-        classes: dict[tuple[bool, int], list[float]] = {}
-        for seconds, prefill, decode in self.steps:
-            classes.setdefault((prefill > 0, 1 << max(0, prefill + decode - 1).bit_length()), []).append(seconds)
-        worst = max(((max(times) / statistics.median(times), key, max(times), statistics.median(times), len(times))
-                     for key, times in classes.items()), default=None)
-        if worst is None:
-            return "no steps"
-        ratio, (prefill, size), slowest, median, count = worst
-        kind = "with prefill" if prefill else "decode-only"
-        return (f"worst step against the median of its size class: {ratio:.2f}x ({kind}, up to {size} tokens, "
-                f"{count} steps: {slowest * 1e3:.1f} ms vs {median * 1e3:.1f} ms)")
+                f"outside steps: {total - t_pre - t_dec:.2f} s")
 
 
 def run_ours(llm: LLM, prompts, outputs, warmup: str) -> dict:
