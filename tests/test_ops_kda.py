@@ -10,7 +10,7 @@ from conftest import rel_err
 from transformers import KimiLinearConfig
 from transformers.models.kimi_linear import modeling_kimi_linear as tf
 
-from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate
+from deltaserve.ops.kda import chunk_kda, fused_recurrent_kda, kda_gate, kda_gates
 
 H, DK, DV, NUM_SLOTS = 2, 16, 16, 6
 BOUND = 1e-5
@@ -182,3 +182,11 @@ def test_bf16_inputs_give_bf16_output_close_to_fp32():
     exp_o, _ = reference(tf.recurrent_kimi_delta_attention, *[t.float() for t in lo], None)
     assert o.dtype == torch.bfloat16 and pool.dtype == torch.float32
     assert rel_err(o.float(), exp_o) < 1e-2
+
+
+def test_kda_gates_name_a_write_strength_of_the_wrong_shape():
+    f, A_log, dt_bias = torch.randn(3, 2 * 8), torch.zeros(1, 1, 2, 1), torch.zeros(2 * 8)
+    g, beta = kda_gates(f, torch.zeros(3, 2), A_log, dt_bias)
+    assert g.shape == (3, 2, 8) and torch.equal(beta, torch.full((3, 2), 0.5))
+    with pytest.raises(ValueError, match="b must be"):
+        kda_gates(f, torch.zeros(3, 3), A_log, dt_bias)

@@ -53,6 +53,9 @@ def kda_gates(
     """Both gates of a KDA step: ``g [T, H, K]`` as :func:`kda_gate`, and the write strength
     ``beta [T, H] = sigmoid(b)``, both float32, from ``f [T, H*K]`` and ``b [T, H]`` (``b_proj``'s output;
     either may be a column view of a wider projection)."""
+    heads = check_gate_shapes(f, A_log, dt_bias)
+    if tuple(b.shape) != (*f.shape[:-1], heads):
+        raise ValueError(f"kda_gates: b must be [T, H] = {(*f.shape[:-1], heads)}, got {tuple(b.shape)}")
     return dispatch("kda", "kda_gates", f, kda_gates_ref)(f, b, A_log, dt_bias)
 
 
