@@ -37,6 +37,7 @@ def kda_gate(f: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> tor
 
     ``f [T, H*K]`` is the output of ``f_b_proj``; ``A_log`` has ``H`` elements (``[1,1,H,1]`` in checkpoints).
     """
+    check_gate_shapes(f, A_log, dt_bias)
     return dispatch("kda", "kda_gate", f, kda_gate_ref)(f, A_log, dt_bias)
 
 

@@ -31,6 +31,16 @@ def by_expert(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, t
     return weights.gather(1, perm), ids
 
 
+def expert_inputs(tokens: int, hidden: int = 256, inter: int = 128, experts: int = 32, top_k: int = 8,
+                  dtype: torch.dtype = torch.bfloat16):
+    """CUDA ``x [T, hidden]``, ``w13``, ``w2`` (scaled so the outputs stay O(1)) and sigmoid top-k routing."""
+    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).to(dtype)
+    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    return x, w13, w2, weights, ids
+
+
 def test_routing_ops_dispatch_to_the_kernels():
     assert gpu_impl("moe", "sigmoid_topk") is not None
     assert gpu_impl("moe", "softmax_topk") is not None
@@ -105,11 +115,7 @@ def test_silu_and_mul_matches_reference(shape):
 @pytest.mark.skipif(not grouped_mm_supported(0), reason="torch._grouped_mm's bf16 kernel is not available")
 @pytest.mark.parametrize("tokens", [1, 7, 256, 2000])
 def test_grouped_experts_match_a_float64_loop(tokens):
-    hidden, inter, experts, top_k = 256, 128, 32, 8
-    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
-    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
-    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
-    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    x, w13, w2, weights, ids = expert_inputs(tokens)
     got = fused_experts_grouped(x, w13, w2, weights, ids, "silu")
     expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
     assert got.dtype == torch.bfloat16 and not got.isnan().any()
@@ -120,14 +126,11 @@ def test_grouped_experts_match_a_float64_loop(tokens):
 def test_routing_and_experts_replay_in_a_cuda_graph(experts_fn, tokens):
     if experts_fn is fused_experts_grouped and not grouped_mm_supported(0):
         pytest.skip("torch._grouped_mm's bf16 kernel is not available")
-    hidden, inter, experts, top_k = 256, 128, 32, 8
-    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
-    logits = torch.randn(tokens, experts, device="cuda")
-    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
-    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
+    x, w13, w2, _, _ = expert_inputs(tokens)
+    logits = torch.randn(tokens, w13.shape[0], device="cuda")
 
     def step():
-        weights, ids = sigmoid_topk(logits, None, top_k)
+        weights, ids = sigmoid_topk(logits, None, 8)
         return experts_fn(x, w13, w2, weights, ids, "silu")
 
     step()  # compile outside the capture
@@ -144,11 +147,7 @@ def test_routing_and_experts_replay_in_a_cuda_graph(experts_fn, tokens):
 @pytest.mark.parametrize("tokens, activation", [(1, "silu"), (4, "silu"), (16, "silu"), (3, "gelu")])
 def test_few_pair_experts_match_a_float64_loop(tokens, activation, dtype):
     # Odd sizes: the last column and reduction blocks are partial. 8 experts, top-4: several tokens per expert.
-    hidden, inter, experts, top_k = 200, 96, 8, 4
-    x = torch.randn(tokens, hidden, device="cuda").to(dtype)
-    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).to(dtype)
-    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).to(dtype)
-    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    x, w13, w2, weights, ids = expert_inputs(tokens, hidden=200, inter=96, experts=8, top_k=4, dtype=dtype)
     got = fused_experts_few(x, w13, w2, weights, ids, activation)
     act = F.silu if activation == "silu" else F.gelu
     expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu(), act)
@@ -158,11 +157,7 @@ def test_few_pair_experts_match_a_float64_loop(tokens, activation, dtype):
 
 @pytest.mark.parametrize("tokens", [1, FEW_PAIRS // 8, FEW_PAIRS // 8 + 1])
 def test_dispatch_on_either_side_of_the_few_pair_bound_matches_a_float64_loop(tokens):
-    hidden, inter, experts, top_k = 256, 128, 32, 8
-    x = torch.randn(tokens, hidden, device="cuda").bfloat16()
-    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") * hidden**-0.5).bfloat16()
-    w2 = (torch.randn(experts, hidden, inter, device="cuda") * inter**-0.5).bfloat16()
-    weights, ids = sigmoid_topk(torch.randn(tokens, experts, device="cuda"), None, top_k)
+    x, w13, w2, weights, ids = expert_inputs(tokens)
     got = fused_experts(x, w13, w2, weights, ids, "silu")
     expected = naive_experts(x.cpu(), w13.cpu(), w2.cpu(), weights.cpu(), ids.cpu())
     assert rel_err(got.cpu(), expected) < 1.5e-2
