@@ -131,6 +131,8 @@ def child(args) -> None:
 
 def bucket(step: tuple[float, int, int]) -> str:
     _, prefill, decode = step
+    if prefill == decode == 0:  # the last step in flight resolved, nothing left to launch
+        return "no forward (empty batch)"
     if prefill == 0:
         return f"decode-only, batch {1 << max(0, (decode - 1).bit_length())} (pow2 bucket)"
     return f"with prefill, {1 << max(0, (prefill - 1).bit_length())} tokens (pow2 bucket)"
