@@ -103,10 +103,10 @@ def count_verify_steps(llm: LLM) -> list[int]:
     runner, steps = llm.llm_engine.runner, []
     execute = runner.execute
 
-    def counting_execute(inputs, batch=None):
+    def counting_execute(inputs, *args, **kwargs):
         if inputs.num_verify_seqs:
             steps.append(inputs.num_verify_seqs)
-        return execute(inputs, batch)
+        return execute(inputs, *args, **kwargs)
 
     runner.execute = counting_execute
     return steps
@@ -170,15 +170,18 @@ def test_padded_verify_with_ngram_drafts_matches_no_speculation(checkpoint):
     assert_all_free(padded.get_metrics())
 
 
-def test_padded_verify_with_synthetic_drafts_matches_eager_verify(checkpoint):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_padded_verify_with_synthetic_drafts_matches_eager_verify(checkpoint, async_scheduling):
     # Forced acceptance (2.4 of 4 tokens per step): rows accept 1, 2 or 3 drafts (tokens then follow the forced
-    # drafts, not greedy); rows near max_tokens draft fewer or none. Every verify step takes the graph.
+    # drafts, not greedy); rows near max_tokens draft fewer or none. Every verify step takes the graph. With
+    # async scheduling (the GPU default) both engines launch each step with a token patch.
     config = {"method": "synthetic", "num_speculative_tokens": K, "synthetic_acceptance_length": 2.4,
               "auto_disable": False}  # fmt: skip
     prompts = random_prompts([5, 8, 11, 4, 7], seed=6)
     params = greedy([11, 6, 9, 3, 8])
-    eager = spec_llm(checkpoint, config, max_num_seqs=8)
-    padded = spec_llm(checkpoint, config, max_num_seqs=8)
+    eager = spec_llm(checkpoint, config, max_num_seqs=8, async_scheduling=async_scheduling)
+    padded = spec_llm(checkpoint, config, max_num_seqs=8, async_scheduling=async_scheduling)
+    assert (padded.llm_engine.async_scheduler is not None) == async_scheduling
     decode, verify = install_padded_graphs(padded, max_num_seqs=8)
     verify_steps = count_verify_steps(padded)
     lockstep(eager, padded, prompts, params)
